@@ -1,0 +1,160 @@
+"""Validation of the composed config before anything runs.
+
+Hydra already rejects unknown keys (the config is in struct mode); these checks add types and
+ranges for the keys that scripts rely on, and the cross-key rules of each mode, so a mistake
+fails at once with a message naming the key instead of deep inside TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from seg_train.errors import UserError
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(key: str, value: Any) -> None:
+    if not (_is_int(value) and value > 0):
+        raise UserError(f"config key {key} must be a positive integer, got {value!r}; e.g. {key}=8")
+
+
+def optional_positive_int(key: str, value: Any) -> None:
+    if value is not None:
+        positive_int(key, value)
+
+
+def any_int(key: str, value: Any) -> None:
+    if not _is_int(value):
+        raise UserError(f"config key {key} must be an integer, got {value!r}; e.g. {key}=0")
+
+
+def label_value(key: str, value: Any) -> None:
+    if not (_is_int(value) and 0 <= value <= 255):
+        raise UserError(f"config key {key} must be an integer in 0..255, got {value!r}")
+
+
+def positive_number(key: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        raise UserError(f"config key {key} must be a positive number, got {value!r}; e.g. {key}=1e-3")
+
+
+def boolean(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"config key {key} must be true or false, got {value!r}")
+
+
+def size_hw(key: str, value: Any) -> None:
+    ok = OmegaConf.is_list(value) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value)
+    if not ok:
+        raise UserError(f"config key {key} must be [height, width] in pixels, got {value!r}; "
+                        f"e.g. '{key}=[256,256]'")
+
+
+def scale_range(key: str, value: Any) -> None:
+    ok = (OmegaConf.is_list(value) and len(value) == 2
+          and all(isinstance(v, (int, float)) and v > 0 for v in value) and value[0] <= value[1])
+    if not ok:
+        raise UserError(f"config key {key} must be [min, max] with 0 < min <= max, got {value!r}; "
+                        f"e.g. '{key}=[0.5,2.0]'")
+
+
+def device_list(key: str, value: Any) -> None:
+    ok = value is None or (OmegaConf.is_list(value) and all(_is_int(v) and v >= 0 for v in value))
+    if not ok:
+        raise UserError(f"config key {key} must be a list of GPU ids such as [0,1], [] or null, "
+                        f"got {value!r}")
+
+
+RULES: dict[str, Callable[[str, Any], None]] = {
+    "seed": any_int,
+    "data.num_classes": positive_int,
+    "data.ignore_label": label_value,
+    "data.batch_size": positive_int,
+    "data.crop_size": size_hw,
+    "data.scale_range": scale_range,
+    "data.hflip": boolean,
+    "data.cache": boolean,
+    "data.shuffle_buffer": positive_int,
+    "data.num_parallel_calls": optional_positive_int,
+    "optimizer.learning_rate": positive_number,
+    "trainer.epochs": positive_int,
+    "trainer.steps_per_epoch": optional_positive_int,
+    "trainer.validation_freq": positive_int,
+    "trainer.steps_per_execution": positive_int,
+    "eval.num_samples": lambda k, v: v == 0 or positive_int(k, v),
+    "infer.overwrite": boolean,
+    "infer.recursive": boolean,
+    "hardware.devices": device_list,
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raises `UserError` naming the first key whose value is missing, mistyped or inconsistent."""
+    missing = _missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    if missing:
+        key = missing[0]
+        raise UserError(f"config key {key} is required but has no value; set it, e.g. {key}=...")
+    for key, rule in RULES.items():
+        if OmegaConf.select(cfg, key, default="<absent>") != "<absent>":
+            rule(key, OmegaConf.select(cfg, key))
+    _check_classes(cfg.data)
+    _check_mode(cfg)
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys whose value is `???`, found without resolving interpolations (which would fail)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return []
+    found = []
+    for key, value in items:
+        if value == "???":
+            found.append(f"{prefix}{key}")
+        else:
+            found += _missing_keys(value, f"{prefix}{key}.")
+    return found
+
+
+def _check_classes(data: DictConfig) -> None:
+    names = data.class_names
+    if not OmegaConf.is_list(names) or len(names) != data.num_classes:
+        count = len(names) if OmegaConf.is_list(names) else "not a list"
+        raise UserError(
+            f"data.class_names must list data.num_classes={data.num_classes} names, got {count}; "
+            "fix one of the two"
+        )
+    palette = data.get("palette")
+    if palette is not None and (
+        not OmegaConf.is_list(palette)
+        or len(palette) < data.num_classes
+        or any(not OmegaConf.is_list(c) or len(c) != 3 for c in palette)
+    ):
+        raise UserError(
+            "data.palette must be null or one [r, g, b] per class "
+            f"({data.num_classes} classes); fix data.palette"
+        )
+
+
+def _check_mode(cfg: DictConfig) -> None:
+    mode = cfg.mode.name
+    if mode in ("eval", "infer"):
+        if cfg.ckpt_path is None:
+            raise UserError(
+                f"mode={mode} needs a checkpoint: pass ckpt_path=RUN_DIR (a training run dir) "
+                "or ckpt_path=path/to/model.keras"
+            )
+        if not Path(str(cfg.ckpt_path)).expanduser().exists():
+            raise UserError(f"ckpt_path {cfg.ckpt_path} does not exist; pass a training run dir "
+                            "or a .keras file")
+    if mode == "infer" and not cfg.infer.input:
+        raise UserError("mode=infer needs infer.input=FILE|DIR|GLOB, e.g. infer.input='photos/*.jpg'")

@@ -1,0 +1,106 @@
+"""`seg-train mode=infer`: class-id PNGs and overlays for a file, a directory or a glob."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from seg_train import checkpoints, runtime
+from seg_train.config_checks import check_config
+from seg_train.data.folder import IMAGE_SUFFIXES
+from seg_train.errors import UserError
+from seg_train.predict import Predictor
+from seg_train.viz import full_palette, overlay, save_id_png
+
+log = logging.getLogger(__name__)
+
+
+def find_images(pattern: str, recursive: bool = False) -> list[Path]:
+    """Lists the images named by a file path, a directory or a glob, sorted."""
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        candidates = path.rglob("*") if recursive else path.glob("*")
+    else:
+        candidates = (Path(p) for p in glob.glob(str(path), recursive=True))
+    images = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UserError(f"infer.input {pattern} matches no image ({', '.join(IMAGE_SUFFIXES)}); "
+                        "pass an image file, a directory of images or a quoted glob")
+    return images
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Reads any Pillow-readable image as uint8 RGB (grayscale and RGBA converted)."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path} ({exc}); remove it from infer.input") from exc
+
+
+def plan_outputs(images: list[Path], out_dir: Path, overwrite: bool) -> list[tuple[Path, Path]]:
+    """Returns (mask PNG, overlay JPEG) paths per image, refusing clashes and overwrites."""
+    stems = [p.stem for p in images]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        raise UserError(f"several inputs share the name '{clashes[0]}', so their outputs would "
+                        "overwrite each other; predict them in separate runs")
+    input_dirs = {p.resolve().parent for p in images}
+    if out_dir.resolve() in input_dirs:
+        raise UserError(f"infer.output_dir {out_dir} is an input directory; choose another "
+                        "folder so inputs are never overwritten")
+    outputs = [(out_dir / f"{s}.png", out_dir / f"{s}_overlay.jpg") for s in stems]
+    if not overwrite:
+        existing = [p for pair in outputs for p in pair if p.exists()]
+        if existing:
+            raise UserError(f"{existing[0]} already exists ({len(existing)} outputs would be "
+                            "replaced); pass infer.overwrite=true or another infer.output_dir")
+    return outputs
+
+
+def run(cfg: DictConfig) -> None:
+    """Predicts every image of `cfg.infer.input` with `cfg.ckpt_path`."""
+    checkpoint, run_dir = checkpoints.resolve_checkpoint(cfg.ckpt_path)
+    checkpoints.adopt_run_config(cfg, run_dir)
+    check_config(cfg)
+    images = find_images(str(cfg.infer.input), cfg.infer.recursive)
+    out_dir = Path(cfg.infer.output_dir or Path(cfg.paths.output_dir) / "predictions")
+    outputs = plan_outputs(images, out_dir, cfg.infer.overwrite)
+    runtime.seed_everything(cfg.seed)
+    model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
+    predictor = Predictor(model)
+    palette = full_palette(cfg.data.palette)
+    pixel_counts = np.zeros(cfg.data.num_classes, dtype=np.int64)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = (TextColumn("Predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[rate]}"))
+    with Progress(*columns) as progress:
+        task = progress.add_task("infer", total=len(images), rate="")
+        for path, (mask_png, overlay_jpg) in zip(images, outputs):
+            image = load_rgb(path)
+            ids = predictor.labels(image)
+            save_id_png(mask_png, ids, palette)
+            Image.fromarray(overlay(image, ids, palette, cfg.infer.overlay_alpha)).save(
+                overlay_jpg, quality=90)
+            pixel_counts += np.bincount(ids.ravel(), minlength=cfg.data.num_classes)
+            progress.advance(task)
+            speed = progress.tasks[0].speed
+            progress.update(task, rate=f"{speed:.1f} images/s" if speed else "")
+    _print_class_shares(cfg.data.class_names, pixel_counts)
+    log.info("Wrote %d predictions to %s", len(images), out_dir)
+
+
+def _print_class_shares(class_names, pixel_counts: np.ndarray) -> None:
+    total = max(int(pixel_counts.sum()), 1)
+    shares = ", ".join(f"{name} {100 * count / total:.1f}%"
+                       for name, count in zip(class_names, pixel_counts) if count)
+    Console().print(f"Predicted pixel shares: {shares}")

@@ -1,0 +1,88 @@
+"""Dataset-level segmentation metrics from one streaming confusion matrix.
+
+Keras' `MeanIoU` serves validation inside `fit`; this engine serves the final reports. It is our
+own because the reports need per-class values (with classes absent from both truth and
+prediction reported as undefined, not 0) accumulated over images of different sizes, and only a
+num_classes x num_classes matrix is kept, so memory stays flat however many images are seen.
+Definitions follow mmsegmentation: mIoU is the mean over classes with a defined IoU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from seg_train.errors import UserError
+
+
+class ConfusionMatrix:
+    """Accumulates a confusion matrix over many (truth, prediction) label maps.
+
+    Rows are true classes, columns predicted classes. Pixels whose truth is `ignore_label` are
+    skipped.
+
+    Args:
+        num_classes: Number of classes.
+        ignore_label: Truth value to skip (255 in VOC-style masks).
+    """
+
+    def __init__(self, num_classes: int, ignore_label: int = 255):
+        self.num_classes = num_classes
+        self.ignore_label = ignore_label
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, truth: np.ndarray, prediction: np.ndarray) -> None:
+        """Adds one image (or batch) of integer label maps of equal shape."""
+        if truth.shape != prediction.shape:
+            raise ValueError(f"truth {truth.shape} and prediction {prediction.shape} differ")
+        valid = truth != self.ignore_label
+        truth = truth[valid].astype(np.int64)
+        prediction = prediction[valid].astype(np.int64)
+        if truth.size and truth.max() >= self.num_classes:
+            raise UserError(f"a mask holds label {truth.max()} but data.num_classes is "
+                            f"{self.num_classes}; fix the masks or data.num_classes")
+        counts = np.bincount(truth * self.num_classes + prediction,
+                             minlength=self.num_classes**2)
+        self.matrix += counts.reshape(self.num_classes, self.num_classes)
+
+    def per_class_iou(self) -> np.ndarray:
+        """IoU per class; NaN where the class is in neither truth nor prediction."""
+        tp = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(0) + self.matrix.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, tp / union, np.nan)
+
+    def per_class_accuracy(self) -> np.ndarray:
+        """Recall per class; NaN where the class never occurs in the truth."""
+        tp = np.diag(self.matrix).astype(np.float64)
+        support = self.matrix.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(support > 0, tp / support, np.nan)
+
+    def summary(self, class_names: Sequence[str]) -> dict:
+        """The report: mean_iou, pixel_accuracy, mean_accuracy and per-class dicts.
+
+        Undefined values are None (null in JSON).
+        """
+        iou = self.per_class_iou()
+        acc = self.per_class_accuracy()
+        total = self.matrix.sum()
+        return {
+            "mean_iou": _nanmean(iou),
+            "pixel_accuracy": float(np.diag(self.matrix).sum() / total) if total else None,
+            "mean_accuracy": _nanmean(acc),
+            "per_class_iou": _by_name(class_names, iou),
+            "per_class_accuracy": _by_name(class_names, acc),
+            "num_pixels": int(total),
+        }
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else None
+
+
+def _by_name(names: Sequence[str], values: np.ndarray) -> dict[str, float | None]:
+    return {str(n): (None if math.isnan(v) else float(v)) for n, v in zip(names, values)}

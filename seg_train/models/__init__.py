@@ -1,0 +1,1 @@
+"""Segmentation models: one `build_<name>()` per module, each returning float32 logits."""
