@@ -23,8 +23,14 @@ class PredictionImageLogger(keras.callbacks.Callback):
         max_images: How many of the images to log.
     """
 
-    def __init__(self, log_dir: str, val_images: np.ndarray, val_masks: np.ndarray,
-                 palette: np.ndarray, max_images: int = 4):
+    def __init__(
+        self,
+        log_dir: str,
+        val_images: np.ndarray,
+        val_masks: np.ndarray,
+        palette: np.ndarray,
+        max_images: int = 4,
+    ):
         super().__init__()
         self.images = val_images[:max_images]
         self.masks = val_masks[:max_images]
@@ -34,11 +40,14 @@ class PredictionImageLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logits = self.model.predict(self.images, verbose=0)
         predictions = logits.argmax(-1).astype(np.uint8)
-        panels = np.stack([
-            sample_panel(image, mask, prediction, self.palette)
-            for image, mask, prediction in zip(self.images, self.masks, predictions)
-        ])
+        panels = np.stack(
+            [
+                sample_panel(image, mask, prediction, self.palette)
+                for image, mask, prediction in zip(self.images, self.masks, predictions)
+            ]
+        )
         with self.writer.as_default():
-            tf.summary.image("val/image_truth_prediction", panels, step=epoch,
-                             max_outputs=len(panels))
+            tf.summary.image(
+                "val/image_truth_prediction", panels, step=epoch, max_outputs=len(panels)
+            )
         self.writer.flush()

@@ -24,8 +24,10 @@ def resolve_checkpoint(ckpt_path: str) -> tuple[Path, Path | None]:
     if path.is_dir():
         checkpoint = path / BEST_CHECKPOINT
         if not checkpoint.is_file():
-            raise UserError(f"ckpt_path {path} is a directory without {BEST_CHECKPOINT}; pass a "
-                            "training run dir or a .keras file")
+            raise UserError(
+                f"ckpt_path {path} is a directory without {BEST_CHECKPOINT}; pass a "
+                "training run dir or a .keras file"
+            )
         return checkpoint, path if (path / SAVED_CONFIG).is_file() else None
     if path.suffix != ".keras":
         raise UserError(f"ckpt_path {path} is not a .keras file or a run dir")
@@ -56,12 +58,17 @@ def adopt_run_config(cfg: DictConfig, run_dir: Path | None) -> None:
         replaced, values = _overridden(section)
         if replaced or section not in saved:
             continue
-        merged = OmegaConf.merge(saved[section], OmegaConf.from_dotlist(
-            [v.split(".", 1)[1] for v in values]))
+        merged = OmegaConf.merge(
+            saved[section], OmegaConf.from_dotlist([v.split(".", 1)[1] for v in values])
+        )
         with open_dict(cfg):
             cfg[section] = merged
-        log.info("Using %s config of run %s%s", section, run_dir,
-                 f" with overrides {values}" if values else "")
+        log.info(
+            "Using %s config of run %s%s",
+            section,
+            run_dir,
+            f" with overrides {values}" if values else "",
+        )
 
 
 def load_model(checkpoint: Path, num_classes: int):
@@ -77,7 +84,9 @@ def load_model(checkpoint: Path, num_classes: int):
         raise UserError(f"cannot load checkpoint {checkpoint}: {first_line}") from exc
     classes = model.output_shape[-1]
     if classes != num_classes:
-        raise UserError(f"checkpoint {checkpoint} predicts {classes} classes but "
-                        f"data.num_classes is {num_classes}; use the matching data config")
+        raise UserError(
+            f"checkpoint {checkpoint} predicts {classes} classes but "
+            f"data.num_classes is {num_classes}; use the matching data config"
+        )
     log.info("Loaded %s (%s parameters)", checkpoint, f"{model.count_params():,}")
     return model

@@ -22,6 +22,7 @@ from omegaconf.errors import (
 )
 
 from seg_train.errors import UserError
+from seg_train.io_utils import ensure_fresh_run_dir
 
 # The configs live beside the package in a source checkout (the README installs it editable);
 # SEG_TRAIN_CONFIG_DIR points elsewhere, e.g. for a copy of the configs you edit.
@@ -58,9 +59,19 @@ def main() -> None:
     _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        _refuse_used_output_dirs(sys.argv[1:])
         _run_task()
     except (UserError, HydraException, OmegaConfBaseException) as exc:
         _exit_with_one_line(exc)
+
+
+def _refuse_used_output_dirs(args: list[str]) -> None:
+    """Stops before Hydra writes `.hydra/` into a run dir named on the command line that an
+    earlier run already used, so that run's saved config and outputs stay intact."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            ensure_fresh_run_dir(Path(value).expanduser())
 
 
 def _exit_with_one_line(exc: BaseException) -> None:
@@ -100,8 +111,8 @@ def _describe_unknown_key(error: OmegaConfBaseException) -> str:
     section, _, _ = error.full_key.rpartition(".")
     known = ""
     if OmegaConf.is_dict(parent):
-        known = f" (known keys{' under ' + repr(section) if section else ''}: "
-        known += ", ".join(sorted(str(k) for k in parent.keys())) + ")"
+        where = f" under '{section}'" if section else ""
+        known = f" (known keys{where}: " + ", ".join(sorted(str(k) for k in parent)) + ")"
     return (
         f"unknown config key '{error.full_key}'{known}; fix the spelling, "
         f"or add a new key on purpose with +{error.full_key}=..."

@@ -42,7 +42,9 @@ def label_value(key: str, value: Any) -> None:
 
 def positive_number(key: str, value: Any) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-        raise UserError(f"config key {key} must be a positive number, got {value!r}; e.g. {key}=1e-3")
+        raise UserError(
+            f"config key {key} must be a positive number, got {value!r}; e.g. {key}=1e-3"
+        )
 
 
 def boolean(key: str, value: Any) -> None:
@@ -53,23 +55,32 @@ def boolean(key: str, value: Any) -> None:
 def size_hw(key: str, value: Any) -> None:
     ok = OmegaConf.is_list(value) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value)
     if not ok:
-        raise UserError(f"config key {key} must be [height, width] in pixels, got {value!r}; "
-                        f"e.g. '{key}=[256,256]'")
+        raise UserError(
+            f"config key {key} must be [height, width] in pixels, got {value!r}; "
+            f"e.g. '{key}=[256,256]'"
+        )
 
 
 def scale_range(key: str, value: Any) -> None:
-    ok = (OmegaConf.is_list(value) and len(value) == 2
-          and all(isinstance(v, (int, float)) and v > 0 for v in value) and value[0] <= value[1])
+    ok = (
+        OmegaConf.is_list(value)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and v > 0 for v in value)
+        and value[0] <= value[1]
+    )
     if not ok:
-        raise UserError(f"config key {key} must be [min, max] with 0 < min <= max, got {value!r}; "
-                        f"e.g. '{key}=[0.5,2.0]'")
+        raise UserError(
+            f"config key {key} must be [min, max] with 0 < min <= max, got {value!r}; "
+            f"e.g. '{key}=[0.5,2.0]'"
+        )
 
 
 def device_list(key: str, value: Any) -> None:
     ok = value is None or (OmegaConf.is_list(value) and all(_is_int(v) and v >= 0 for v in value))
     if not ok:
-        raise UserError(f"config key {key} must be a list of GPU ids such as [0,1], [] or null, "
-                        f"got {value!r}")
+        raise UserError(
+            f"config key {key} must be a list of GPU ids such as [0,1], [] or null, got {value!r}"
+        )
 
 
 RULES: dict[str, Callable[[str, Any], None]] = {
@@ -97,7 +108,9 @@ RULES: dict[str, Callable[[str, Any], None]] = {
 
 def check_config(cfg: DictConfig) -> None:
     """Raises `UserError` naming the first key whose value is missing, mistyped or inconsistent."""
-    missing = _missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)  # Hydra's own node (present when composed by tests)
+    missing = _missing_keys(container)
     if missing:
         key = missing[0]
         raise UserError(f"config key {key} is required but has no value; set it, e.g. {key}=...")
@@ -154,7 +167,11 @@ def _check_mode(cfg: DictConfig) -> None:
                 "or ckpt_path=path/to/model.keras"
             )
         if not Path(str(cfg.ckpt_path)).expanduser().exists():
-            raise UserError(f"ckpt_path {cfg.ckpt_path} does not exist; pass a training run dir "
-                            "or a .keras file")
+            raise UserError(
+                f"ckpt_path {cfg.ckpt_path} does not exist; pass a training run dir "
+                "or a .keras file"
+            )
     if mode == "infer" and not cfg.infer.input:
-        raise UserError("mode=infer needs infer.input=FILE|DIR|GLOB, e.g. infer.input='photos/*.jpg'")
+        raise UserError(
+            "mode=infer needs infer.input=FILE|DIR|GLOB, e.g. infer.input='photos/*.jpg'"
+        )

@@ -28,8 +28,9 @@ from seg_train.viz import full_palette, sample_panel
 log = logging.getLogger(__name__)
 
 
-def evaluate_model(model, data: DictConfig, split: str, out_dir: Path, checkpoint: Path,
-                   num_samples: int = 0) -> dict:
+def evaluate_model(
+    model, data: DictConfig, split: str, out_dir: Path, checkpoint: Path, num_samples: int = 0
+) -> dict:
     """Evaluates `model` on a split image by image at original resolution.
 
     Writes `metrics.json` and `samples/` (image | truth | prediction) into `out_dir`, prints a
@@ -52,8 +53,12 @@ def evaluate_model(model, data: DictConfig, split: str, out_dir: Path, checkpoin
             panel = sample_panel(image, mask, prediction, palette)
             Image.fromarray(panel).save(samples_dir / f"{split}_{index:04d}.png")
     report = matrix.summary(list(data.class_names))
-    report.update(num_images=num_images, split=split, dataset=data.name,
-                  checkpoint=str(Path(checkpoint).resolve()))
+    report.update(
+        num_images=num_images,
+        split=split,
+        dataset=data.name,
+        checkpoint=str(Path(checkpoint).resolve()),
+    )
     write_json_atomic(out_dir / "metrics.json", report)
     np.savetxt(out_dir / "confusion_matrix.csv", matrix.matrix, fmt="%d", delimiter=",")
     print_report(report)
@@ -81,14 +86,20 @@ def print_report(report: dict) -> None:
 def run(cfg: DictConfig) -> float | None:
     """Evaluates `cfg.ckpt_path` on `cfg.eval.split`; returns the mean IoU."""
     out_dir = Path(cfg.paths.output_dir)
-    ensure_fresh_run_dir(out_dir)
+    ensure_fresh_run_dir(out_dir, ignore=(".hydra",))
     checkpoint, run_dir = checkpoints.resolve_checkpoint(cfg.ckpt_path)
     checkpoints.adopt_run_config(cfg, run_dir)
     check_config(cfg)
     runtime.seed_everything(cfg.seed)
     model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
-    report = evaluate_model(model, cfg.data, cfg.eval.split, out_dir, checkpoint,
-                            cfg.eval.num_samples)
-    log.info("mIoU %.4f on %s (%d images); report in %s", report["mean_iou"] or 0.0,
-             cfg.eval.split, report["num_images"], out_dir / "metrics.json")
+    report = evaluate_model(
+        model, cfg.data, cfg.eval.split, out_dir, checkpoint, cfg.eval.num_samples
+    )
+    log.info(
+        "mIoU %.4f on %s (%d images); report in %s",
+        report["mean_iou"] or 0.0,
+        cfg.eval.split,
+        report["num_images"],
+        out_dir / "metrics.json",
+    )
     return report["mean_iou"]

@@ -33,8 +33,10 @@ def find_images(pattern: str, recursive: bool = False) -> list[Path]:
         candidates = (Path(p) for p in glob.glob(str(path), recursive=True))
     images = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise UserError(f"infer.input {pattern} matches no image ({', '.join(IMAGE_SUFFIXES)}); "
-                        "pass an image file, a directory of images or a quoted glob")
+        raise UserError(
+            f"infer.input {pattern} matches no image ({', '.join(IMAGE_SUFFIXES)}); "
+            "pass an image file, a directory of images or a quoted glob"
+        )
     return images
 
 
@@ -52,18 +54,24 @@ def plan_outputs(images: list[Path], out_dir: Path, overwrite: bool) -> list[tup
     stems = [p.stem for p in images]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
-        raise UserError(f"several inputs share the name '{clashes[0]}', so their outputs would "
-                        "overwrite each other; predict them in separate runs")
+        raise UserError(
+            f"several inputs share the name '{clashes[0]}', so their outputs would "
+            "overwrite each other; predict them in separate runs"
+        )
     input_dirs = {p.resolve().parent for p in images}
     if out_dir.resolve() in input_dirs:
-        raise UserError(f"infer.output_dir {out_dir} is an input directory; choose another "
-                        "folder so inputs are never overwritten")
+        raise UserError(
+            f"infer.output_dir {out_dir} is an input directory; choose another "
+            "folder so inputs are never overwritten"
+        )
     outputs = [(out_dir / f"{s}.png", out_dir / f"{s}_overlay.jpg") for s in stems]
     if not overwrite:
         existing = [p for pair in outputs for p in pair if p.exists()]
         if existing:
-            raise UserError(f"{existing[0]} already exists ({len(existing)} outputs would be "
-                            "replaced); pass infer.overwrite=true or another infer.output_dir")
+            raise UserError(
+                f"{existing[0]} already exists ({len(existing)} outputs would be "
+                "replaced); pass infer.overwrite=true or another infer.output_dir"
+            )
     return outputs
 
 
@@ -81,8 +89,13 @@ def run(cfg: DictConfig) -> None:
     palette = full_palette(cfg.data.palette)
     pixel_counts = np.zeros(cfg.data.num_classes, dtype=np.int64)
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns = (TextColumn("Predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[rate]}"))
+    columns = (
+        TextColumn("Predicting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
+    )
     with Progress(*columns) as progress:
         task = progress.add_task("infer", total=len(images), rate="")
         for path, (mask_png, overlay_jpg) in zip(images, outputs):
@@ -90,7 +103,8 @@ def run(cfg: DictConfig) -> None:
             ids = predictor.labels(image)
             save_id_png(mask_png, ids, palette)
             Image.fromarray(overlay(image, ids, palette, cfg.infer.overlay_alpha)).save(
-                overlay_jpg, quality=90)
+                overlay_jpg, quality=90
+            )
             pixel_counts += np.bincount(ids.ravel(), minlength=cfg.data.num_classes)
             progress.advance(task)
             speed = progress.tasks[0].speed
@@ -101,6 +115,9 @@ def run(cfg: DictConfig) -> None:
 
 def _print_class_shares(class_names, pixel_counts: np.ndarray) -> None:
     total = max(int(pixel_counts.sum()), 1)
-    shares = ", ".join(f"{name} {100 * count / total:.1f}%"
-                       for name, count in zip(class_names, pixel_counts) if count)
+    shares = ", ".join(
+        f"{name} {100 * count / total:.1f}%"
+        for name, count in zip(class_names, pixel_counts)
+        if count
+    )
     Console().print(f"Predicted pixel shares: {shares}")

@@ -10,7 +10,14 @@ from typing import Any
 from seg_train.errors import UserError
 
 # Files whose presence marks a run dir as already used by an earlier run.
-RUN_OUTPUTS = ("metrics.json", "checkpoints", "history.csv", "predictions")
+RUN_OUTPUTS = (
+    ".hydra",
+    "multirun.yaml",
+    "metrics.json",
+    "checkpoints",
+    "history.csv",
+    "predictions",
+)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -20,9 +27,16 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def ensure_fresh_run_dir(run_dir: Path) -> None:
-    """Refuses to reuse a run dir that already holds an earlier run's outputs."""
-    used = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+def ensure_fresh_run_dir(run_dir: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuses to reuse a run dir that already holds an earlier run's outputs.
+
+    Args:
+        run_dir: The directory to check.
+        ignore: Entries to disregard (e.g. the `.hydra` folder the current job just wrote).
+    """
+    used = [name for name in RUN_OUTPUTS if name not in ignore and (run_dir / name).exists()]
     if used:
-        raise UserError(f"run dir {run_dir} already holds an earlier run's outputs ({used[0]}); "
-                        "pick a new hydra.run.dir instead of overwriting it")
+        raise UserError(
+            f"run dir {run_dir} already holds an earlier run's outputs ({used[0]}); "
+            "pick a new hydra.run.dir instead of overwriting it"
+        )

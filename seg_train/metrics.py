@@ -41,10 +41,11 @@ class ConfusionMatrix:
         truth = truth[valid].astype(np.int64)
         prediction = prediction[valid].astype(np.int64)
         if truth.size and truth.max() >= self.num_classes:
-            raise UserError(f"a mask holds label {truth.max()} but data.num_classes is "
-                            f"{self.num_classes}; fix the masks or data.num_classes")
-        counts = np.bincount(truth * self.num_classes + prediction,
-                             minlength=self.num_classes**2)
+            raise UserError(
+                f"a mask holds label {truth.max()} but data.num_classes is "
+                f"{self.num_classes}; fix the masks or data.num_classes"
+            )
+        counts = np.bincount(truth * self.num_classes + prediction, minlength=self.num_classes**2)
         self.matrix += counts.reshape(self.num_classes, self.num_classes)
 
     def per_class_iou(self) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`seg-train` (mode=train): fit a model, then evaluate its best checkpoint at original resolution."""
+"""`seg-train` (mode=train): fit a model, then evaluate its best checkpoint at full resolution."""
 
 from __future__ import annotations
 
@@ -29,8 +29,11 @@ def build_callbacks(cfg: DictConfig, val_batch: tuple[np.ndarray, np.ndarray]) -
             continue
         callback = instantiate(node)
         if isinstance(callback, functools.partial):
-            callback = callback(val_images=val_batch[0], val_masks=val_batch[1],
-                                palette=full_palette(cfg.data.palette))
+            callback = callback(
+                val_images=val_batch[0],
+                val_masks=val_batch[1],
+                palette=full_palette(cfg.data.palette),
+            )
         log.info("Callback %s: %s", name, type(callback).__name__)
         callbacks.append(callback)
     return callbacks
@@ -39,7 +42,7 @@ def build_callbacks(cfg: DictConfig, val_batch: tuple[np.ndarray, np.ndarray]) -
 def run(cfg: DictConfig) -> float | None:
     """Trains `cfg.model` on `cfg.data`; returns the best checkpoint's val mean IoU."""
     run_dir = Path(cfg.paths.output_dir)
-    ensure_fresh_run_dir(run_dir)
+    ensure_fresh_run_dir(run_dir, ignore=(".hydra",))
     keras.backend.clear_session()  # a sweep runs its jobs in one process
     runtime.seed_everything(cfg.seed)
 
@@ -47,17 +50,28 @@ def run(cfg: DictConfig) -> float | None:
     repeat = cfg.trainer.steps_per_epoch is not None
     train_ds = pipeline.train_dataset(source, cfg.data, cfg.seed, repeat=repeat)
     val_ds = pipeline.val_dataset(source, cfg.data)
-    log.info("Data %s: %d train / %d val images, batch %d, crop %s", cfg.data.name,
-             len(source.examples("train")), len(source.examples("val")), cfg.data.batch_size,
-             list(cfg.data.crop_size))
+    log.info(
+        "Data %s: %d train / %d val images, batch %d, crop %s",
+        cfg.data.name,
+        len(source.examples("train")),
+        len(source.examples("val")),
+        cfg.data.batch_size,
+        list(cfg.data.crop_size),
+    )
 
     model = instantiate(cfg.model, _convert_="all")
     log.info("Model %s: %s parameters", model.name, f"{model.count_params():,}")
     model.compile(
         optimizer=instantiate(cfg.optimizer),
         loss=instantiate(cfg.loss),
-        metrics=[keras.metrics.MeanIoU(num_classes=cfg.data.num_classes, name="mean_iou",
-                                       ignore_class=cfg.data.ignore_label, sparse_y_pred=False)],
+        metrics=[
+            keras.metrics.MeanIoU(
+                num_classes=cfg.data.num_classes,
+                name="mean_iou",
+                ignore_class=cfg.data.ignore_label,
+                sparse_y_pred=False,
+            )
+        ],
         jit_compile=cfg.trainer.jit_compile,
         steps_per_execution=cfg.trainer.steps_per_execution,
     )
@@ -79,8 +93,11 @@ def run(cfg: DictConfig) -> float | None:
         plot_history(history_csv, run_dir / "training_curves.png")
     best = run_dir / checkpoints.BEST_CHECKPOINT
     if not best.is_file():
-        log.warning("No checkpoint at %s (is callbacks.model_checkpoint disabled?); "
-                    "evaluating the final weights instead", best)
+        log.warning(
+            "No checkpoint at %s (is callbacks.model_checkpoint disabled?); "
+            "evaluating the final weights instead",
+            best,
+        )
         best = run_dir / "checkpoints" / "last.keras"
         best.parent.mkdir(parents=True, exist_ok=True)
         model.save(best)

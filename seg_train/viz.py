@@ -40,8 +40,9 @@ def colorize(ids: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return palette[ids]
 
 
-def overlay(image: np.ndarray, ids: np.ndarray, palette: np.ndarray, alpha: float = 0.5
-            ) -> np.ndarray:
+def overlay(
+    image: np.ndarray, ids: np.ndarray, palette: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
     """Blends the colourised ids over an RGB image; `alpha` is the mask's weight."""
     blended = (1 - alpha) * image.astype(np.float32) + alpha * colorize(ids, palette)
     return np.clip(blended, 0, 255).astype(np.uint8)
@@ -54,8 +55,13 @@ def save_id_png(path: Path, ids: np.ndarray, palette: np.ndarray) -> None:
     image.save(path)
 
 
-def sample_panel(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray,
-                 palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def sample_panel(
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    prediction: np.ndarray,
+    palette: np.ndarray,
+    alpha: float = 0.5,
+) -> np.ndarray:
     """image | truth overlay | prediction overlay, side by side (truth may be None)."""
     tiles = [image.astype(np.uint8)]
     if truth is not None:
@@ -75,7 +81,9 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    names = [k for k in rows[0] if k != "epoch" and not k.startswith("val_") and k != "learning_rate"]
+    names = [
+        k for k in rows[0] if k != "epoch" and not k.startswith("val_") and k != "learning_rate"
+    ]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     epochs = [int(r["epoch"]) + 1 for r in rows]
     for ax, name in zip(axes[0], names):

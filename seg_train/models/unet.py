@@ -19,18 +19,30 @@ from seg_train.errors import UserError
 def conv_block(x, filters: int, batch_norm: bool, name: str):
     """Two 3x3 convolutions, each followed by (optional BatchNorm and) ReLU."""
     for i in (1, 2):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm,
-                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
+        x = layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            use_bias=not batch_norm,
+            kernel_initializer="he_normal",
+            name=f"{name}_conv{i}",
+        )(x)
         if batch_norm:
             x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     return x
 
 
-def build_unet(num_classes: int, input_shape: Sequence[int | None] = (None, None, 3),
-               base_filters: int = 64, depth: int = 5, batch_norm: bool = False,
-               dropout: float = 0.0, backbone_weights: str | None = None,
-               name: str = "unet") -> keras.Model:
+def build_unet(
+    num_classes: int,
+    input_shape: Sequence[int | None] = (None, None, 3),
+    base_filters: int = 64,
+    depth: int = 5,
+    batch_norm: bool = False,
+    dropout: float = 0.0,
+    backbone_weights: str | None = None,
+    name: str = "unet",
+) -> keras.Model:
     """Builds a U-Net returning float32 logits [B, H, W, num_classes].
 
     Args:
@@ -44,13 +56,17 @@ def build_unet(num_classes: int, input_shape: Sequence[int | None] = (None, None
         name: Model name.
     """
     if backbone_weights is not None:
-        raise UserError("model.backbone_weights must be null for model=unet: U-Net trains from "
-                        "scratch and has no pretrained backbone")
+        raise UserError(
+            "model.backbone_weights must be null for model=unet: U-Net trains from "
+            "scratch and has no pretrained backbone"
+        )
     factor = 2 ** (depth - 1)
     for side in input_shape[:2]:
         if side is not None and side % factor:
-            raise UserError(f"U-Net with depth {depth} needs input sides divisible by {factor}, "
-                            f"got {list(input_shape[:2])}; change data.crop_size")
+            raise UserError(
+                f"U-Net with depth {depth} needs input sides divisible by {factor}, "
+                f"got {list(input_shape[:2])}; change data.crop_size"
+            )
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     # Images arrive as 0..255 floats; the model owns its normalisation (see data/pipeline.py).
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(inputs)
@@ -64,8 +80,7 @@ def build_unet(num_classes: int, input_shape: Sequence[int | None] = (None, None
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
     for level in reversed(range(depth - 1)):
         stage = f"decoder{level + 1}"
-        x = layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2,
-                                   name=f"{stage}_upconv")(x)
+        x = layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, name=f"{stage}_upconv")(x)
         x = layers.Concatenate(name=f"{stage}_concat")([skips[level], x])
         x = conv_block(x, base_filters * 2**level, batch_norm, name=stage)
     logits = layers.Conv2D(num_classes, 1, name="logits")(x)

@@ -1,0 +1,57 @@
+"""Helpers for tests: composing the real configs and running the real `seg-train` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs"
+# Flags that make a training run take seconds: tiny data, tiny U-Net, one short epoch.
+TINY_TRAIN = [
+    "data.source.num_train=24",
+    "data.source.num_val=8",
+    "data.source.image_size=32",
+    "data.crop_size=[32,32]",
+    "data.batch_size=8",
+    "model.base_filters=4",
+    "model.depth=3",
+    "trainer.epochs=2",
+    "eval.num_samples=2",
+]
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Composes configs/config.yaml the way the CLI does (without running a job)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def run_cli(
+    args: Sequence[str], cache: Path, cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Runs `python -m seg_train ARGS` as a user would, capturing its output."""
+    inherited = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env = {**inherited, "SEG_TRAIN_CACHE_DIR": str(cache), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "seg_train", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """stderr lines that are not TensorFlow's C++ start-up logging."""
+    noise = ("WARNING: All log messages before absl", "I0000 ", "W0000 ", "E0000 ")
+    return [
+        line for line in result.stderr.splitlines() if line.strip() and not line.startswith(noise)
+    ]
