@@ -102,7 +102,10 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "eval.num_samples": lambda k, v: v == 0 or positive_int(k, v),
     "infer.overwrite": boolean,
     "infer.recursive": boolean,
+    "trainer.deterministic": boolean,
+    "trainer.jit_compile": lambda k, v: v == "auto" or boolean(k, v),
     "hardware.devices": device_list,
+    "hardware.cpu_logical_devices": optional_positive_int,
 }
 
 

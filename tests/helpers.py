@@ -33,16 +33,25 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
+def cli_env(cache: Path, env: dict | None = None) -> dict:
+    """The environment for a CLI subprocess: ours, minus HYDRA_FULL_ERROR, plus the cache dir."""
+    inherited = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return {**inherited, "SEG_TRAIN_CACHE_DIR": str(cache), **(env or {})}
+
+
+def cli_command(args: Sequence[str]) -> list[str]:
+    """`python -m seg_train ARGS` with this interpreter."""
+    return [sys.executable, "-m", "seg_train", *args]
+
+
 def run_cli(
     args: Sequence[str], cache: Path, cwd: Path, env: dict | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """Runs `python -m seg_train ARGS` as a user would, capturing its output."""
-    inherited = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    full_env = {**inherited, "SEG_TRAIN_CACHE_DIR": str(cache), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "seg_train", *args],
+        cli_command(args),
         cwd=cwd,
-        env=full_env,
+        env=cli_env(cache, env),
         capture_output=True,
         text=True,
         timeout=timeout,
