@@ -2,16 +2,19 @@
 
 `evaluate_model` is also what a training run calls on its best checkpoint, so a run's
 `metrics.json` and a later `mode=eval` of the same checkpoint come from the same code path.
+Test-time augmentation, sliding windows and the dense CRF are options of that one path.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from rich.console import Console
 from rich.progress import track
@@ -22,64 +25,107 @@ from seg_train.config_checks import check_config
 from seg_train.data.pipeline import decoded_dataset
 from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
 from seg_train.metrics import ConfusionMatrix
-from seg_train.predict import Predictor
-from seg_train.viz import full_palette, sample_panel
+from seg_train.postprocess.crf import CRFRunner, runner_from_config
+from seg_train.predict import Predictor, predictor_from_config
+from seg_train.viz import full_palette, plot_confusion, sample_panel
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_model(
-    model, data: DictConfig, split: str, out_dir: Path, checkpoint: Path, num_samples: int = 0
-) -> dict:
+def predict_stream(
+    examples: Iterable[tuple[np.ndarray, np.ndarray]], predictor: Predictor, crf: CRFRunner | None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields (image, mask, predicted ids) per example, CRF-refined when `crf` is given."""
+    if crf is None:
+        for image, mask in examples:
+            yield image, mask, predictor.labels(image)
+        return
+    items = ((image, predictor.probabilities(image), (image, mask)) for image, mask in examples)
+    for marginals, (image, mask) in crf.map(items):
+        yield image, mask, marginals.argmax(-1).astype(np.uint8)
+
+
+def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint: Path) -> dict:
     """Evaluates `model` on a split image by image at original resolution.
 
-    Writes `metrics.json` and `samples/` (image | truth | prediction) into `out_dir`, prints a
-    per-class table and returns the report.
+    Writes `metrics.json`, `per_class.csv`, `confusion_matrix.{csv,png}` and `samples/` (image |
+    truth | prediction) into `out_dir`, prints a per-class table and returns the report.
     """
-    source = instantiate(data.source)
-    examples = decoded_dataset(source, split, data.num_parallel_calls)
+    data = cfg.data
+    examples = decoded_dataset(instantiate(data.source), split, data.num_parallel_calls)
     num_images = int(examples.cardinality())
-    predictor = Predictor(model)
     matrix = ConfusionMatrix(data.num_classes, data.ignore_label)
     palette = full_palette(data.palette)
-    samples_dir = out_dir / "samples"
-    for index, (image, mask) in enumerate(
-        track(examples.as_numpy_iterator(), total=num_images, description=f"Evaluating {split}")
+    stream = predict_stream(
+        examples.as_numpy_iterator(),
+        predictor_from_config(model, cfg),
+        runner_from_config(cfg.postprocess),
+    )
+    for index, (image, mask, prediction) in enumerate(
+        track(stream, total=num_images, description=f"Evaluating {split}")
     ):
-        prediction = predictor.labels(image)
         matrix.update(mask, prediction)
-        if index < num_samples:
-            samples_dir.mkdir(parents=True, exist_ok=True)
+        if index < cfg.eval.num_samples:
+            (out_dir / "samples").mkdir(parents=True, exist_ok=True)
             panel = sample_panel(image, mask, prediction, palette)
-            Image.fromarray(panel).save(samples_dir / f"{split}_{index:04d}.png")
+            Image.fromarray(panel).save(out_dir / "samples" / f"{split}_{index:04d}.png")
     report = matrix.summary(list(data.class_names))
     report.update(
         num_images=num_images,
         split=split,
         dataset=data.name,
         checkpoint=str(Path(checkpoint).resolve()),
+        protocol={
+            "mode": cfg.eval.mode,
+            "tta": OmegaConf.to_container(cfg.eval.tta, resolve=True),
+            "postprocess": cfg.postprocess.name,
+            "resolution": "original",
+        },
     )
-    write_json_atomic(out_dir / "metrics.json", report)
-    np.savetxt(out_dir / "confusion_matrix.csv", matrix.matrix, fmt="%d", delimiter=",")
+    _write_outputs(report, matrix, list(data.class_names), out_dir)
     print_report(report)
     return report
 
 
+def _write_outputs(report: dict, matrix: ConfusionMatrix, names: list[str], out_dir: Path) -> None:
+    write_json_atomic(out_dir / "metrics.json", report)
+    with open(out_dir / "per_class.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "iou", "accuracy", "dice"])
+        for name in names:
+            writer.writerow(
+                [name] + [report[f"per_class_{k}"][name] for k in ("iou", "accuracy", "dice")]
+            )
+    np.savetxt(out_dir / "confusion_matrix.csv", matrix.matrix, fmt="%d", delimiter=",")
+    plot_confusion(matrix.matrix, names, out_dir / "confusion_matrix.png")
+
+
 def print_report(report: dict) -> None:
-    """Prints the per-class IoU / accuracy table and the summary figures."""
+    """Prints the per-class IoU / accuracy / Dice table and the summary figures."""
     table = Table(title=f"{report['dataset']} / {report['split']}: {report['num_images']} images")
-    table.add_column("class")
-    table.add_column("IoU", justify="right")
-    table.add_column("accuracy", justify="right")
+    for column in ("class", "IoU", "accuracy", "Dice"):
+        table.add_column(column, justify="left" if column == "class" else "right")
 
     def fmt(value):
         return "-" if value is None else f"{100 * value:.2f}"
 
     for name, iou in report["per_class_iou"].items():
-        table.add_row(name, fmt(iou), fmt(report["per_class_accuracy"][name]))
+        table.add_row(
+            name,
+            fmt(iou),
+            fmt(report["per_class_accuracy"][name]),
+            fmt(report["per_class_dice"][name]),
+        )
     table.add_section()
-    table.add_row("mean", fmt(report["mean_iou"]), fmt(report["mean_accuracy"]), style="bold")
-    table.add_row("pixel accuracy", "", fmt(report["pixel_accuracy"]))
+    table.add_row(
+        "mean",
+        fmt(report["mean_iou"]),
+        fmt(report["mean_accuracy"]),
+        fmt(report["mean_dice"]),
+        style="bold",
+    )
+    table.add_row("pixel accuracy", "", fmt(report["pixel_accuracy"]), "")
+    table.add_row("frequency-weighted IoU", fmt(report["fw_iou"]), "", "")
     Console().print(table)
 
 
@@ -92,9 +138,7 @@ def run(cfg: DictConfig) -> float | None:
     check_config(cfg)
     runtime.seed_everything(cfg.seed)
     model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
-    report = evaluate_model(
-        model, cfg.data, cfg.eval.split, out_dir, checkpoint, cfg.eval.num_samples
-    )
+    report = evaluate_model(model, cfg, cfg.eval.split, out_dir, checkpoint)
     log.info(
         "mIoU %.4f on %s (%d images); report in %s",
         report["mean_iou"] or 0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from seg_train import checkpoints, runtime
 from seg_train.config_checks import check_config
 from seg_train.data.folder import IMAGE_SUFFIXES
 from seg_train.errors import UserError
-from seg_train.predict import Predictor
+from seg_train.postprocess.crf import CRFRunner, runner_from_config
+from seg_train.predict import Predictor, predictor_from_config
 from seg_train.viz import full_palette, overlay, save_id_png
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,14 @@ def load_rgb(path: Path) -> np.ndarray:
         raise UserError(f"cannot read image {path} ({exc}); remove it from infer.input") from exc
 
 
-def plan_outputs(images: list[Path], out_dir: Path, overwrite: bool) -> list[tuple[Path, Path]]:
-    """Returns (mask PNG, overlay JPEG) paths per image, refusing clashes and overwrites."""
+def plan_outputs(
+    images: list[Path], out_dir: Path, overwrite: bool, with_probs: bool = False
+) -> list[tuple[Path, Path, Path | None]]:
+    """Returns (mask PNG, overlay JPEG, probabilities .npy or None) paths per image.
+
+    Refuses name clashes, writing into an input directory and (unless `overwrite`) replacing
+    existing files, before anything is written.
+    """
     stems = [p.stem for p in images]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
@@ -64,15 +72,40 @@ def plan_outputs(images: list[Path], out_dir: Path, overwrite: bool) -> list[tup
             f"infer.output_dir {out_dir} is an input directory; choose another "
             "folder so inputs are never overwritten"
         )
-    outputs = [(out_dir / f"{s}.png", out_dir / f"{s}_overlay.jpg") for s in stems]
+    outputs = [
+        (
+            out_dir / f"{s}.png",
+            out_dir / f"{s}_overlay.jpg",
+            out_dir / f"{s}_prob.npy" if with_probs else None,
+        )
+        for s in stems
+    ]
     if not overwrite:
-        existing = [p for pair in outputs for p in pair if p.exists()]
+        existing = [p for paths in outputs for p in paths if p is not None and p.exists()]
         if existing:
             raise UserError(
                 f"{existing[0]} already exists ({len(existing)} outputs would be "
                 "replaced); pass infer.overwrite=true or another infer.output_dir"
             )
     return outputs
+
+
+def predictions(
+    paths: list[Path], predictor: Predictor, crf: CRFRunner | None, with_probs: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Yields (image, class ids, probabilities or None) per path, in order."""
+    if crf is None:
+        for path in paths:
+            image = load_rgb(path)
+            if with_probs:
+                probs = predictor.probabilities(image)
+                yield image, probs.argmax(-1).astype(np.uint8), probs
+            else:
+                yield image, predictor.labels(image), None
+        return
+    items = ((image, predictor.probabilities(image), image) for image in map(load_rgb, paths))
+    for marginals, image in crf.map(items):
+        yield image, marginals.argmax(-1).astype(np.uint8), marginals
 
 
 def run(cfg: DictConfig) -> None:
@@ -82,10 +115,15 @@ def run(cfg: DictConfig) -> None:
     check_config(cfg)
     images = find_images(str(cfg.infer.input), cfg.infer.recursive)
     out_dir = Path(cfg.infer.output_dir or Path(cfg.paths.output_dir) / "predictions")
-    outputs = plan_outputs(images, out_dir, cfg.infer.overwrite)
+    outputs = plan_outputs(images, out_dir, cfg.infer.overwrite, cfg.infer.save_probs)
     runtime.seed_everything(cfg.seed)
     model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
-    predictor = Predictor(model)
+    stream = predictions(
+        images,
+        predictor_from_config(model, cfg),
+        runner_from_config(cfg.postprocess),
+        cfg.infer.save_probs,
+    )
     palette = full_palette(cfg.data.palette)
     pixel_counts = np.zeros(cfg.data.num_classes, dtype=np.int64)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,13 +136,12 @@ def run(cfg: DictConfig) -> None:
     )
     with Progress(*columns) as progress:
         task = progress.add_task("infer", total=len(images), rate="")
-        for path, (mask_png, overlay_jpg) in zip(images, outputs):
-            image = load_rgb(path)
-            ids = predictor.labels(image)
+        for (image, ids, probs), (mask_png, overlay_jpg, probs_npy) in zip(stream, outputs):
             save_id_png(mask_png, ids, palette)
-            Image.fromarray(overlay(image, ids, palette, cfg.infer.overlay_alpha)).save(
-                overlay_jpg, quality=90
-            )
+            blended = overlay(image, ids, palette, cfg.infer.overlay_alpha)
+            Image.fromarray(blended).save(overlay_jpg, quality=90)
+            if probs_npy is not None:
+                np.save(probs_npy, probs.astype(np.float16))
             pixel_counts += np.bincount(ids.ravel(), minlength=cfg.data.num_classes)
             progress.advance(task)
             speed = progress.tasks[0].speed

@@ -62,20 +62,41 @@ class ConfusionMatrix:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(support > 0, tp / support, np.nan)
 
+    def per_class_dice(self) -> np.ndarray:
+        """Dice (F1) per class; NaN where the class is in neither truth nor prediction."""
+        tp = np.diag(self.matrix).astype(np.float64)
+        size_sum = self.matrix.sum(0) + self.matrix.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(size_sum > 0, 2 * tp / size_sum, np.nan)
+
+    def frequency_weighted_iou(self) -> float | None:
+        """Sum over classes of (class pixel share in the truth) x IoU."""
+        total = self.matrix.sum()
+        if not total:
+            return None
+        frequency = self.matrix.sum(1) / total
+        iou = self.per_class_iou()
+        defined = ~np.isnan(iou)
+        return float((frequency[defined] * iou[defined]).sum())
+
     def summary(self, class_names: Sequence[str]) -> dict:
-        """The report: mean_iou, pixel_accuracy, mean_accuracy and per-class dicts.
+        """The report: mean_iou, pixel_accuracy, mean_accuracy, fw_iou, mean_dice, per class.
 
         Undefined values are None (null in JSON).
         """
         iou = self.per_class_iou()
         acc = self.per_class_accuracy()
+        dice = self.per_class_dice()
         total = self.matrix.sum()
         return {
             "mean_iou": _nanmean(iou),
             "pixel_accuracy": float(np.diag(self.matrix).sum() / total) if total else None,
             "mean_accuracy": _nanmean(acc),
+            "fw_iou": self.frequency_weighted_iou(),
+            "mean_dice": _nanmean(dice),
             "per_class_iou": _by_name(class_names, iou),
             "per_class_accuracy": _by_name(class_names, acc),
+            "per_class_dice": _by_name(class_names, dice),
             "num_pixels": int(total),
         }
 

@@ -1,41 +1,211 @@
 """Per-image prediction at the image's original resolution, shared by eval, infer and training.
 
-The image is resized to the model's input size (when the model has a fixed one), the model runs,
-and the logits are resized bilinearly back to the original size before any argmax, so metrics
-and predicted masks are always at the resolution of the labels.
+`Predictor` turns a segmentation model into a function from a uint8 RGB image of any size to
+class scores at that size:
+
+* **whole** mode runs the image in one pass. A model built for a fixed input size is first
+  re-instantiated with a dynamic input (same weights, `keras.models.clone_model`) so the image is
+  seen at its own resolution, padded to a multiple of `size_divisor`; a model that cannot be
+  re-instantiated gets the image resized to its input size instead.
+* **slide** mode tiles the (padded) image with `crop_size` windows every `stride` pixels and
+  averages the overlapping logits, as mmsegmentation's slide inference does.
+* **test-time augmentation** repeats either mode for each scale in `scales` (and mirrored if
+  `flip`), resizes each view's logits bilinearly back to the original size, and fuses them:
+  `mean_prob` averages softmax probabilities (returned as log-probabilities), `max_logit` takes
+  the element-wise maximum of the logits (DeepLab v2's multi-scale max-fusion).
+
+Logits are always resized to the label size *before* the argmax.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
+import keras
 import numpy as np
 import tensorflow as tf
 
+from seg_train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODES = ("whole", "slide")
+FUSIONS = ("mean_prob", "max_logit")
+
+
+def dynamic_twin(model: keras.Model) -> keras.Model | None:
+    """The same network with an [H, W]-agnostic input, or None if it cannot be rebuilt."""
+    height, width = model.input_shape[1:3]
+    if height is None and width is None:
+        return model
+    try:
+        twin = keras.models.clone_model(
+            model, input_tensors=keras.Input((None, None, model.input_shape[-1]), name="image")
+        )
+        twin.set_weights(model.get_weights())
+        # Probe with a size the original could not take, e.g. a model with a fixed-size
+        # reshape or pooling fails here.
+        twin(np.zeros((1, 2 * height, 2 * width, model.input_shape[-1]), np.float32))
+    except Exception as exc:  # noqa: BLE001 - any failure means "use the fixed-size path"
+        log.info("Model input stays %sx%s (no dynamic twin: %s)", height, width, exc)
+        return None
+    return twin
+
 
 class Predictor:
-    """Wraps a Keras segmentation model for single images of any size.
+    """Class scores at original resolution for single images of any size.
 
     Args:
         model: A model mapping float32 [B, H, W, 3] images (0..255) to logits [B, H, W, C].
+        mode: "whole" or "slide".
+        crop_size: [h, w] window of slide mode (defaults to the model's input size).
+        stride: [h, w] step of slide mode (defaults to two thirds of crop_size).
+        scales: TTA scales; [1.0] = no multi-scale.
+        flip: Also predict the mirrored image (TTA).
+        fusion: "mean_prob" or "max_logit", how TTA views are combined.
+        flip_pairs: [[a, b], ...] classes that swap under a horizontal flip (left/right arm),
+            so a mirrored view's scores are mapped back to the right classes.
+        size_divisor: whole-mode images are padded to a multiple of this (the network stride).
     """
 
-    def __init__(self, model):
-        self.model = model
-        height, width = model.input_shape[1:3]
-        self.input_size = (height, width) if height and width else None
-        self._logits = tf.function(self._logits_graph, reduce_retracing=True)
+    def __init__(
+        self,
+        model: keras.Model,
+        mode: str = "whole",
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        fusion: str = "mean_prob",
+        flip_pairs: Sequence[Sequence[int]] | None = None,
+        size_divisor: int = 32,
+    ):
+        if mode not in MODES:
+            raise UserError(f"eval.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if fusion not in FUSIONS:
+            raise UserError(f"eval.tta.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+        if not scales or any(s <= 0 for s in scales):
+            raise UserError(f"eval.tta.scales must be positive numbers, got {list(scales)}")
+        self.fixed_size = tuple(model.input_shape[1:3]) if model.input_shape[1] else None
+        twin = dynamic_twin(model)
+        self.model = twin or model
+        self.resize_to_fixed = twin is None and self.fixed_size is not None
+        self.mode = mode
+        self.crop_size = tuple(crop_size or self.fixed_size or (512, 512))
+        self.stride = tuple(stride or (max(1, c * 2 // 3) for c in self.crop_size))
+        if mode == "slide" and self.resize_to_fixed and self.crop_size != self.fixed_size:
+            raise UserError(
+                f"eval.crop_size {list(self.crop_size)} must equal the model's fixed input size "
+                f"{list(self.fixed_size)} for slide mode"
+            )
+        self.scales = [float(s) for s in scales]
+        self.flip = flip
+        self.fusion = fusion
+        self.size_divisor = size_divisor
+        self.channel_order = _flip_permutation(model.output_shape[-1], flip_pairs)
+        self._net = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
 
-    def _logits_graph(self, image: tf.Tensor) -> tf.Tensor:
-        original_size = tf.shape(image)[:2]
-        batch = tf.cast(image, tf.float32)[None]
-        if self.input_size is not None:
-            batch = tf.image.resize(batch, self.input_size, method="bilinear")
-        logits = self.model(batch, training=False)
-        return tf.image.resize(logits, original_size, method="bilinear")[0]
+    # ----- one view -------------------------------------------------------------------------
+    def _run(self, batch: tf.Tensor) -> tf.Tensor:
+        """Logits for a float32 batch at the batch's own size."""
+        size = tf.shape(batch)[1:3]
+        if self.resize_to_fixed:
+            logits = self._net(tf.image.resize(batch, self.fixed_size, method="bilinear"))
+            return tf.image.resize(logits, size, method="bilinear")
+        divisor = self.size_divisor
+        pad_h = (-batch.shape[1]) % divisor
+        pad_w = (-batch.shape[2]) % divisor
+        padded = tf.pad(batch, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+        return self._net(padded)[:, : batch.shape[1], : batch.shape[2]]
 
+    def _slide(self, image: tf.Tensor) -> tf.Tensor:
+        """Averages the logits of overlapping crop_size windows over a float32 [H, W, 3]."""
+        height, width = int(image.shape[0]), int(image.shape[1])
+        crop_h, crop_w = self.crop_size
+        stride_h, stride_w = self.stride
+        padded = tf.pad(image, [[0, max(crop_h - height, 0)], [0, max(crop_w - width, 0)], [0, 0]])
+        pad_height, pad_width = int(padded.shape[0]), int(padded.shape[1])
+        tops = _window_starts(pad_height, crop_h, stride_h)
+        lefts = _window_starts(pad_width, crop_w, stride_w)
+        windows = [(top, left) for top in tops for left in lefts]
+        crops = tf.stack([padded[t : t + crop_h, x : x + crop_w] for t, x in windows])
+        logits = self._run(crops).numpy()
+        total = np.zeros((pad_height, pad_width, logits.shape[-1]), np.float32)
+        count = np.zeros((pad_height, pad_width, 1), np.float32)
+        for (t, x), window_logits in zip(windows, logits):
+            total[t : t + crop_h, x : x + crop_w] += window_logits
+            count[t : t + crop_h, x : x + crop_w] += 1
+        return tf.constant(total[:height, :width] / count[:height, :width])
+
+    def _view(self, image: tf.Tensor) -> tf.Tensor:
+        """Logits [H, W, C] for a float32 image [H, W, 3] in the configured mode."""
+        if self.mode == "slide":
+            return self._slide(image)
+        return self._run(image[None])[0]
+
+    # ----- public API -----------------------------------------------------------------------
     def logits(self, image: np.ndarray) -> np.ndarray:
-        """float32 logits [H, W, C] for a uint8 RGB image [H, W, 3]."""
-        return self._logits(tf.convert_to_tensor(image)).numpy()
+        """Fused class scores [H, W, C] for a uint8 RGB image [H, W, 3]; argmax = prediction.
+
+        With one view these are the model's logits; with several, log mean probabilities
+        (`mean_prob`) or the maximum logits (`max_logit`).
+        """
+        original = tf.cast(tf.convert_to_tensor(image), tf.float32)
+        size = original.shape[:2]
+        views = []
+        for scale in self.scales:
+            scaled = original
+            if scale != 1.0:
+                new_size = [max(1, round(size[0] * scale)), max(1, round(size[1] * scale))]
+                scaled = tf.image.resize(original, new_size, method="bilinear")
+            for mirrored in (False, True) if self.flip else (False,):
+                view = self._view(tf.reverse(scaled, [1]) if mirrored else scaled)
+                if mirrored:
+                    view = tf.gather(tf.reverse(view, [1]), self.channel_order, axis=-1)
+                if scale != 1.0:
+                    view = tf.image.resize(view, size, method="bilinear")
+                views.append(view)
+        if len(views) == 1:
+            return views[0].numpy()
+        stacked = tf.stack(views)
+        if self.fusion == "max_logit":
+            return tf.reduce_max(stacked, axis=0).numpy()
+        return tf.math.log(tf.reduce_mean(tf.nn.softmax(stacked, axis=-1), axis=0) + 1e-12).numpy()
+
+    def probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Class probabilities [H, W, C] (softmax of the fused scores)."""
+        return tf.nn.softmax(self.logits(image), axis=-1).numpy()
 
     def labels(self, image: np.ndarray) -> np.ndarray:
         """uint8 class ids [H, W] for a uint8 RGB image [H, W, 3]."""
         return self.logits(image).argmax(-1).astype(np.uint8)
+
+
+def _window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window offsets covering [0, length) with the last window flush with the end."""
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return sorted({min(i * stride, length - crop) for i in range(count)})
+
+
+def _flip_permutation(num_classes: int, flip_pairs: Sequence[Sequence[int]] | None) -> list[int]:
+    order = list(range(num_classes))
+    for a, b in flip_pairs or []:
+        order[a], order[b] = b, a
+    return order
+
+
+def predictor_from_config(model: keras.Model, cfg) -> Predictor:
+    """A Predictor from `cfg.eval` (mode, crop_size, stride, tta) and the data's flip pairs."""
+    options = cfg.eval
+    return Predictor(
+        model,
+        mode=options.mode,
+        crop_size=options.crop_size,
+        stride=options.stride,
+        scales=list(options.tta.scales),
+        flip=options.tta.flip,
+        fusion=options.tta.fusion,
+        flip_pairs=cfg.data.get("flip_pairs"),
+        size_divisor=options.size_divisor,
+    )

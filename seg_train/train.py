@@ -135,6 +135,6 @@ def _report_best(model: keras.Model, cfg: DictConfig, run_dir: Path) -> float | 
         best.parent.mkdir(parents=True, exist_ok=True)
         model.save(best)
     best_model = checkpoints.load_model(best, cfg.data.num_classes)
-    report = evaluate_model(best_model, cfg.data, "val", run_dir, best, cfg.eval.num_samples)
+    report = evaluate_model(best_model, cfg, "val", run_dir, best)
     log.info("Best checkpoint %s: val mIoU %.4f", best, report["mean_iou"] or 0.0)
     return report["mean_iou"]

@@ -82,3 +82,59 @@ def test_perfect_prediction_is_one():
     matrix.update(truth, np.where(truth == 255, 0, truth))
     report = matrix.summary(["a", "b", "c"])
     assert math.isclose(report["mean_iou"], 1.0) and math.isclose(report["pixel_accuracy"], 1.0)
+
+
+def mmseg_reference(pairs, num_classes, ignore_index=255):
+    """mmsegmentation's intersect_and_union + total_area_to_metrics, re-done with histograms."""
+    inter = np.zeros(num_classes)
+    area_pred = np.zeros(num_classes)
+    area_label = np.zeros(num_classes)
+    bins = np.arange(num_classes + 1)
+    for label, pred in pairs:
+        keep = label != ignore_index
+        label, pred = label[keep], pred[keep]
+        inter += np.histogram(pred[pred == label], bins=bins)[0]
+        area_pred += np.histogram(pred, bins=bins)[0]
+        area_label += np.histogram(label, bins=bins)[0]
+    union = area_pred + area_label - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / union
+        acc = inter / area_label
+        dice = 2 * inter / (area_pred + area_label)
+    freq = area_label / area_label.sum() if area_label.sum() else np.zeros(num_classes)
+    defined = ~np.isnan(iou)
+    return {
+        "mean_iou": np.nanmean(iou) if defined.any() else None,
+        "pixel_accuracy": inter.sum() / area_label.sum() if area_label.sum() else None,
+        "mean_accuracy": np.nanmean(acc) if (~np.isnan(acc)).any() else None,
+        "mean_dice": np.nanmean(dice) if (~np.isnan(dice)).any() else None,
+        "fw_iou": (freq[defined] * iou[defined]).sum() if area_label.sum() else None,
+        "iou": iou,
+    }
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_independent_mmseg_implementation(seed):
+    rng = np.random.default_rng(seed)
+    num_classes = int(rng.integers(2, 7))
+    pairs = []
+    for _ in range(int(rng.integers(1, 5))):
+        shape = tuple(rng.integers(1, 30, size=2))
+        # Leave out the last class entirely (absent in truth and prediction) in some seeds.
+        top = num_classes - (seed % 2)
+        label = rng.integers(0, top, size=shape)
+        label[rng.random(shape) < 0.1] = 255
+        pred = np.where(rng.random(shape) < 0.6, label, rng.integers(0, top, size=shape))
+        pred[pred == 255] = 0
+        pairs.append((label, pred))
+    pairs.append((np.full((4, 4), 255), np.zeros((4, 4), int)))  # an all-ignored image
+    matrix = ConfusionMatrix(num_classes)
+    for label, pred in pairs:
+        matrix.update(label, pred)
+    report = matrix.summary([str(i) for i in range(num_classes)])
+    reference = mmseg_reference(pairs, num_classes)
+    for key in ("mean_iou", "pixel_accuracy", "mean_accuracy", "mean_dice", "fw_iou"):
+        assert report[key] == pytest.approx(reference[key]), key
+    for index, value in enumerate(reference["iou"]):
+        got = report["per_class_iou"][str(index)]
+        assert (got is None) if np.isnan(value) else got == pytest.approx(value)

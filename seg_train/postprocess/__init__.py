@@ -1,0 +1,1 @@
+"""Post-processing of predicted class probabilities (dense CRF)."""
