@@ -6,13 +6,16 @@ the environment variables that TensorFlow reads at import time, so `seg-train --
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -30,6 +33,7 @@ CONFIG_DIR = Path(
     os.environ.get("SEG_TRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs")
 )
 EXIT_USER_ERROR = 2
+log = logging.getLogger("seg_train")
 # Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1); set by main().
 _show_tracebacks = False
 
@@ -47,6 +51,10 @@ def _run_task(cfg: DictConfig) -> float | None:
         task = hydra.utils.get_method(cfg.mode.task)
         return task(cfg)
     except (UserError, HydraException, OmegaConfBaseException) as exc:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Let Hydra mark this job failed and run the others; main() reports it at the end.
+            log.error("seg-train: error: %s", describe_error(exc))
+            raise
         # Reported here rather than in main(): Hydra adds its own lines to errors leaving a job.
         _exit_with_one_line(exc)
 

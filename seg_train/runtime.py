@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
+
+from seg_train.errors import UserError
 
 RESOLVED_CONFIG_NAME = "config_resolved.yaml"
 
@@ -18,13 +21,34 @@ def prepare_environment(cfg: DictConfig) -> None:
 
     Has no effect on a TensorFlow that is already imported (e.g. the second job of a sweep).
     """
-    devices = cfg.hardware.devices
+    devices = job_devices(cfg.hardware, HydraConfig.get().job.get("num") or 0)
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
     # TensorFlow leaves oneDNN off on some CPUs; measured 1.25-1.7x faster training here.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     # Hide TensorFlow's C++ start-up chatter (CUDA stubs, CPU feature notes); errors still show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def job_devices(hardware: DictConfig, job_num: int) -> list[int] | None:
+    """The GPU ids this job may use.
+
+    With `hardware.gpus_per_job=K`, job n of a sweep gets the n-th group of K ids (from
+    `hardware.devices` if given, else 0, 1, 2, ...), so parallel jobs never share a GPU.
+    """
+    per_job = hardware.get("gpus_per_job")
+    if not per_job:
+        return None if hardware.devices is None else list(hardware.devices)
+    pool = list(hardware.devices) if hardware.devices else None
+    start = job_num * per_job
+    if pool is not None and start + per_job > len(pool):
+        raise UserError(
+            f"job {job_num} needs GPUs {start}..{start + per_job - 1} of hardware.devices={pool}; "
+            "list more devices, lower hardware.gpus_per_job or run fewer jobs in parallel"
+        )
+    return (
+        pool[start : start + per_job] if pool is not None else list(range(start, start + per_job))
+    )
 
 
 def print_and_save_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -173,6 +173,6 @@ def test_help_lists_groups_without_tensorflow():
 def test_readme_commands_match_scripts():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    assert "bash scripts/train.sh" in readme and "bash scripts/test.sh" in readme
+    assert "bash scripts/quickstart.sh" in readme and "bash scripts/test.sh" in readme
     assert "scripts/test.sh" in ci
     assert Path(REPO / "scripts" / "test.sh").is_file()
