@@ -38,8 +38,10 @@ class PredictionImageLogger(keras.callbacks.Callback):
         self.writer = tf.summary.create_file_writer(log_dir)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logits = self.model.predict(self.images, verbose=0)
-        predictions = logits.argmax(-1).astype(np.uint8)
+        # A plain call, not model.predict: under a multi-worker strategy predict() would start
+        # collective ops that the other workers (which log nothing) never join.
+        logits = self.model(self.images, training=False)
+        predictions = np.asarray(logits).argmax(-1).astype(np.uint8)
         panels = np.stack(
             [
                 sample_panel(image, mask, prediction, self.palette)

@@ -47,9 +47,11 @@ def make_strategy(hardware: DictConfig) -> tf.distribute.Strategy:
         raise UserError(f"hardware.strategy must be one of {', '.join(STRATEGIES)}, got {kind!r}")
     split_cpu(hardware.get("cpu_logical_devices"))
     if kind == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy(
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
             cluster_resolver=_cluster_resolver(hardware.get("cluster", "tf_config"))
         )
+        patch_keras_for_multi_worker(strategy)
+        return strategy
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     devices = gpus or cpus
@@ -58,6 +60,58 @@ def make_strategy(hardware: DictConfig) -> tf.distribute.Strategy:
         cross_device_ops = None if gpus else tf.distribute.ReductionToOneDevice()
         return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross_device_ops)
     return tf.distribute.get_strategy()
+
+
+def patch_keras_for_multi_worker(strategy: tf.distribute.Strategy) -> None:
+    """Works around Keras 3's broken `fit` under MultiWorkerMirroredStrategy.
+
+    Keras 3 (keras-team/keras#20585, still open for 3.15) fails in two places with several
+    workers: `_maybe_symbolic_build` all-reduces the first *input batch* (a tuple of PerReplica
+    values the collective ops reject) only to learn its shapes, and `reduce_per_replica` asks
+    for a MEAN over axis 0 of the scalar loss and metrics. We build from this worker's local
+    batch instead and reduce scalars over no axis. Both patches touch private Keras code, so
+    they are applied only for this strategy and skipped, with a warning, if Keras changed.
+    """
+    try:
+        from keras.src.backend.tensorflow import trainer as tf_trainer
+
+        original_reduce = tf_trainer.reduce_per_replica
+        is_multi_worker = tf_trainer._collective_all_reduce_multi_worker
+        trainer_class = tf_trainer.TensorFlowTrainer
+        trainer_class._maybe_symbolic_build  # noqa: B018 - must exist to be replaced
+    except (ImportError, AttributeError) as exc:
+        log.warning("Keras internals changed (%s); multi-worker fit is unpatched", exc)
+        return
+    if getattr(original_reduce, "seg_train_patched", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not is_multi_worker(strategy):
+            return original_reduce(values, strategy, reduction)
+
+        def reduce_one(value):
+            if isinstance(value, (tf.Tensor, tf.distribute.DistributedValues)) and (
+                value.shape.rank == 0
+            ):
+                return strategy.reduce("MEAN", value, axis=None)
+            return original_reduce(value, strategy, reduction)
+
+        return tf.nest.map_structure(reduce_one, values)
+
+    def symbolic_build_from_local_batch(self, iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                batch = next(batches)
+                data_batch = tf.nest.map_structure(
+                    lambda v: self.distribute_strategy.experimental_local_results(v)[0], batch
+                )
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    reduce_per_replica.seg_train_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+    trainer_class._maybe_symbolic_build = symbolic_build_from_local_batch
 
 
 def _cluster_resolver(cluster: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 
 from seg_train import distribute
 from seg_train.errors import UserError
+from tests.helpers import TINY_TRAIN, cli_command, cli_env
 
 MIRRORED_VS_SINGLE = textwrap.dedent(
     """
@@ -111,3 +113,47 @@ def test_chief_is_worker_zero_or_the_chief_task(monkeypatch, cluster, task, chie
 def test_unknown_strategy_is_a_user_error():
     with pytest.raises(UserError, match="hardware.strategy"):
         distribute.make_strategy(OmegaConf.create({"strategy": "magic"}))
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_on_two_local_processes(cache_dir, tmp_path):
+    """Two workers on loopback train together; only the chief writes checkpoints and reports."""
+    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        args = [
+            *TINY_TRAIN,
+            "hardware=multi_worker",
+            "trainer.epochs=1",
+            f"hydra.run.dir={tmp_path / f'worker{index}'}",
+        ]
+        workers.append(
+            subprocess.Popen(
+                cli_command(args),
+                cwd=tmp_path,
+                env=cli_env(cache_dir, {"TF_CONFIG": json.dumps(tf_config)}),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    log = (tmp_path / "worker0" / "seg-train.log").read_text()
+    assert "CollectiveAllReduceStrategy: 2 replica(s), 4 images per replica, global batch 8" in log
+    assert (tmp_path / "worker0" / "checkpoints" / "best.keras").is_file()
+    assert (tmp_path / "worker0" / "metrics.json").is_file()
+    assert not (tmp_path / "worker1" / "checkpoints").exists()
+    assert not (tmp_path / "worker1" / "metrics.json").exists()
