@@ -41,6 +41,8 @@ class PredictionImageLogger(keras.callbacks.Callback):
         # A plain call, not model.predict: under a multi-worker strategy predict() would start
         # collective ops that the other workers (which log nothing) never join.
         logits = self.model(self.images, training=False)
+        if isinstance(logits, dict):  # a multi-output training view: show the fused output
+            logits = logits["fused"]
         predictions = np.asarray(logits).argmax(-1).astype(np.uint8)
         panels = np.stack(
             [

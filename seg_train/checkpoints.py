@@ -75,7 +75,10 @@ def load_model(checkpoint: Path, num_classes: int):
     """Loads a .keras model in safe mode (no arbitrary code) and checks its class count."""
     import keras
 
-    import seg_train.models  # noqa: F401  (registers custom layers for deserialisation)
+    # Register our custom layers, losses and optimizers for deserialisation.
+    import seg_train.losses  # noqa: F401
+    import seg_train.models  # noqa: F401
+    import seg_train.optim  # noqa: F401
 
     try:
         model = keras.saving.load_model(checkpoint, compile=False, safe_mode=True)

@@ -24,7 +24,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from seg_train.errors import UserError
+from seg_train.errors import Preempted, UserError
 from seg_train.io_utils import ensure_fresh_run_dir
 
 # The configs live beside the package in a source checkout (the README installs it editable);
@@ -50,7 +50,12 @@ def _run_task(cfg: DictConfig) -> float | None:
         runtime.print_and_save_config(cfg, Path(cfg.paths.output_dir))
         task = hydra.utils.get_method(cfg.mode.task)
         return task(cfg)
-    except (UserError, HydraException, OmegaConfBaseException) as exc:
+    except Preempted as exc:
+        print(f"seg-train: {exc}", file=sys.stderr)
+        sys.exit(Preempted.exit_code)
+    except (UserError, HydraException, OmegaConfBaseException, OSError) as exc:
+        if _is_unexpected_os_error(exc):
+            raise  # not about a path the user chose: a bug or the machine, keep the traceback
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # Let Hydra mark this job failed and run the others; main() reports it at the end.
             log.error("seg-train: error: %s", describe_error(exc))
@@ -67,19 +72,64 @@ def main() -> None:
     _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        _refuse_used_output_dirs(sys.argv[1:])
+        sys.argv[1:] = prepare_args(sys.argv[1:])
         _run_task()
-    except (UserError, HydraException, OmegaConfBaseException) as exc:
+    except (UserError, HydraException, OmegaConfBaseException, OSError) as exc:
+        if _is_unexpected_os_error(exc):
+            raise
         _exit_with_one_line(exc)
 
 
-def _refuse_used_output_dirs(args: list[str]) -> None:
-    """Stops before Hydra writes `.hydra/` into a run dir named on the command line that an
-    earlier run already used, so that run's saved config and outputs stay intact."""
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value:
-            ensure_fresh_run_dir(Path(value).expanduser())
+def prepare_args(args: list[str]) -> list[str]:
+    """Turns resume requests into plain Hydra arguments and protects used run dirs.
+
+    * `trainer.resume=RUN_DIR` replays that run's saved overrides into RUN_DIR (extra
+      overrides given now are added on top).
+    * Re-running the same command with `hydra.run.dir=RUN_DIR`, where RUN_DIR holds a backup,
+      resumes it.
+    * Any other command naming a used run or sweep dir is refused before Hydra writes
+      `.hydra/` into it, so that run's saved config and outputs stay intact.
+    """
+    values = dict(_key_value(a) for a in args if "=" in a)
+    resume_dir = values.get("trainer.resume")
+    if resume_dir and resume_dir != "null":
+        saved = _saved_overrides(Path(resume_dir).expanduser())
+        extra = [a for a in args if _key_value(a)[0] not in ("trainer.resume", "hydra.run.dir")]
+        return saved + extra + [f"hydra.run.dir={resume_dir}", f"trainer.resume={resume_dir}"]
+    run_dir = values.get("hydra.run.dir")
+    if run_dir and "-m" not in args and "--multirun" not in args:
+        run_path = Path(run_dir).expanduser()
+        if (run_path / "backup").is_dir() or (run_path / "backup.prev").is_dir():
+            saved = _saved_overrides(run_path)
+            given = [a for a in args if _key_value(a)[0] != "hydra.run.dir" and "=" in a]
+            if sorted(given) != sorted(saved):
+                raise UserError(
+                    f"run dir {run_path} holds a run with other overrides ({' '.join(saved)}); "
+                    f"continue it with trainer.resume={run_path} or choose a new hydra.run.dir"
+                )
+            return [*args, f"trainer.resume={run_dir}"]
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        if values.get(key):
+            # A run killed before its first backup left only .hydra/ and logs: start it anew.
+            ensure_fresh_run_dir(Path(values[key]).expanduser(), ignore=(".hydra", "history.csv"))
+    return args
+
+
+def _key_value(arg: str) -> tuple[str, str]:
+    key, _, value = arg.partition("=")
+    return key.lstrip("+~"), value
+
+
+def _saved_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides a run was started with (without resume bookkeeping)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} is not a training run dir (no {path}); "
+            "pass the run dir of the training run to resume"
+        )
+    overrides = OmegaConf.load(path)
+    return [str(o) for o in overrides if _key_value(str(o))[0] != "trainer.resume"]
 
 
 def _exit_with_one_line(exc: BaseException) -> None:
@@ -88,6 +138,11 @@ def _exit_with_one_line(exc: BaseException) -> None:
         raise exc
     print(f"seg-train: error: {describe_error(exc)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+
+
+def _is_unexpected_os_error(exc: BaseException) -> bool:
+    """An OSError that is not about a path (Hydra's config errors are OSErrors too)."""
+    return isinstance(exc, OSError) and not isinstance(exc, HydraException) and not exc.filename
 
 
 def describe_error(exc: BaseException) -> str:
@@ -111,6 +166,11 @@ def describe_error(exc: BaseException) -> str:
         )
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return f"config key '{cause.full_key}': {first_line}"
+    if isinstance(exc, OSError) and exc.filename:  # e.g. a run dir that cannot be written
+        return (
+            f"cannot use {exc.filename}: {exc.strerror}; choose a writable location "
+            "(hydra.run.dir, infer.output_dir, export.output_dir) or fix its permissions"
+        )
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 

@@ -7,3 +7,9 @@ and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input; the message names the culprit and says how to fix it."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after writing a backup; the run can be resumed."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later

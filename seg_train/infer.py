@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,12 @@ def plan_outputs(
         )
         for s in stems
     ]
+    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if blocker is not None and (not blocker.is_dir() or not os.access(blocker, os.W_OK)):
+        raise UserError(
+            f"infer.output_dir {out_dir} cannot be created or written ({blocker} is "
+            "not a writable directory); choose another infer.output_dir"
+        )
     if not overwrite:
         existing = [p for paths in outputs for p in paths if p is not None and p.exists()]
         if existing:

@@ -17,6 +17,7 @@ RUN_OUTPUTS = (
     "checkpoints",
     "history.csv",
     "predictions",
+    "backup",
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def prepare_environment(cfg: DictConfig) -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     # Hide TensorFlow's C++ start-up chatter (CUDA stubs, CPU feature notes); errors still show.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's Python logger reports every cross-device reduction at INFO under Hydra's
+    # logging set-up; its warnings are what matters.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
 def job_devices(hardware: DictConfig, job_num: int) -> list[int] | None:

@@ -1,74 +1,43 @@
-"""`seg-train` (mode=train): fit a model, then evaluate its best checkpoint at full resolution."""
+"""`seg-train` (mode=train): fit a model, then evaluate its best checkpoint at full resolution.
+
+Training is crash-safe: backups every `trainer.backup_every_steps` batches and at epoch ends,
+`trainer.resume=RUN_DIR` continues from the newest one, SIGTERM/SIGINT write a backup and stop,
+and a non-finite loss stops the run before anything is saved (see seg_train/resume.py).
+"""
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
+import math
 import warnings
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from seg_train import checkpoints, distribute, runtime
+from seg_train import checkpoints, distribute, optim, resume, runtime, training
 from seg_train.data import pipeline
-from seg_train.evaluate import evaluate_model
+from seg_train.errors import UserError
+from seg_train.evaluate import evaluate_model, optimized_value
 from seg_train.io_utils import ensure_fresh_run_dir
-from seg_train.viz import full_palette, plot_history
+from seg_train.viz import plot_history
 
 log = logging.getLogger(__name__)
 
 
-def build_callbacks(cfg: DictConfig, val_batch: tuple[np.ndarray, np.ndarray]) -> list:
-    """Instantiates `cfg.callbacks`; partial ones get the val samples and palette."""
-    callbacks = []
-    for name, node in cfg.callbacks.items():
-        if node is None:
-            continue
-        callback = instantiate(node)
-        if isinstance(callback, functools.partial):
-            callback = callback(
-                val_images=val_batch[0],
-                val_masks=val_batch[1],
-                palette=full_palette(cfg.data.palette),
-            )
-        log.info("Callback %s: %s", name, type(callback).__name__)
-        callbacks.append(callback)
-    return callbacks
-
-
-def compile_model(model: keras.Model, cfg: DictConfig) -> None:
-    """Compiles with the configured optimizer and loss, and mean IoU ignoring the ignore label."""
-    mean_iou = keras.metrics.MeanIoU(
-        num_classes=cfg.data.num_classes,
-        name="mean_iou",
-        ignore_class=cfg.data.ignore_label,
-        sparse_y_pred=False,
-    )
-    model.compile(
-        optimizer=instantiate(cfg.optimizer),
-        loss=instantiate(cfg.loss),
-        metrics=[mean_iou],
-        jit_compile=cfg.trainer.jit_compile,
-        steps_per_execution=cfg.trainer.steps_per_execution,
-    )
-
-
-def _shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    # Our datasets start from in-memory path lists, so file-level auto-sharding cannot apply;
-    # say so instead of letting every worker warn and fall back.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options)
-
-
 def run(cfg: DictConfig) -> float | None:
-    """Trains `cfg.model` on `cfg.data`; returns the best checkpoint's val mean IoU."""
+    """Trains `cfg.model` on `cfg.data`; returns the best checkpoint's `optimized_metric`."""
     run_dir = Path(cfg.paths.output_dir)
-    ensure_fresh_run_dir(run_dir, ignore=(".hydra",))
+    backup = _backup_to_resume(cfg, run_dir)
+    state = backup[0] if backup else resume.TrainingState()
+    if state.finished:
+        log.info("Run %s is complete (%d epochs); nothing to resume", run_dir, state.epoch)
+        return optimized_value(
+            json.loads((run_dir / "metrics.json").read_text()), cfg.optimized_metric
+        )
     keras.backend.clear_session()  # a sweep runs its jobs in one process
     runtime.seed_everything(cfg.seed)
     if cfg.trainer.deterministic:
@@ -87,40 +56,102 @@ def run(cfg: DictConfig) -> float | None:
     )
 
     source = instantiate(cfg.data.source)
-    repeat = cfg.trainer.steps_per_epoch is not None
-    train_ds = _shard_by_data(pipeline.train_dataset(source, cfg.data, cfg.seed, repeat=repeat))
-    val_ds = _shard_by_data(pipeline.val_dataset(source, cfg.data))
+    num_train = source.num_examples("train")
+    steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // cfg.data.batch_size)
+    if cfg.trainer.total_steps:
+        cfg.trainer.epochs = math.ceil(cfg.trainer.total_steps / steps_per_epoch)
+        log.info(
+            "trainer.total_steps=%d: %d epochs of %d steps",
+            cfg.trainer.total_steps,
+            cfg.trainer.epochs,
+            steps_per_epoch,
+        )
+    # A resumed run gets a fresh but deterministic data order for where it restarts.
+    data_seed = cfg.seed + 1000 * state.epoch + state.step
+    train_ds = pipeline.train_dataset(source, cfg.data, data_seed, repeat=True)
+    train_ds = training.shard_by_data(train_ds)
+    val_ds = training.shard_by_data(pipeline.val_dataset(source, cfg.data))
+    if cfg.trainer.overfit_batches:
+        # The same few batches over and over, validated on themselves (debug=overfit).
+        train_ds = train_ds.take(cfg.trainer.overfit_batches).cache().repeat()
+        val_ds = train_ds.take(cfg.trainer.overfit_batches)
     log.info(
-        "Data %s: %d train / %d val images, crop %s",
+        "Data %s: %d train / %d val images, crop %s, %d steps per epoch",
         cfg.data.name,
-        len(source.examples("train")),
-        len(source.examples("val")),
+        num_train,
+        source.num_examples("val"),
         list(cfg.data.crop_size),
+        steps_per_epoch,
     )
 
     with strategy.scope():
         model = instantiate(cfg.model, _convert_="all")
-        compile_model(model, cfg)
+        train_model = training.training_view(model)
+        training.compile_model(
+            train_model,
+            cfg,
+            steps_per_epoch,
+            lambda: training.median_frequency_weights(cfg, source),
+        )
     log.info("Model %s: %s parameters", model.name, f"{model.count_params():,}")
+    if chief:
+        optim.print_param_groups(train_model.optimizer, train_model.trainable_variables)
     distribute.warn_small_bn_batches(model, batch_per_replica)
 
-    # Only the chief writes checkpoints, logs and summaries.
-    callbacks = build_callbacks(cfg, next(val_ds.as_numpy_iterator())) if chief else []
     # Keras warns that fit's default shuffle=True is ignored for datasets; we shuffle in tf.data.
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-    model.fit(
-        train_ds,
-        epochs=cfg.trainer.epochs,
-        steps_per_epoch=cfg.trainer.steps_per_epoch,
-        validation_data=val_ds,
-        validation_freq=cfg.trainer.validation_freq,
-        callbacks=callbacks,
-        verbose=cfg.trainer.verbose,
-    )
+    outputs = training.output_names(train_model)
+    with pipeline.data_errors_as_user_errors():  # a broken file: one line naming it
+        val_batch = next(val_ds.as_numpy_iterator()) if chief else None
+        train_ds = training.labels_per_output(train_ds, outputs)
+        val_ds = training.labels_per_output(val_ds, outputs)
+        callbacks = [
+            resume.NaNGuard(
+                f"optimizer.learning_rate={cfg.optimizer.learning_rate}, "
+                f"trainer.precision={cfg.trainer.precision}"
+            )
+        ]
+        if chief:  # only the chief writes checkpoints, backups, logs and summaries
+            callbacks += training.build_callbacks(cfg, val_batch, model, train_model)
+            checkpoint = next(
+                (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
+            )
+            if cfg.trainer.backups:
+                callbacks.append(
+                    resume.BackupCallback(
+                        run_dir, cfg.trainer.backup_every_steps, checkpoint, state
+                    )
+                )
+        if backup:
+            training.restore(train_model, backup[1], state, callbacks)
+        training.fit_from(train_model, train_ds, val_ds, state, steps_per_epoch, callbacks, cfg)
     if not chief:
         log.info("Worker done; the chief writes checkpoints and the report")
         return None
-    return _report_best(model, cfg, run_dir)
+    if cfg.trainer.overfit_batches:
+        training.check_overfit(train_model, val_ds)
+    value = _report_best(model, cfg, run_dir)
+    resume.mark_finished(run_dir)
+    return value
+
+
+def _backup_to_resume(cfg: DictConfig, run_dir: Path) -> tuple | None:
+    """The backup to continue from (`trainer.resume`), or None for a new run in a fresh dir."""
+    if not cfg.trainer.resume:
+        ensure_fresh_run_dir(run_dir, ignore=(".hydra",))
+        return None
+    if Path(cfg.trainer.resume).expanduser().resolve() != run_dir.resolve():
+        raise UserError(
+            f"trainer.resume={cfg.trainer.resume} but the run dir is {run_dir}; "
+            "resume with: seg-train trainer.resume=RUN_DIR (nothing else needed)"
+        )
+    backup = resume.load_state(run_dir)
+    if backup is None:
+        raise UserError(
+            f"run dir {run_dir} has no backup/ to resume from; start a new run "
+            "instead (it was stopped before its first backup)"
+        )
+    return backup
 
 
 def _report_best(model: keras.Model, cfg: DictConfig, run_dir: Path) -> float | None:
@@ -137,4 +168,4 @@ def _report_best(model: keras.Model, cfg: DictConfig, run_dir: Path) -> float | 
     best_model = checkpoints.load_model(best, cfg.data.num_classes)
     report = evaluate_model(best_model, cfg, "val", run_dir, best)
     log.info("Best checkpoint %s: val mIoU %.4f", best, report["mean_iou"] or 0.0)
-    return report["mean_iou"]
+    return optimized_value(report, cfg.optimized_metric)

@@ -1,0 +1,225 @@
+"""Building blocks of a training run: compile, callbacks, datasets for fit, and fit segments."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from seg_train import losses, resume
+from seg_train.errors import UserError
+from seg_train.viz import full_palette
+
+log = logging.getLogger(__name__)
+
+OVERFIT_TARGET = 0.9
+# The output of a multi-output training view that metrics and checkpoints follow.
+FUSED = "fused"
+
+
+def training_view(model: keras.Model) -> keras.Model:
+    """The model `fit` trains: for DeepLab v2 with multi-scale inputs, a view sharing all its
+    weights whose outputs are the fused and every per-scale logits, so the loss applies to each
+    (as in the paper); for any other model, the model itself."""
+    from seg_train.models import deeplabv2
+
+    if any(layer.name.startswith(deeplabv2.SCALE_LOGITS_PREFIX) for layer in model.layers):
+        return deeplabv2.msc_training_model(model)
+    return model
+
+
+def output_names(train_model: keras.Model) -> list[str] | None:
+    """The names of a multi-output training view's outputs, None for a single output."""
+    return list(train_model.output) if isinstance(train_model.output, dict) else None
+
+
+def labels_per_output(dataset: tf.data.Dataset, names: list[str] | None) -> tf.data.Dataset:
+    """Repeats each batch's labels for every output of a multi-output training view."""
+    if names is None:
+        return dataset
+    return dataset.map(lambda images, labels: (images, {name: labels for name in names}))
+
+
+def compile_model(
+    model: keras.Model,
+    cfg: DictConfig,
+    steps_per_epoch: int,
+    auto_class_weights: Callable[[], Sequence[float]],
+) -> None:
+    """Compiles with the configured optimizer and loss, and mean IoU ignoring the ignore label.
+
+    Call under the strategy scope: the optimizer creates variables.
+
+    Args:
+        model: The model to compile.
+        cfg: The composed config.
+        steps_per_epoch: Batches per epoch (schedules need the run's length).
+        auto_class_weights: Computes median-frequency class weights; called only if a loss
+            asks for `class_weights: auto`.
+    """
+    mean_iou = keras.metrics.MeanIoU(
+        num_classes=cfg.data.num_classes,
+        name="mean_iou",
+        ignore_class=cfg.data.ignore_label,
+        sparse_y_pred=False,
+    )
+    optimizer = instantiate(
+        cfg.optimizer,
+        total_steps=cfg.trainer.epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+    )
+    loss = instantiate(losses.resolve_class_weights(cfg.loss, auto_class_weights))
+    metrics = [mean_iou]
+    if names := output_names(model):  # the same loss on every output; mIoU on the fused one
+        loss = {name: loss for name in names}
+        metrics = {FUSED: metrics}
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=metrics,
+        jit_compile=cfg.trainer.jit_compile,
+        steps_per_execution=cfg.trainer.steps_per_execution,
+    )
+
+
+def build_callbacks(
+    cfg: DictConfig,
+    val_batch: tuple[np.ndarray, np.ndarray],
+    model: keras.Model,
+    train_model: keras.Model,
+) -> list:
+    """Instantiates `cfg.callbacks`; partial ones get the val samples and palette.
+
+    Checkpoints save an uncompiled twin of `model` (same layers and weights): no optimizer
+    state in `best.keras` (half the size; backups keep it), and never the multi-output
+    training view. With a multi-output view they monitor the fused output's metrics.
+    """
+    callbacks = []
+    for name, node in cfg.callbacks.items():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if isinstance(callback, functools.partial):
+            callback = callback(
+                val_images=val_batch[0],
+                val_masks=val_batch[1],
+                palette=full_palette(cfg.data.palette),
+            )
+        if isinstance(callback, resume.AtomicModelCheckpoint):
+            callback.model_to_save = keras.Model(model.input, model.output, name=model.name)
+            if output_names(train_model) and callback.monitor.startswith("val_"):
+                callback.monitor = f"val_{FUSED}_{callback.monitor.removeprefix('val_')}"
+        log.info("Callback %s: %s", name, type(callback).__name__)
+        callbacks.append(callback)
+    return callbacks
+
+
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Marks a dataset for per-element sharding across workers.
+
+    Our datasets start from in-memory path lists, so file-level auto-sharding cannot apply;
+    saying so avoids every worker warning and falling back.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def restore(
+    model: keras.Model, weights: Path, state: resume.TrainingState, callbacks: list
+) -> None:
+    """Loads a backup into a compiled model and its callbacks, and says what was restored."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.load_weights(weights)
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.ModelCheckpoint) and state.best is not None:
+            callback.best = state.best
+        if isinstance(callback, keras.callbacks.CSVLogger):
+            callback.append = True  # keep the epochs logged before the interruption
+    log.info(
+        "Resumed from %s: epoch %d, batch %d of it, optimizer step %d, best %s",
+        weights.parent,
+        state.epoch + 1,
+        state.step,
+        int(model.optimizer.iterations.numpy()),
+        "n/a" if state.best is None else f"{state.best:.5f}",
+    )
+
+
+def fit_from(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    state: resume.TrainingState,
+    steps_per_epoch: int,
+    callbacks: list,
+    cfg: DictConfig,
+) -> None:
+    """Runs fit from `state` to `trainer.epochs`: first the rest of a half-done epoch, if any."""
+    segments = []
+    if state.step:
+        segments.append((state.epoch, state.epoch + 1, steps_per_epoch - state.step))
+        segments.append((state.epoch + 1, cfg.trainer.epochs, steps_per_epoch))
+    else:
+        segments.append((state.epoch, cfg.trainer.epochs, steps_per_epoch))
+    for initial_epoch, epochs, steps in segments:
+        if initial_epoch >= epochs:
+            continue
+        model.fit(
+            train_ds,
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            steps_per_epoch=steps,
+            validation_data=val_ds,
+            validation_freq=cfg.trainer.validation_freq,
+            callbacks=callbacks,
+            verbose=cfg.trainer.verbose,
+        )
+        for callback in callbacks:  # a later segment continues the same log
+            if isinstance(callback, keras.callbacks.CSVLogger):
+                callback.append = True
+
+
+def check_overfit(model: keras.Model, batches: tf.data.Dataset) -> None:
+    """Says whether the model learnt the batches it was fitted on (mean IoU > 0.9)."""
+    results = model.evaluate(batches, verbose=0, return_dict=True)
+    mean_iou = next(v for k, v in results.items() if k.endswith("mean_iou"))
+    if mean_iou <= OVERFIT_TARGET:
+        raise UserError(
+            f"overfit check FAILED: train mean IoU on the fixed batch is {mean_iou:.4f} <= "
+            f"{OVERFIT_TARGET}; the model, loss or labels are broken, or it needs more steps "
+            "(trainer.epochs) or another optimizer.learning_rate"
+        )
+    log.info(
+        "Overfit check PASSED: train mean IoU on the fixed batch %.4f > %s",
+        mean_iou,
+        OVERFIT_TARGET,
+    )
+
+
+def median_frequency_weights(cfg: DictConfig, source) -> list[float]:
+    """`class_weights: auto`: median-frequency weights from the train split's label histogram.
+
+    Uses the dataset doctor's scan, so the weights are the ones `mode=check` suggests.
+    """
+    from seg_train import doctor
+
+    tally = doctor.Tally(cfg.data.num_classes)
+    doctor.scan_split(source, "train", tally, workers=os.cpu_count() or 1)
+    weights = tally.class_weights()
+    if weights is None:
+        raise UserError(
+            "loss.class_weights=auto found no labelled pixel in the train split; "
+            "check the masks with seg-train mode=check or give explicit weights"
+        )
+    log.info("Median-frequency class weights: %s", ", ".join(f"{w:.3f}" for w in weights))
+    return weights

@@ -1,0 +1,188 @@
+"""Crash safety: kill -9 and SIGTERM then resume, atomic checkpoints, the NaN guard."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import seg_train.losses  # noqa: F401  (registers the loss saved with the model)
+from seg_train import resume
+from seg_train.errors import Preempted
+from tests.helpers import cli_command, cli_env, error_lines, run_cli
+
+EPOCHS, STEPS = 3, 8
+RESUMABLE = [
+    "data.source.num_train=32",
+    "data.source.num_val=8",
+    "data.source.image_size=32",
+    "data.crop_size=[32,32]",
+    "data.batch_size=4",
+    "model.base_filters=4",
+    "model.depth=3",
+    f"trainer.epochs={EPOCHS}",
+    f"trainer.steps_per_epoch={STEPS}",
+    "trainer.backup_every_steps=3",
+    "eval.num_samples=0",
+    "callbacks.tensorboard=null",
+    "callbacks.prediction_images=null",
+]
+
+
+def start(args, cache, cwd):
+    return subprocess.Popen(
+        cli_command(args),
+        cwd=cwd,
+        env=cli_env(cache),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def backup_state(run_dir):
+    found = resume.load_state(run_dir)
+    return found[0] if found else None
+
+
+def finish(run_dir, cache, cwd):
+    """Resumes (or restarts, if no backup was written yet) until the run completes."""
+    args = (
+        [f"trainer.resume={run_dir}"]
+        if backup_state(run_dir)
+        else [*RESUMABLE, f"hydra.run.dir={run_dir}"]
+    )
+    result = run_cli(args, cache, cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_completed(run_dir):
+    state = backup_state(run_dir)
+    assert state.finished and state.epoch == EPOCHS
+    # Every optimizer step was done exactly once overall: no restart from zero, none skipped.
+    assert state.global_step == EPOCHS * STEPS
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["mean_iou"] <= 1.0
+    keras.saving.load_model(run_dir / "checkpoints" / "best.keras", safe_mode=True)
+    return metrics["mean_iou"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    work = tmp_path_factory.mktemp("plain")
+    result = run_cli([*RESUMABLE, f"hydra.run.dir={work / 'run'}"], cache_dir, work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return assert_completed(work / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(5))
+def test_kill_9_at_a_random_moment_then_resume(seed, uninterrupted, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start([*RESUMABLE, f"hydra.run.dir={run_dir}"], cache_dir, tmp_path)
+    # TensorFlow takes a few seconds to start; training itself a few more.
+    time.sleep(random.Random(seed).uniform(6.0, 13.0))
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    finish(run_dir, cache_dir, tmp_path)
+    # Tiny runs vary with the data order after a resume; they must still learn comparably.
+    assert assert_completed(run_dir) == pytest.approx(uninterrupted, abs=0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_writes_a_backup_and_resume_continues(cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start([*RESUMABLE, f"hydra.run.dir={run_dir}"], cache_dir, tmp_path)
+    deadline = time.time() + 120
+    # Wait until training is under way (the first step backup), then stop it mid-epoch.
+    while backup_state(run_dir) is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == Preempted.exit_code, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr and f"trainer.resume={run_dir}" in stderr
+    stopped = backup_state(run_dir)
+    assert 0 < stopped.global_step < EPOCHS * STEPS
+    result = finish(run_dir, cache_dir, tmp_path)
+    assert f"optimizer step {stopped.global_step}" in result.stdout + result.stderr
+    assert_completed(run_dir)
+    # Asking a finished run to resume says so and succeeds.
+    again = run_cli([f"trainer.resume={run_dir}"], cache_dir, tmp_path)
+    assert again.returncode == 0 and "is complete" in again.stdout + again.stderr
+
+
+def test_resume_without_a_backup_is_a_clear_error(cache_dir, tmp_path):
+    result = run_cli([f"trainer.resume={tmp_path}"], cache_dir, tmp_path)
+    assert result.returncode == 2
+    (line,) = error_lines(result)
+    assert "not a training run dir" in line and str(tmp_path) in line
+
+
+def tiny_model():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse")
+    return model
+
+
+def test_backup_round_trip_restores_weights_and_optimizer_slots(tmp_path):
+    model = tiny_model()
+    model.fit(np.ones((8, 4)), np.ones((8, 2)), epochs=3, verbose=0)
+    resume.write_backup(tmp_path, model, resume.TrainingState(epoch=2, step=5, best=0.5))
+    resume.write_backup(tmp_path, model, resume.TrainingState(epoch=3, step=1, best=0.6))
+    state, weights = resume.load_state(tmp_path)
+    assert (state.epoch, state.step, state.best) == (3, 1, 0.6)
+    assert not (tmp_path / resume.PREVIOUS).exists()
+    fresh = tiny_model()
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.load_weights(weights)
+    assert int(fresh.optimizer.iterations.numpy()) == 3
+    for a, b in zip(model.optimizer.variables, fresh.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_previous_backup_is_used_when_the_swap_was_interrupted(tmp_path):
+    model = tiny_model()
+    resume.write_backup(tmp_path, model, resume.TrainingState(epoch=1))
+    # A kill between the two renames leaves only backup.prev/.
+    (tmp_path / resume.BACKUP).rename(tmp_path / resume.PREVIOUS)
+    state, weights = resume.load_state(tmp_path)
+    assert state.epoch == 1 and weights.parent.name == resume.PREVIOUS
+
+
+def test_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+    path = tmp_path / "best.keras"
+    checkpoint = resume.AtomicModelCheckpoint(str(path), monitor="loss", save_best_only=False)
+    checkpoint.set_model(model)
+    checkpoint._save_model(epoch=0, batch=None, logs={"loss": 1.0})
+    before = path.read_bytes()
+
+    def crash_mid_write(filepath, *args, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"half a zip file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save", crash_mid_write)
+    with pytest.raises(OSError):
+        checkpoint._save_model(epoch=1, batch=None, logs={"loss": 0.5})
+    assert path.read_bytes() == before
+    keras.saving.load_model(path)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary left behind
+
+
+def test_nan_guard_stops_at_the_first_non_finite_loss():
+    model = tiny_model()
+    x = np.ones((8, 4), np.float32)
+    y = np.full((8, 2), np.inf, np.float32)
+    guard = resume.NaNGuard("optimizer.learning_rate=0.1")
+    with pytest.raises(resume.NonFiniteLoss, match=r"epoch 1, batch 1 \(step 1\).*learning rate"):
+        model.fit(x, y, epochs=2, batch_size=4, callbacks=[guard], verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 1
