@@ -25,7 +25,7 @@ from omegaconf.errors import (
 )
 
 from seg_train.errors import Preempted, UserError
-from seg_train.io_utils import ensure_fresh_run_dir
+from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir
 
 # The configs live beside the package in a source checkout (the README installs it editable);
 # SEG_TRAIN_CONFIG_DIR points elsewhere, e.g. for a copy of the configs you edit.
@@ -111,7 +111,7 @@ def prepare_args(args: list[str]) -> list[str]:
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         if values.get(key):
             # A run killed before its first backup left only .hydra/ and logs: start it anew.
-            ensure_fresh_run_dir(Path(values[key]).expanduser(), ignore=(".hydra", "history.csv"))
+            ensure_fresh_run_dir(Path(values[key]).expanduser(), ignore=RESTARTABLE)
     return args
 
 

@@ -21,6 +21,10 @@ RUN_OUTPUTS = (
 )
 
 
+# What a training run killed before its first backup leaves: it may simply be started again.
+RESTARTABLE = (".hydra", "history.csv")
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Writes JSON to a temporary name and renames it, so readers never see a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -22,7 +22,7 @@ from seg_train import checkpoints, distribute, optim, resume, runtime, training
 from seg_train.data import pipeline
 from seg_train.errors import UserError
 from seg_train.evaluate import evaluate_model, optimized_value
-from seg_train.io_utils import ensure_fresh_run_dir
+from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir
 from seg_train.viz import plot_history
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def run(cfg: DictConfig) -> float | None:
 def _backup_to_resume(cfg: DictConfig, run_dir: Path) -> tuple | None:
     """The backup to continue from (`trainer.resume`), or None for a new run in a fresh dir."""
     if not cfg.trainer.resume:
-        ensure_fresh_run_dir(run_dir, ignore=(".hydra",))
+        ensure_fresh_run_dir(run_dir, ignore=RESTARTABLE)
         return None
     if Path(cfg.trainer.resume).expanduser().resolve() != run_dir.resolve():
         raise UserError(
