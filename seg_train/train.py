@@ -102,6 +102,7 @@ def run(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     outputs = training.output_names(train_model)
     with pipeline.data_errors_as_user_errors():  # a broken file: one line naming it
+        training.check_label_sample(pipeline.decoded_dataset(source, "train"), cfg.data)
         val_batch = next(val_ds.as_numpy_iterator()) if chief else None
         train_ds = training.labels_per_output(train_ds, outputs)
         val_ds = training.labels_per_output(val_ds, outputs)

@@ -223,3 +223,28 @@ def median_frequency_weights(cfg: DictConfig, source) -> list[float]:
         )
     log.info("Median-frequency class weights: %s", ", ".join(f"{w:.3f}" for w in weights))
     return weights
+
+
+# How many training masks are looked at before fitting.
+LABEL_SAMPLE = 16
+
+
+def check_label_sample(dataset: tf.data.Dataset, data: DictConfig) -> None:
+    """Refuses 0/255 binary masks before training on them.
+
+    Saved as 0/255, a foreground class is read as the ignore label: training would silently
+    learn the background only. The first masks of the train split tell: real datasets show
+    some class other than 0 there, and ignore bands only ever surround objects.
+    """
+    counts = np.zeros(256, np.int64)
+    for _, mask in dataset.take(LABEL_SAMPLE).as_numpy_iterator():
+        counts += np.bincount(mask.ravel(), minlength=256)
+    present = set(np.flatnonzero(counts).tolist())
+    ignored = counts[data.ignore_label] / max(counts.sum(), 1)
+    if present == {0, data.ignore_label}:
+        raise UserError(
+            f"the first train masks of data.root={data.get('root')} hold only 0 and "
+            f"{data.ignore_label} ({100 * ignored:.0f}% of pixels): {data.ignore_label} is the "
+            "ignore label, so these look like 0/255 binary masks; save the foreground as 1 "
+            "(see seg-train mode=check)"
+        )
