@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Builds PASCAL VOC 2012's SBD-augmented training set ("aug") for `data=voc data.aug=true`.
+"""Builds PASCAL VOC 2012's SBD-augmented training set ("aug") for `data=voc_aug`.
 
 Reads the SBD release (Hariharan et al. 2011, benchmark.tgz from
 http://home.bharathh.info/pubs/codes/SBD/download.html), whose `dataset/` folder holds
@@ -78,9 +78,9 @@ def convert_one(job: tuple[str, str, str, bytes]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--voc-root", type=Path, required=True,
+    parser.add_argument("--voc-root", "--voc", type=Path, required=True,
                         help="the VOC2012 folder (holding JPEGImages/ and SegmentationClass/)")
-    parser.add_argument("--sbd-root", type=Path, required=True,
+    parser.add_argument("--sbd-root", "--sbd", type=Path, required=True,
                         help="SBD's benchmark_RELEASE/dataset folder (holding cls/, train.txt)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--overwrite", action="store_true",

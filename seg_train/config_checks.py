@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from seg_train.data import rules as data_rules
 from seg_train.errors import UserError
 
 
@@ -97,15 +98,36 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "optimizer.learning_rate": positive_number,
     "trainer.epochs": positive_int,
     "trainer.steps_per_epoch": optional_positive_int,
+    "trainer.total_steps": optional_positive_int,
     "trainer.validation_freq": positive_int,
     "trainer.steps_per_execution": positive_int,
     "eval.num_samples": lambda k, v: v == 0 or positive_int(k, v),
     "infer.overwrite": boolean,
     "infer.recursive": boolean,
     "trainer.deterministic": boolean,
+    "trainer.backups": boolean,
     "trainer.jit_compile": lambda k, v: v == "auto" or boolean(k, v),
     "hardware.devices": device_list,
     "hardware.cpu_logical_devices": optional_positive_int,
+    "hardware.gpus_per_job": optional_positive_int,
+    "trainer.overfit_batches": lambda k, v: v == 0 or positive_int(k, v),
+    "trainer.backup_every_steps": lambda k, v: v == 0 or positive_int(k, v),
+    # Dataset keys; their rules live beside the datasets in seg_train/data/rules.py.
+    "data.source": data_rules.decoder_node,
+    "data.on_error": data_rules.one_of("raise", "skip"),
+    "data.flip_pairs": data_rules.flip_pairs,
+    "data.jitter.brightness": data_rules.fraction(1.0),
+    "data.jitter.contrast": data_rules.fraction(0.99),
+    "data.jitter.saturation": data_rules.fraction(0.99),
+    "data.jitter.hue": data_rules.fraction(0.5),
+    "data.aug": boolean,
+    "data.format": data_rules.one_of("tfds", "raw"),
+    "data.border_as_ignore": boolean,
+    "data.splits": data_rules.split_specs,
+    "data.tfds.download": boolean,
+    "data.matte_threshold": data_rules.matte_threshold,
+    "check.splits": data_rules.split_names,
+    "check.max_printed": positive_int,
 }
 
 

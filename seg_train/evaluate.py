@@ -22,7 +22,8 @@ from rich.table import Table
 
 from seg_train import checkpoints, runtime
 from seg_train.config_checks import check_config
-from seg_train.data.pipeline import decoded_dataset
+from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
+from seg_train.errors import UserError
 from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
 from seg_train.metrics import ConfusionMatrix
 from seg_train.postprocess.crf import CRFRunner, runner_from_config
@@ -53,7 +54,7 @@ def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint
     """
     data = cfg.data
     examples = decoded_dataset(instantiate(data.source), split, data.num_parallel_calls)
-    num_images = int(examples.cardinality())
+    num_images = int(examples.cardinality())  # unknown (< 0) when data.on_error=skip
     matrix = ConfusionMatrix(data.num_classes, data.ignore_label)
     palette = full_palette(data.palette)
     stream = predict_stream(
@@ -61,14 +62,18 @@ def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint
         predictor_from_config(model, cfg),
         runner_from_config(cfg.postprocess),
     )
-    for index, (image, mask, prediction) in enumerate(
-        track(stream, total=num_images, description=f"Evaluating {split}")
-    ):
-        matrix.update(mask, prediction)
-        if index < cfg.eval.num_samples:
-            (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-            panel = sample_panel(image, mask, prediction, palette)
-            Image.fromarray(panel).save(out_dir / "samples" / f"{split}_{index:04d}.png")
+    total = num_images if num_images >= 0 else None
+    num_images = 0
+    with data_errors_as_user_errors():  # a broken file: one line naming it
+        for index, (image, mask, prediction) in enumerate(
+            track(stream, total=total, description=f"Evaluating {split}")
+        ):
+            num_images += 1
+            matrix.update(mask, prediction)
+            if index < cfg.eval.num_samples:
+                (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+                panel = sample_panel(image, mask, prediction, palette)
+                Image.fromarray(panel).save(out_dir / "samples" / f"{split}_{index:04d}.png")
     report = matrix.summary(list(data.class_names))
     report.update(
         num_images=num_images,
@@ -129,6 +134,17 @@ def print_report(report: dict) -> None:
     Console().print(table)
 
 
+def optimized_value(report: dict, metric: str) -> float | None:
+    """The report's `optimized_metric` value, which a run returns to Hydra sweepers."""
+    if metric not in report or isinstance(report[metric], dict):
+        scalars = sorted(k for k, v in report.items() if isinstance(v, float))
+        raise UserError(
+            f"optimized_metric={metric} is not a metric of metrics.json; "
+            f"use one of {', '.join(scalars)}"
+        )
+    return report[metric]
+
+
 def run(cfg: DictConfig) -> float | None:
     """Evaluates `cfg.ckpt_path` on `cfg.eval.split`; returns the mean IoU."""
     out_dir = Path(cfg.paths.output_dir)
@@ -146,4 +162,4 @@ def run(cfg: DictConfig) -> float | None:
         report["num_images"],
         out_dir / "metrics.json",
     )
-    return report["mean_iou"]
+    return optimized_value(report, cfg.optimized_metric)

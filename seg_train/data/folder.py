@@ -8,45 +8,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
-from PIL import Image
 
+from seg_train.data.base import (
+    IGNORE_LABEL,
+    IMAGE_SUFFIXES,
+    DataError,
+    Example,
+    FileSource,
+    read_id_list,
+    read_image,
+    read_mask,
+)
 from seg_train.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One image and its mask on disk."""
-
-    image_path: str
-    mask_path: str
-
-
-def read_mask(path: str | bytes) -> np.ndarray:
-    """Reads a class-id mask PNG as uint8 [H, W].
-
-    Pillow is used instead of `tf.io.decode_png` because TensorFlow expands palette PNGs (PASCAL
-    VOC style) to RGB, losing the class ids that the palette indices are.
-    """
-    path = path.decode() if isinstance(path, bytes) else path
-    with Image.open(path) as mask:
-        if mask.mode not in ("L", "P"):
-            raise ValueError(
-                f"mask {path} has mode {mask.mode}; expected an 8-bit grey or palette PNG of class "
-                "ids (colour masks must be converted to ids first)"
-            )
-        return np.asarray(mask, dtype=np.uint8)
+__all__ = ["IMAGE_SUFFIXES", "Example", "FolderSource", "decode_image", "decode_mask",
+           "read_mask"]
 
 
 def decode_image(path: tf.Tensor) -> tf.Tensor:
-    """Decodes a JPEG/PNG/BMP file to uint8 RGB [H, W, 3] (grey and RGBA are converted)."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    """Decodes an image file to uint8 RGB [H, W, 3] inside a tf.data graph."""
+    image = tf.numpy_function(read_image, [path], tf.uint8, stateful=False)
     image.set_shape([None, None, 3])
     return image
 
@@ -58,55 +42,53 @@ def decode_mask(path: tf.Tensor) -> tf.Tensor:
     return mask
 
 
-class FolderSource:
+class FolderSource(FileSource):
     """Lists and decodes a dataset stored in the generic folder layout.
 
     Args:
         root: The dataset's top folder, holding `images/`, `masks/` and `splits/`.
+        num_classes: `data.num_classes`, for the label range check (None = no check).
+        ignore_label: `data.ignore_label`.
+        on_error: `data.on_error`: raise or skip on broken examples.
     """
 
-    def __init__(self, root: str):
-        self.root = Path(root).expanduser()
+    name = "folder"
+    layout = "root/{images/<stem>.jpg|png, masks/<stem>.png, splits/{train,val}.txt}"
 
-    def examples(self, split: str) -> list[Example]:
-        """Returns the split's examples in file order.
+    def __init__(self, root: str, num_classes: int | None = None,
+                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+        super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
+                         on_error=on_error)
 
-        Raises:
-            UserError: if the root, the split file or any listed image/mask is missing.
-        """
+    def check_root(self) -> None:
         if not self.root.is_dir():
             raise UserError(f"data.root {self.root} is not a directory; point data.root at the "
                             "folder holding images/, masks/ and splits/")
+
+    def describe_split(self, split: str) -> str:
+        return str(self.root / "splits" / f"{split}.txt")
+
+    def check_split(self, split: str) -> None:
+        # Any splits/<name>.txt is a split of this layout; a missing one is reported by scan.
+        pass
+
+    def scan(self, split: str) -> tuple[list[Example], list[DataError]]:
         split_file = self.root / "splits" / f"{split}.txt"
         if not split_file.is_file():
             raise UserError(f"split file {split_file} is missing; write one image stem per line "
                             f"for the '{split}' split")
-        stems = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
-        if not stems:
-            raise UserError(f"split file {split_file} lists no images; add one stem per line")
-        examples, no_image, no_mask = [], [], []
-        for stem in stems:
+        examples, problems = [], []
+        for stem in read_id_list(split_file, f"split '{split}'"):
             image = self._find_image(stem)
             mask = self.root / "masks" / f"{stem}.png"
             if image is None:
-                no_image.append(stem)
+                problems.append(DataError(self.root / "images" / f"{stem}.*", "no image for stem "
+                                          f"'{stem}' listed in {split_file}"))
             elif not mask.is_file():
-                no_mask.append(stem)
+                problems.append(DataError(mask, f"no mask for image {image}"))
             else:
                 examples.append(Example(str(image), str(mask)))
-        if no_image:
-            raise UserError(f"{len(no_image)} stems in {split_file} have no image in "
-                            f"{self.root / 'images'} (first: {no_image[0]}); add the images "
-                            "or remove the stems")
-        if no_mask:
-            raise UserError(f"{len(no_mask)} images have no mask in {self.root / 'masks'} "
-                            f"(first: {no_mask[0]}.png); add the masks or remove the stems from "
-                            f"{split_file}")
-        return examples
-
-    def decode(self, image_path: tf.Tensor, mask_path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Decodes one example to (uint8 image [H, W, 3], uint8 mask [H, W])."""
-        return decode_image(image_path), decode_mask(mask_path)
+        return examples, problems
 
     def _find_image(self, stem: str) -> Path | None:
         for suffix in IMAGE_SUFFIXES:

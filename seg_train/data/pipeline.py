@@ -1,10 +1,13 @@
 """The one shared parser: decoded (uint8 image, uint8 mask) pairs -> batched training tensors.
 
-Every dataset goes through the same steps: parallel decode, optional cache, shuffle, joint
-random scale / crop (padding labels with the ignore value) / horizontal flip, batching and
-prefetch. Labels are only ever resized nearest-neighbour, so augmentation never invents a class.
-Images leave as float32 in 0..255; each model normalises them in its own first layer, so
-train, eval, infer and export cannot disagree about preprocessing.
+Every dataset goes through the same steps: parallel decode (with `data.on_error` deciding what a
+broken file does), optional cache, shuffle, joint random scale / crop (padding labels with the
+ignore value) / horizontal flip (swapping left/right class ids where the dataset has them),
+optional photometric jitter, batching and prefetch. Labels are only ever resized
+nearest-neighbour, so augmentation never invents a class. Images leave as float32 in 0..255;
+each model normalises them in its own first layer, so train, eval, infer and export cannot
+disagree about preprocessing. Evaluation reads `decoded_dataset` directly: no augmentation, and
+labels at their original resolution.
 
 Random choices use stateless ops seeded per element from `tf.data.Dataset.random`, so a run is
 reproducible under parallel `map` and differs from epoch to epoch.
@@ -12,36 +15,150 @@ reproducible under parallel `map` and differs from epoch to epoch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import gc
+import logging
+import re
+import threading
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from seg_train.data.folder import FolderSource
+from seg_train.data.base import DataError, Source
+from seg_train.errors import UserError
+
+log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
+# A `DataError` raised inside the decode op reaches Python as a TensorFlow error whose message
+# holds "DataError: <file>: <problem>" followed by the Python traceback.
+_DATA_ERROR = re.compile(r"DataError: ([^\n]+)")
 
 
-def decoded_dataset(source: FolderSource, split: str, num_parallel_calls: int | None = None,
+class _SkipCounter:
+    """Counts the broken files dropped under `data.on_error=skip` (decodes run on threads).
+
+    Each file is logged once, however many epochs meet it again.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.files: set[str] = set()
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+    def add(self, error: DataError) -> None:
+        with self._lock:
+            if error.file in self.files:
+                return
+            self.files.add(error.file)
+            count = len(self.files)
+        log.warning("data.on_error=skip: skipped %s (%d broken file%s skipped so far)",
+                    error, count, "" if count == 1 else "s")
+
+
+SKIPPED = _SkipCounter()
+
+
+def _decode_op(source: Source):
+    """The map function: (name, image, mask) record -> (image, mask, ok) with error handling."""
+
+    def load(name: bytes, image: bytes, mask: bytes):
+        try:
+            pair = source.load(name.decode(), image, mask)
+            problems = source.problems(pair)
+            if problems:
+                raise problems[0]
+            return pair.image, pair.mask, True
+        except DataError as error:
+            if source.on_error != "skip":
+                raise
+            SKIPPED.add(error)
+            return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), False
+
+    def decode(name, image, mask):
+        image, mask, ok = tf.numpy_function(load, [name, image, mask],
+                                            [tf.uint8, tf.uint8, tf.bool], stateful=False)
+        image.set_shape([None, None, 3])
+        mask.set_shape([None, None])
+        ok.set_shape([])
+        return image, mask, ok
+
+    return decode
+
+
+def decoded_dataset(source: Source, split: str, num_parallel_calls: int | None = None,
                     shuffle_buffer: int | None = None, seed: int | None = None
                     ) -> tf.data.Dataset:
     """Decodes a split: (uint8 image [H, W, 3], uint8 mask [H, W]) per element.
+
+    The cardinality is known (the split's size) unless the source skips broken examples
+    (`data.on_error=skip`), which makes it unknown.
 
     Args:
         source: The dataset's decoder.
         split: Split name, e.g. "train".
         num_parallel_calls: Parallel decodes; None = AUTOTUNE.
-        shuffle_buffer: If set, file paths are shuffled (cheaply, before decoding) with this
-            buffer, anew each epoch; otherwise elements come in file order.
+        shuffle_buffer: If set, records are shuffled (cheaply, before decoding) with this
+            buffer, anew each epoch; otherwise elements come in the split's order.
         seed: Shuffle seed.
     """
-    examples = source.examples(split)
-    paths = tf.data.Dataset.from_tensor_slices(
-        ([e.image_path for e in examples], [e.mask_path for e in examples])
-    )
+    source.check_listing(split)
+    records = source.records(split)
     if shuffle_buffer:
-        paths = paths.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return paths.map(source.decode, num_parallel_calls=num_parallel_calls or AUTOTUNE)
+        records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    decoded = records.map(_decode_op(source), num_parallel_calls=num_parallel_calls or AUTOTUNE)
+    if source.on_error == "skip":
+        decoded = decoded.filter(lambda image, mask, ok: ok)
+    return decoded.map(lambda image, mask, ok: (image, mask))
+
+
+@contextlib.contextmanager
+def data_errors_as_user_errors() -> Iterator[None]:
+    """Turns a broken example met while iterating a dataset into a one-line `UserError`.
+
+    Wrap the code that pulls data (`model.fit`, evaluation loops): a `DataError` raised in the
+    decode op arrives there as a TensorFlow error carrying a traceback.
+    """
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        match = _DATA_ERROR.search(exc.message or "")
+        if match is None:
+            raise
+        _release_frames(exc)
+        raise UserError(f"{match.group(1)}; fix or remove the file (seg-train mode=check lists "
+                        "every broken file), or set data.on_error=skip") from None
+
+
+def _release_frames(error: BaseException) -> None:
+    """Frees what the finished frames of an error's traceback hold, then collects garbage.
+
+    Those frames hold the input iterator Keras was running. Kept alive (as the new error's
+    context) until the interpreter exits, its decode threads deadlock the exit; released now,
+    they stop cleanly. Keras filters its own frames out of tracebacks, so they are reached
+    through `f_back` of the frames that remain.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            while frame is not None:
+                try:
+                    frame.clear()
+                except RuntimeError:  # still executing: it and its callers stay intact
+                    break
+                frame = frame.f_back
+            tb = tb.tb_next
+        error.__traceback__ = None
+        error = error.__context__ or error.__cause__
+    gc.collect()
 
 
 def resize_pair(image: tf.Tensor, mask: tf.Tensor, size: tf.Tensor | Sequence[int]
@@ -87,31 +204,99 @@ def random_crop(image: tf.Tensor, mask: tf.Tensor, size: Sequence[int], seed: tf
     return image, mask
 
 
-def random_hflip(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor
+def flip_table(flip_pairs: Sequence[Sequence[int]] | None) -> np.ndarray | None:
+    """The 256-entry label map of a horizontal flip: each (left, right) pair swapped.
+
+    Returns None when there is nothing to swap.
+
+    Raises:
+        UserError: if a pair is not two distinct labels 0..254 or a label is in two pairs.
+    """
+    if not flip_pairs:
+        return None
+    table = np.arange(256, dtype=np.uint8)
+    seen: set[int] = set()
+    for pair in flip_pairs:
+        values = [int(v) for v in pair]
+        if len(values) != 2 or values[0] == values[1] or seen & set(values) or not all(
+            0 <= v < 255 for v in values
+        ):
+            raise UserError(f"data.flip_pairs must be distinct [left, right] label pairs in "
+                            f"0..254, each label once; got {[list(p) for p in flip_pairs]}")
+        seen |= set(values)
+        table[values[0]], table[values[1]] = values[1], values[0]
+    return table
+
+
+def random_hflip(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
+                 flip_pairs: Sequence[Sequence[int]] | None = None
                  ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Mirrors image and mask together with probability 0.5."""
+    """Mirrors image and mask together with probability 0.5.
+
+    A mirrored person's left arm is on the right: with `flip_pairs` (e.g. CIHP's
+    [[14, 15], ...]) the mirrored mask also swaps the ids of each pair.
+    """
+    table = flip_table(flip_pairs)
     flip = tf.random.stateless_uniform([], seed) < 0.5
-    image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
-    mask = tf.cond(flip, lambda: tf.reverse(mask, [1]), lambda: mask)
-    return image, mask
+
+    def mirrored():
+        flipped = tf.reverse(mask, [1])
+        if table is not None:
+            flipped = tf.gather(tf.constant(table), tf.cast(flipped, tf.int32))
+        return tf.reverse(image, [1]), flipped
+
+    return tf.cond(flip, mirrored, lambda: (image, mask))
+
+
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter: DictConfig | dict | None
+                 ) -> tf.Tensor:
+    """Random brightness / contrast / saturation / hue on a float32 0..255 image.
+
+    Args:
+        image: float32 [H, W, 3] in 0..255.
+        seed: Stateless seed [2].
+        jitter: Strengths, each 0 = off: `brightness` (max shift as a fraction of 255),
+            `contrast` and `saturation` (max relative change), `hue` (max shift as a fraction
+            of the colour wheel, at most 0.5).
+    """
+    jitter = jitter or {}
+    brightness, contrast = float(jitter.get("brightness", 0)), float(jitter.get("contrast", 0))
+    saturation, hue = float(jitter.get("saturation", 0)), float(jitter.get("hue", 0))
+    if not (brightness or contrast or saturation or hue):
+        return image
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    image = image / 255.0
+    if brightness:
+        image = tf.image.stateless_random_brightness(image, brightness, seeds[0])
+    if contrast:
+        image = tf.image.stateless_random_contrast(image, 1 - contrast, 1 + contrast, seeds[1])
+    if saturation:
+        image = tf.image.stateless_random_saturation(image, 1 - saturation, 1 + saturation,
+                                                     seeds[2])
+    if hue:
+        image = tf.image.stateless_random_hue(image, hue, seeds[3])
+    return tf.clip_by_value(image, 0.0, 1.0) * 255.0
 
 
 def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, data: DictConfig
             ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The training transform: random scale, pad, random crop to `data.crop_size`, flip."""
+    """The training transform: random scale, pad, random crop to `data.crop_size`, flip, jitter."""
     crop = list(data.crop_size)
-    scale_seed, crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    scale_seed, crop_seed, flip_seed, jitter_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4)
+    )
     image, mask = random_scale(image, mask, data.scale_range, scale_seed)
     image, mask = pad_to_size(image, mask, crop, data.ignore_label)
     image, mask = random_crop(image, mask, crop, crop_seed)
     if data.hflip:
-        image, mask = random_hflip(image, mask, flip_seed)
+        image, mask = random_hflip(image, mask, flip_seed, data.get("flip_pairs"))
+    image = color_jitter(image, jitter_seed, data.get("jitter"))
     image = tf.ensure_shape(image, [crop[0], crop[1], 3])
     mask = tf.ensure_shape(mask, [crop[0], crop[1]])
     return image, mask
 
 
-def train_dataset(source: FolderSource, data: DictConfig, seed: int, repeat: bool = False
+def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = False
                   ) -> tf.data.Dataset:
     """Shuffled, augmented, batched training data: (float32 [B, H, W, 3], uint8 [B, H, W])."""
     parallel = data.num_parallel_calls or AUTOTUNE
@@ -129,8 +314,11 @@ def train_dataset(source: FolderSource, data: DictConfig, seed: int, repeat: boo
     return batches.batch(data.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 
 
-def val_dataset(source: FolderSource, data: DictConfig, split: str = "val") -> tf.data.Dataset:
-    """Validation data for `fit`: resized to `data.crop_size`, batched, in file order."""
+def val_dataset(source: Source, data: DictConfig, split: str = "val") -> tf.data.Dataset:
+    """Validation data for `fit`: resized to `data.crop_size`, batched, in split order.
+
+    Labels are resized nearest-neighbour; final metrics use `decoded_dataset` at original size.
+    """
     parallel = data.num_parallel_calls or AUTOTUNE
     examples = decoded_dataset(source, split, parallel)
     if data.cache:

@@ -136,12 +136,21 @@ class SyntheticSource(FolderSource):
         num_val: Number of validation scenes.
         image_size: Side of the square scenes in pixels.
         seed: Seed of the generator; scene i depends only on (seed, i).
+        num_classes: `data.num_classes`, for the label range check (None = no check).
+        ignore_label: `data.ignore_label`.
+        on_error: `data.on_error`: raise or skip on broken examples.
     """
 
+    name = "synthetic"
+    dataset_num_classes = 4
+
     def __init__(self, root: str, num_train: int = 320, num_val: int = 64,
-                 image_size: int = 128, seed: int = 0):
-        super().__init__(root)
-        if not (self.root / "splits" / "val.txt").is_file():
+                 image_size: int = 128, seed: int = 0, num_classes: int | None = None,
+                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+        root_path = Path(root).expanduser()
+        if not (root_path / "splits" / "val.txt").is_file():
             print(f"Generating the synthetic dataset ({num_train} train + {num_val} val images) "
-                  f"in {self.root} ...", flush=True)
-            write_dataset(self.root, num_train, num_val, image_size, seed)
+                  f"in {root_path} ...", flush=True)
+            write_dataset(root_path, num_train, num_val, image_size, seed)
+        super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
+                         on_error=on_error)

@@ -1,0 +1,380 @@
+"""The decoder interface every dataset implements, and the file readers the datasets share.
+
+A *source* knows one dataset's layout. It turns a split into records and a record into one
+decoded pair; `pipeline.py` does everything after that:
+
+* `splits`: the split names the dataset defines (every dataset has "train" and "val").
+* `records(split)` -> a `tf.data.Dataset` of `(name, image, mask)` string scalars in a fixed
+  order with a known cardinality (`num_examples(split)`). For datasets of files `image` and
+  `mask` are paths; for TFDS they are the encoded bytes. Records are small, so shuffling them
+  before decoding is cheap. Examples with a missing file are left out of the records and
+  reported by `listing_problems(split)`; `check_listing(split)` applies `on_error` to them.
+* `load(name, image, mask)` -> `Pair`: the NumPy decode of one record to a uint8 RGB image
+  [H, W, 3] and a uint8 class-id mask [H, W] with the dataset's label mapping applied
+  (255 = ignore). Anything unreadable raises `DataError`, which names the file.
+* `problems(pair)` -> what is wrong with a decoded pair (size mismatch, labels out of range).
+  Kept apart from `load` so the dataset doctor can still count the labels of a mask it reports.
+
+Masks are decoded with Pillow, never through an RGB path: TensorFlow expands palette PNGs
+(PASCAL VOC style) to colours, losing the class ids that the palette indices are. Images are
+decoded with Pillow too, because it rejects truncated JPEGs that `tf.io.decode_jpeg` silently
+pads with grey, and because a Python decode can name the broken file.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from seg_train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IGNORE_LABEL = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+ON_ERROR_CHOICES = ("raise", "skip")
+# Pillow's complaints about a broken file: unreadable/truncated data (OSError, including
+# UnidentifiedImageError), bad headers (SyntaxError, ValueError), absurd sizes.
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class DataError(Exception):
+    """One broken example: names the file and what is wrong with it.
+
+    Args:
+        file: The culprit: a path, or a record name for datasets that are not files.
+        problem: What is wrong, in a few words.
+    """
+
+    def __init__(self, file: str, problem: str):
+        super().__init__(f"{file}: {problem}")
+        self.file = str(file)
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image and its mask on disk."""
+
+    image_path: str
+    mask_path: str
+
+
+@dataclass
+class Pair:
+    """One decoded example and the files it came from (for messages)."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    mask: np.ndarray  # uint8 [H, W], class ids, 255 = ignore
+    image_file: str
+    mask_file: str
+
+
+def _open(source: str | bytes | Path, name: str | None = None) -> Image.Image:
+    """Opens a path, or encoded bytes when `name` (the record name for messages) is given."""
+    if name is not None:
+        return Image.open(io.BytesIO(source))
+    return Image.open(source.decode() if isinstance(source, bytes) else source)
+
+
+def read_image(source: str | bytes | Path, name: str | None = None) -> np.ndarray:
+    """Reads an image file (or encoded bytes) as uint8 RGB [H, W, 3].
+
+    Grey, palette, CMYK and RGBA images are converted, as the Oxford-IIIT Pet release holds a
+    few of each under `.jpg` names.
+
+    Raises:
+        DataError: if the data is not a readable image.
+    """
+    label = name or (source.decode() if isinstance(source, bytes) else str(source))
+    try:
+        with _open(source, name) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(label, "image file is missing") from None
+    except PIL_ERRORS as exc:
+        raise DataError(label, f"cannot read image ({exc})") from None
+
+
+def read_mask(source: str | bytes | Path, name: str | None = None) -> np.ndarray:
+    """Reads a class-id mask PNG (8-bit grey or palette) as uint8 [H, W] of its pixel values.
+
+    Raises:
+        DataError: if the file is unreadable, or is a colour image rather than ids.
+    """
+    label = name or (source.decode() if isinstance(source, bytes) else str(source))
+    try:
+        with _open(source, name) as mask:
+            if mask.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
+                raise DataError(label, f"mask is an {mask.mode} colour image, not class ids; save "
+                                "one 8-bit grey or palette PNG whose pixel values are the ids")
+            if mask.mode not in ("L", "P"):
+                raise DataError(label, f"mask has mode {mask.mode}; expected an 8-bit grey or "
+                                "palette PNG of class ids")
+            return np.asarray(mask, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(label, "mask file is missing") from None
+    except PIL_ERRORS as exc:
+        raise DataError(label, f"cannot read mask ({exc})") from None
+
+
+def label_counts(mask: np.ndarray) -> np.ndarray:
+    """Pixel count of each of the 256 uint8 label values."""
+    return np.bincount(mask.ravel(), minlength=256)
+
+
+def read_id_list(path: Path, what: str) -> list[str]:
+    """Reads a split file: the first token of each line, skipping blanks and `#` comments.
+
+    Args:
+        path: The split file.
+        what: How to name the split in messages, e.g. "split 'train'".
+
+    Raises:
+        UserError: if the file is missing or lists nothing.
+    """
+    if not path.is_file():
+        raise UserError(f"split file {path} for {what} is missing; restore it from the dataset "
+                        "release (one id per line)")
+    ids = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            ids.append(line.split()[0])
+    if not ids:
+        raise UserError(f"split file {path} for {what} lists no ids; add one id per line")
+    return ids
+
+
+def subdir_hint(root: Path, candidates: Iterable[str]) -> str:
+    """' (did you mean data.root=...?)' when the layout sits one level deeper, else ''."""
+    for candidate in candidates:
+        if (root / candidate).is_dir():
+            return f" (did you mean data.root={root / candidate}?)"
+    return ""
+
+
+def slice_ids(spec: str, lists: Mapping[str, Sequence[str]]) -> list[str]:
+    """Selects ids with TFDS split syntax, e.g. 'train[:90%]' or 'train+test[10:20]'.
+
+    Args:
+        spec: The split expression.
+        lists: The named id lists the expression may refer to.
+
+    Raises:
+        UserError: if the expression is malformed or names an unknown list.
+    """
+    import tensorflow_datasets as tfds
+
+    infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[len(ids)], num_bytes=0)
+             for name, ids in lists.items()}
+    try:
+        instructions = tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)
+    except (ValueError, AssertionError) as exc:
+        raise UserError(f"split '{spec}': {exc}; use a split of {sorted(lists)} with TFDS "
+                        "slicing, e.g. 'train[:90%]'") from None
+    return [i for part in instructions for i in lists[part.splitname][part.from_:part.to]]
+
+
+class Source:
+    """Base class of the dataset decoders; see the module docstring for the interface.
+
+    Args:
+        num_classes: The configured class count (`data.num_classes`); labels must lie in
+            0..num_classes-1 or be `ignore_label`. None skips the range check.
+        ignore_label: The label that marks pixels to ignore.
+        on_error: "raise" stops at the first broken example; "skip" drops broken examples
+            and counts them in the log.
+    """
+
+    #: The dataset's name in messages.
+    name = "dataset"
+    #: The splits the dataset defines (the doctor scans all of them by default).
+    splits: tuple[str, ...] = ("train", "val")
+    #: The dataset's intrinsic class count, if it has one; a contradicting num_classes fails.
+    dataset_num_classes: int | None = None
+
+    def __init__(self, num_classes: int | None = None, ignore_label: int = IGNORE_LABEL,
+                 on_error: str = "raise"):
+        if on_error not in ON_ERROR_CHOICES:
+            raise UserError(f"data.on_error must be raise or skip, got {on_error!r}")
+        self.num_classes = num_classes
+        self.ignore_label = ignore_label
+        self.on_error = on_error
+        self._check_num_classes()
+
+    def _check_num_classes(self) -> None:
+        expected = self.dataset_num_classes
+        if expected is not None and self.num_classes is not None and self.num_classes != expected:
+            raise UserError(f"data.num_classes={self.num_classes} contradicts data={self.name}, "
+                            f"which has {expected} classes; drop the data.num_classes override "
+                            "(and data.class_names with it)")
+
+    def check_split(self, split: str) -> None:
+        """Raises a `UserError` for a split the dataset does not define."""
+        if split not in self.splits:
+            raise UserError(f"data={self.name} has no split '{split}' (splits: "
+                            f"{', '.join(self.splits)}); pick one of those, e.g. eval.split=val")
+
+    def describe_split(self, split: str) -> str:
+        """Where a split comes from, for reports (two splits with equal descriptions are equal)."""
+        return split
+
+    def records(self, split: str) -> tf.data.Dataset:
+        """The split's `(name, image, mask)` string records; see the module docstring."""
+        raise NotImplementedError
+
+    def load(self, name: str, image: bytes, mask: bytes) -> Pair:
+        """Decodes one record; raises `DataError` for unreadable data."""
+        raise NotImplementedError
+
+    def num_examples(self, split: str) -> int:
+        """Number of records in a split."""
+        return int(self.records(split).cardinality())
+
+    def listing_problems(self, split: str) -> list[DataError]:
+        """Missing or unpaired files of a split (datasets of files); the records omit them."""
+        return []
+
+    def check_listing(self, split: str) -> None:
+        """Applies `on_error` to the split's missing/unpaired files.
+
+        Raises:
+            UserError: with `on_error=raise`, naming the first incomplete example; with
+                `on_error=skip` the incomplete examples are only counted in the log.
+        """
+        problems = self.listing_problems(split)
+        if not problems:
+            return
+        if self.on_error == "raise":
+            count = len(problems)
+            raise UserError(f"split '{split}' has {count} incomplete example"
+                            f"{'s' if count > 1 else ''} (first: {problems[0]}); add the missing "
+                            "files or remove them from the split, or set data.on_error=skip")
+        log.warning("data.on_error=skip: leaving out %d incomplete examples of split '%s' "
+                    "(first: %s)", len(problems), split, problems[0])
+
+    def problems(self, pair: Pair) -> list[DataError]:
+        """What is wrong with a decoded pair: size mismatch, labels out of range."""
+        found = []
+        if pair.mask.shape != pair.image.shape[:2]:
+            (mh, mw), (ih, iw) = pair.mask.shape, pair.image.shape[:2]
+            found.append(DataError(pair.mask_file, f"mask is {mw}x{mh} but its image "
+                                   f"{pair.image_file} is {iw}x{ih}; masks must match their "
+                                   "images"))
+        if self.num_classes is not None:
+            present = np.flatnonzero(label_counts(pair.mask))
+            bad = [int(v) for v in present if v >= self.num_classes and v != self.ignore_label]
+            if bad:
+                found.append(DataError(pair.mask_file, f"mask holds label(s) {_short_list(bad)} "
+                                       f"outside 0..{self.num_classes - 1} and "
+                                       f"{self.ignore_label} (ignore); fix the mask or "
+                                       "data.num_classes"))
+        return found
+
+
+class FileSource(Source):
+    """A dataset of image and mask files under `root`, listed per split by `scan`.
+
+    Subclasses implement `scan` and may override `read_label` (for masks that need a label
+    mapping) and `check_root`.
+
+    Args:
+        root: The dataset's top folder (`data.root`).
+        num_classes: See `Source`.
+        ignore_label: See `Source`.
+        on_error: See `Source`; "skip" also drops examples whose files are missing.
+    """
+
+    #: A one-line picture of the expected tree, for the missing-root message.
+    layout = "root/"
+
+    def __init__(self, root: str | None, num_classes: int | None = None,
+                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+        super().__init__(num_classes=num_classes, ignore_label=ignore_label, on_error=on_error)
+        if root is None or str(root) in ("", "None"):
+            raise UserError(f"data={self.name} needs data.root: the folder laid out as "
+                            f"{self.layout}; set data.root=DIR")
+        self.root = Path(str(root)).expanduser()
+        self._listings: dict[str, tuple[list[Example], list[DataError]]] = {}
+        self.check_root()
+
+    def check_root(self) -> None:
+        """Raises a `UserError` showing the expected tree if `root` does not look right."""
+        if not self.root.is_dir():
+            raise UserError(f"data.root {self.root} is not a directory; point data.root at the "
+                            f"folder laid out as {self.layout}")
+
+    def scan(self, split: str) -> tuple[list[Example], list[DataError]]:
+        """Lists a split: (complete examples in order, one `DataError` per missing/unpaired file).
+
+        Raises:
+            UserError: if the split itself cannot be listed (e.g. its split file is missing).
+        """
+        raise NotImplementedError
+
+    def _scan(self, split: str) -> tuple[list[Example], list[DataError]]:
+        self.check_split(split)
+        if split not in self._listings:
+            self._listings[split] = self.scan(split)
+        return self._listings[split]
+
+    def listing_problems(self, split: str) -> list[DataError]:
+        return self._scan(split)[1]
+
+    def examples(self, split: str) -> list[Example]:
+        """The split's complete examples, after applying `on_error` to the incomplete ones."""
+        self.check_listing(split)
+        return self._complete(split)
+
+    def _complete(self, split: str) -> list[Example]:
+        examples, problems = self._scan(split)
+        if not examples:
+            first = f" (all {len(problems)} incomplete; first: {problems[0]})" if problems else ""
+            raise UserError(f"split '{split}' of data={self.name} under {self.root} has no "
+                            f"complete example{first}; check data.root and the split's files")
+        return examples
+
+    def num_examples(self, split: str) -> int:
+        return len(self._complete(split))
+
+    def records(self, split: str) -> tf.data.Dataset:
+        examples = self._complete(split)
+        names = [Path(e.image_path).stem for e in examples]
+        return tf.data.Dataset.from_tensor_slices(
+            (names, [e.image_path for e in examples], [e.mask_path for e in examples])
+        )
+
+    def read_label(self, path: str) -> np.ndarray:
+        """Reads a mask file as class ids (override to apply a label mapping)."""
+        return read_mask(path)
+
+    def load(self, name: str, image: bytes | str, mask: bytes | str) -> Pair:
+        image_file = image.decode() if isinstance(image, bytes) else image
+        mask_file = mask.decode() if isinstance(mask, bytes) else mask
+        return Pair(read_image(image_file), self.read_label(mask_file), image_file, mask_file)
+
+    def decode(self, image_path: tf.Tensor, mask_path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Decodes one example inside a tf.data graph (no error handling; see pipeline.py)."""
+
+        def _load(image_file, mask_file):
+            pair = self.load("", image_file, mask_file)
+            return pair.image, pair.mask
+
+        image, mask = tf.numpy_function(_load, [image_path, mask_path], [tf.uint8, tf.uint8],
+                                        stateful=False)
+        image.set_shape([None, None, 3])
+        mask.set_shape([None, None])
+        return image, mask
+
+
+def _short_list(values: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return shown + (f", ... ({len(values)} values)" if len(values) > limit else "")

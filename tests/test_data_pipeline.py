@@ -1,0 +1,156 @@
+"""The shared parser with any source: exact labels through crop/pad/flip, jitter, on_error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from omegaconf import OmegaConf
+
+from seg_train.config_checks import check_config
+from seg_train.data import pipeline
+from seg_train.data.base import DataError, Pair, Source
+from seg_train.errors import UserError
+from tests.helpers import compose_config
+
+
+class ArraySource(Source):
+    """A source serving in-memory pairs; a pair whose image is None is a broken file."""
+
+    def __init__(self, pairs, **kwargs):
+        super().__init__(**kwargs)
+        self.pairs = pairs
+
+    def records(self, split):
+        self.check_split(split)
+        names = [str(i) for i in range(len(self.pairs))]
+        return tf.data.Dataset.from_tensor_slices((names, names, names))
+
+    def load(self, name, image, mask):
+        image, mask = self.pairs[int(name)]
+        if image is None:
+            raise DataError(f"image{name}.jpg", "cannot read image (broken)")
+        return Pair(image, mask, f"image{name}.jpg", f"mask{name}.png")
+
+
+def data_config(**overrides):
+    base = dict(crop_size=[24, 24], scale_range=[1.0, 1.0], hflip=True, ignore_label=255,
+                batch_size=2, cache=False, shuffle_buffer=8, num_parallel_calls=None,
+                flip_pairs=[], jitter=dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0))
+    return OmegaConf.create({**base, **overrides})
+
+
+def labelled_pairs(rng, count, shape, values):
+    """Masks with a 255 border band; each image's three channels spell out its mask."""
+    pairs = []
+    for _ in range(count):
+        mask = rng.choice(np.asarray(values, np.uint8), size=shape).astype(np.uint8)
+        mask[:, :2] = 255
+        pairs.append((np.stack([mask] * 3, -1), mask))
+    return pairs
+
+
+def test_ignore_survives_crop_pad_and_flip_aligned_with_the_image():
+    rng = np.random.default_rng(0)
+    source = ArraySource(labelled_pairs(rng, 6, (20, 30), [0, 1, 5]))
+    data = data_config(crop_size=[26, 26])  # taller than the images: padding on every crop
+    saw_padding = saw_band = False
+    for images, labels in pipeline.train_dataset(source, data, seed=4).repeat(4):
+        images, labels = images.numpy(), labels.numpy()
+        padded = (images == 0).all(-1) & (labels == 255)
+        real = ~padded
+        # Outside the padding the label is exactly the value the image carries, 255 included.
+        np.testing.assert_array_equal(images[..., 0][real], labels[real].astype(np.float32))
+        saw_padding |= padded.any()
+        saw_band |= ((labels == 255) & (images[..., 0] == 255)).any()
+        assert set(np.unique(labels).tolist()) <= {0, 1, 5, 255}
+    assert saw_padding and saw_band
+
+
+def test_flip_pairs_swap_in_training_batches():
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, :4] = 3  # "left" on the left half
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:, :4] = 200
+    source = ArraySource([(image, mask)] * 4)
+    data = data_config(crop_size=[8, 8], flip_pairs=[[3, 4]], batch_size=1, shuffle_buffer=1)
+    seen = set()
+    for images, labels in pipeline.train_dataset(source, data, seed=0).repeat(5):
+        left_bright = images.numpy()[0, 0, 0, 0] == 200
+        expected = np.where(np.arange(8) < 4, 3, 0) if left_bright else np.where(
+            np.arange(8) >= 4, 4, 0)
+        np.testing.assert_array_equal(labels.numpy()[0, 0], expected)
+        seen.add(bool(left_bright))
+    assert seen == {True, False}
+
+
+def test_jitter_changes_images_only_and_is_seeded():
+    rng = np.random.default_rng(1)
+    source = ArraySource(labelled_pairs(rng, 4, (24, 24), [0, 1]))
+    plain = data_config(shuffle_buffer=1)
+    jitter = data_config(shuffle_buffer=1, jitter=dict(brightness=0.2, contrast=0.3,
+                                                       saturation=0.3, hue=0.05))
+    base = list(pipeline.train_dataset(source, plain, seed=2).as_numpy_iterator())
+    first = list(pipeline.train_dataset(source, jitter, seed=2).as_numpy_iterator())
+    again = list(pipeline.train_dataset(source, jitter, seed=2).as_numpy_iterator())
+    for (bi, bl), (ji, jl), (ai, _) in zip(base, first, again):
+        np.testing.assert_array_equal(bl, jl)  # the same crops and flips
+        np.testing.assert_array_equal(ji, ai)  # reproducible
+        assert not np.array_equal(bi, ji) and ji.min() >= 0 and ji.max() <= 255
+
+
+def test_cardinality_is_known_and_broken_files_raise_or_skip(caplog):
+    rng = np.random.default_rng(2)
+    pairs = labelled_pairs(rng, 3, (10, 12), [0, 1])
+    assert int(pipeline.decoded_dataset(ArraySource(pairs), "val").cardinality()) == 3
+    pairs[1] = (None, None)
+    with pytest.raises(UserError, match=r"image1.jpg: cannot read image.*data.on_error=skip"), \
+            pipeline.data_errors_as_user_errors():
+        list(pipeline.decoded_dataset(ArraySource(pairs), "val"))
+    skipping = pipeline.decoded_dataset(ArraySource(pairs, on_error="skip"), "val")
+    assert len(list(skipping)) == 2
+    with pytest.raises(UserError, match="data.on_error must be raise or skip"):
+        ArraySource(pairs, on_error="ignore")
+
+
+def test_size_mismatch_and_out_of_range_labels_are_problems():
+    image = np.zeros((10, 12, 3), np.uint8)
+    source = ArraySource([(image, np.full((10, 13), 7, np.uint8))], num_classes=4)
+    problems = source.problems(source.load("0", b"", b""))
+    assert [p.file for p in problems] == ["mask0.png", "mask0.png"]
+    assert "mask is 13x10 but its image image0.jpg is 12x10" in problems[0].problem
+    assert "label(s) 7 outside 0..3 and 255" in problems[1].problem
+
+
+def test_flip_table_rejects_bad_pairs():
+    assert pipeline.flip_table([]) is None
+    for bad in ([[1, 1]], [[1, 2], [2, 3]], [[1, 255]], [[1, 2, 3]]):
+        with pytest.raises(UserError, match="data.flip_pairs"):
+            pipeline.flip_table(bad)
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("data.on_error=ignore", "data.on_error must be one of raise, skip"),
+    ("data.jitter.hue=0.7", "data.jitter.hue must be a number in 0..0.5"),
+    ("data.flip_pairs=[[14,14]]", "data.flip_pairs must list [left, right]"),
+    ("data.source=raw", "for Oxford-IIIT Pet use data.format=raw"),
+    ("check.splits=[]", "check.splits must be null"),
+])
+def test_config_rules_for_data_keys(override, fragment):
+    dataset = ["data=oxford_pets"] if "source" in override else []
+    cfg = compose_config([*dataset, override])
+    with pytest.raises(UserError) as info:
+        check_config(cfg)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["voc", "cihp", "portrait", "oxford_pets", "folder", "synthetic"])
+def test_every_data_config_has_the_shared_keys(name):
+    cfg = compose_config([f"data={name}", "data.root=/x", "data.num_classes=2",
+                          "data.class_names=[a,b]"] if name == "folder" else [f"data={name}"])
+    for key in ("name", "root", "num_classes", "class_names", "palette", "ignore_label",
+                "batch_size", "crop_size", "scale_range", "hflip", "flip_pairs", "jitter",
+                "cache", "shuffle_buffer", "num_parallel_calls", "on_error", "source"):
+        # `key in cfg.data` is False for a `???` value, so look at the key list itself.
+        assert key in set(cfg.data.keys()), (name, key)
+    assert cfg.data.source._target_.startswith("seg_train.data.")
