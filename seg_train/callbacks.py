@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -55,3 +58,129 @@ class PredictionImageLogger(keras.callbacks.Callback):
                 "val/image_truth_prediction", panels, step=epoch, max_outputs=len(panels)
             )
         self.writer.flush()
+
+
+class DataStallMonitor(keras.callbacks.Callback):
+    """Logs the share of training-step time spent waiting for input, per epoch.
+
+    Keras pulls each batch inside its compiled train function, so a callback's
+    `on_train_batch_begin` / `on_train_batch_end` only see the whole step. The monitor
+    therefore wraps the model's `train_step` (and rebuilds the train function once, at
+    `on_train_begin`) so that, inside the graph, it stamps `tf.timestamp()`:
+
+    * when the step's batch has arrived (a control dependency on the batch tensors), and
+    * when the step's outputs are ready.
+
+    The wait of a step is `arrival - previous end`, where the previous end is the end of the
+    previous step in the same function call, or, for the first step of a call, the wall-clock
+    time at `on_train_batch_begin` (both clocks are seconds since the epoch). Waits are summed in
+    a variable; the step time is measured in Python from `on_train_batch_begin` to
+    `on_train_batch_end`, so both cover the same interval and `steps_per_execution > 1` is
+    handled. The very first step of a `fit` call is left out: it holds the graph tracing and
+    the filling of the shuffle and prefetch buffers, which would say nothing about steady state.
+
+    The share is logged (python logging) and written to TensorBoard as `data_stall` each epoch;
+    above `warn_above` it is a warning. Not measured (and said once) under XLA
+    (`jit_compile=True`: `tf.timestamp` cannot be compiled) or with more than one replica.
+
+    Args:
+        log_dir: TensorBoard log dir for the scalar; None = console only.
+        warn_above: Share above which a warning is logged (0.10 = 10%).
+    """
+
+    def __init__(self, log_dir: str | None = None, warn_above: float = 0.10):
+        super().__init__()
+        self.log_dir = log_dir
+        self.warn_above = warn_above
+        self.history: list[float] = []
+        self._writer = None
+        self._active = False
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        reason = None
+        if getattr(model, "jit_compile", False):
+            reason = "jit_compile=True (tf.timestamp cannot run under XLA)"
+        elif model.distribute_strategy.num_replicas_in_sync > 1:
+            reason = "more than one replica"
+        if reason:
+            logging.getLogger(__name__).info("DataStallMonitor: not measured with %s", reason)
+            self._active = False
+            return
+        if getattr(model, "_data_stall_monitor", None) is not self:
+            self._instrument(model)
+        self._active = True
+        self._skip = 1  # the first step: tracing and buffer filling
+
+    def _instrument(self, model: keras.Model) -> None:
+        """Wraps `model.train_step` with the in-graph stamps and rebuilds the train function."""
+        # float64: seconds since the epoch need ~1e-6 resolution on ~1.8e9.
+        self._wait = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self._last_end = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        inner = getattr(model, "_data_stall_inner_step", None) or model.train_step
+        wait, last_end = self._wait, self._last_end
+
+        def train_step(data):
+            with tf.control_dependencies(tf.nest.flatten(data)):
+                arrived = tf.timestamp()
+            with tf.control_dependencies([wait.assign_add(tf.maximum(arrived - last_end, 0.0))]):
+                outputs = inner(data)
+            with tf.control_dependencies(tf.nest.flatten(outputs)):
+                last_end.assign(tf.timestamp())
+            return outputs
+
+        model._data_stall_inner_step = inner
+        model._data_stall_monitor = self
+        model.train_step = train_step
+        model.make_train_function(force=True)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._step_time = 0.0
+        self._epoch_wait = 0.0
+        self._steps = 0
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._active:
+            self._wait_before = float(self._wait.numpy())
+            self._last_end.assign(time.time())
+            self._begin = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if not self._active:
+            return
+        elapsed = time.perf_counter() - self._begin
+        if self._skip:
+            self._skip -= 1
+            return
+        self._step_time += elapsed
+        self._epoch_wait += float(self._wait.numpy()) - self._wait_before
+        self._steps += 1
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self._active or not self._steps:
+            return
+        share = min(self._epoch_wait / max(self._step_time, 1e-9), 1.0)
+        self.history.append(share)
+        log = logging.getLogger(__name__)
+        message = "Epoch %d: data stall %.1f%% of step time (%.1f ms of %.1f ms per step)"
+        args = (
+            epoch + 1,
+            100 * share,
+            1e3 * self._epoch_wait / self._steps,
+            1e3 * self._step_time / self._steps,
+        )
+        if share > self.warn_above:
+            log.warning(
+                message + "; the input pipeline is the bottleneck: cache decoded data "
+                "(data.cache=true), lower the decode cost or raise "
+                "data.num_parallel_calls",
+                *args,
+            )
+        else:
+            log.info(message, *args)
+        if self.log_dir:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(self.log_dir)
+            with self._writer.as_default():
+                tf.summary.scalar("data_stall", share, step=epoch)
+            self._writer.flush()

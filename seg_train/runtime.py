@@ -32,6 +32,17 @@ def prepare_environment(cfg: DictConfig) -> None:
     # TensorFlow's Python logger reports every cross-device reduction at INFO under Hydra's
     # logging set-up; its warnings are what matters.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    # Threads stay at TensorFlow's defaults (intra-op and inter-op pools = all cores): one
+    # intra-op thread nearly halves training speed here, one inter-op thread is neutral
+    # (DESIGN.md section 6). An allocator preload (tcmalloc / jemalloc) is the user's choice;
+    # it is reported so benchmark figures can be compared (benchmarks/run_all.py).
+    logging.getLogger(__name__).info(
+        "CPU settings: TF_ENABLE_ONEDNN_OPTS=%s, threads = TensorFlow defaults (%d cores), "
+        "LD_PRELOAD=%s",
+        os.environ["TF_ENABLE_ONEDNN_OPTS"],
+        os.cpu_count() or 1,
+        os.environ.get("LD_PRELOAD") or "none",
+    )
 
 
 def job_devices(hardware: DictConfig, job_num: int) -> list[int] | None:

@@ -1,0 +1,1 @@
+"""Benchmarks of seg-train: input pipeline, training, inference, CRF (see run_all.py)."""

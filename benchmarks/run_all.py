@@ -1,0 +1,383 @@
+"""Runs every benchmark, prints one markdown table and writes table.md + results.json.
+
+    python benchmarks/run_all.py [--quick] [--out DIR]
+
+Each measurement runs in its own subprocess (benchmarks/worker.py) with the same environment:
+TF_ENABLE_ONEDNN_OPTS=1 (as seg-train sets it), this process's LD_PRELOAD (none unless you
+set one) and TensorFlow's default thread pools, so every ratio compares programs under
+identical oneDNN/allocator settings and its peak RSS belongs to that measurement alone.
+Ratios are computed against baselines measured in the same run. The default run takes about
+15-20 minutes on 2 cores; --quick (tiny sizes, a few steps) about 3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+# model name -> (recipe overrides, default-run overrides). Every model at its recipe's crop and
+# batch except where the default run shrinks the batch to stay within ~20 minutes (said in the
+# table).
+MODELS = {
+    "unet": (["model=unet"], []),
+    "unet (classic 64)": (["experiment=synthetic_unet_classic"], []),
+    "unet_mobilenetv2": (["experiment=pets_unet_mobilenetv2"], []),
+    "fcn32s": (["experiment=voc_fcn32s"], []),
+    "fcn8s": (["experiment=voc_fcn8s"], []),
+    # Random init (no weights offline) with the recipe's frozen BatchNorm diverges to NaN within
+    # a few steps, which the NaN guard stops: BatchNorm trains here.
+    "deeplabv2 (R101)": (
+        ["experiment=voc_deeplabv2", "model.freeze_bn=false"],
+        ["data.batch_size=2"],
+    ),
+    "deeplabv3plus (R50)": (["experiment=cihp_deeplabv3plus"], []),
+}
+COMMON = ["data.root=/nonexistent", "model.backbone_weights=null", "trainer.backups=true"]
+# --quick: tiny inputs so the whole run takes a few minutes; the table says so.
+QUICK = ["data.crop_size=[64,64]", "data.batch_size=2"]
+QUICK_MODELS = {
+    "unet": MODELS["unet"],
+    "unet_mobilenetv2": MODELS["unet_mobilenetv2"],
+    "deeplabv3plus (R50)": (["experiment=cihp_deeplabv3plus", "model.backbone=mobilenetv2"], []),
+}
+
+
+def generate_voc_like(root: Path, count: int, seed: int = 0) -> None:
+    """Writes `count` 500x375 JPEGs with palette-PNG masks in the VOC and folder layouts.
+
+    Images are smooth random fields with noise (they compress like photos, not like flat
+    colour); masks are ellipses of classes 1-2 on background 0 with a 255 border band, so they
+    fit every recipe's class count.
+    """
+    # seg_train.viz, not seg_train.data.voc: the parent process stays free of TensorFlow.
+    from seg_train.viz import voc_palette
+
+    if (root / "done").is_file():
+        return
+    rng = np.random.default_rng(seed)
+    voc = root / "voc"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    folder = root / "folder"
+    for sub in ("images", "masks", "splits"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    palette = voc_palette(256).ravel().tolist()
+    yy, xx = np.mgrid[0:375, 0:500]
+    ids = []
+    for index in range(count):
+        coarse = rng.uniform(0, 255, (8, 10, 3)).astype(np.float32)
+        field = np.asarray(
+            Image.fromarray(coarse.astype(np.uint8)).resize((500, 375), Image.BICUBIC)
+        )
+        image = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+        mask = np.zeros((375, 500), np.uint8)
+        for cls in (1, 2):
+            cy, cx, ry, rx = rng.uniform(60, 315), rng.uniform(60, 440), *rng.uniform(30, 120, 2)
+            inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+            mask[inside <= 1] = cls
+            mask[(inside > 0.9) & (inside <= 1.1)] = 255
+        image_id = f"2007_{index:06d}"
+        ids.append(image_id)
+        Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        png = Image.fromarray(mask, mode="P")
+        png.putpalette(palette)
+        png.save(voc / "SegmentationClass" / f"{image_id}.png")
+        for src, dst in (
+            (voc / "JPEGImages" / f"{image_id}.jpg", folder / "images" / f"{image_id}.jpg"),
+            (voc / "SegmentationClass" / f"{image_id}.png", folder / "masks" / f"{image_id}.png"),
+        ):
+            if not dst.exists():
+                dst.symlink_to(src)
+    for split in ("train", "val", "trainval"):
+        (voc / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    for split in ("train", "val"):
+        (folder / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    (root / "done").write_text("ok\n")
+
+
+def run_worker(kind: str, spec: dict, timeout: float = 1800) -> dict:
+    """One measurement in a fresh process; returns its JSON result (or the error)."""
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), kind, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        result = {"error": " | ".join(tail)}
+    else:
+        result = json.loads(line.removeprefix("RESULT "))
+    result["wall_s"] = time.perf_counter() - started
+    print(
+        f"  {kind:6s} {spec.get('name', '')} {spec.get('variant', '')}: "
+        f"{'ERROR ' + result['error'] if 'error' in result else 'ok'} "
+        f"({result['wall_s']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return result
+
+
+def machine_info() -> dict:
+    """The machine and the settings every measurement ran under."""
+    import importlib.metadata as md
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": md.version("tensorflow"),
+        "keras": md.version("keras"),
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1"),
+        "ld_preload": os.environ.get("LD_PRELOAD", "") or "none (glibc malloc)",
+        "threads": "TF defaults: intra-op = inter-op = all cores; tf.data AUTOTUNE",
+        "precision": "float32",
+        "load_average_at_start": os.getloadavg()[0],
+    }
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def _ratio(a, b) -> float | None:
+    if a is None or b in (None, 0):
+        return None
+    return a / b
+
+
+def run(quick: bool, out: Path) -> dict:
+    """Measures everything; returns the results dict (also written to out/results.json)."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = out / "data"
+    generate_voc_like(data_root, 16 if quick else 64)
+    info = machine_info()
+    info["mode"] = "quick" if quick else "default"
+    results = {"machine": info, "input": {}, "train": {}, "infer": {}, "crf": {}}
+    started = time.perf_counter()
+
+    # Input pipeline: the voc_deeplabv2 recipe's augmentation (crop 321, batch 10, scale
+    # 0.5-1.5, flip) over 500x375 JPEG + palette PNG files, per decoder.
+    data = {
+        "batch_size": 10,
+        "crop_size": [321, 321],
+        "scale_range": [0.5, 1.5],
+        "hflip": True,
+        "flip_pairs": [],
+        "jitter": {},
+        "cache": False,
+        "shuffle_buffer": 1000,
+        "num_parallel_calls": None,
+        "ignore_label": 255,
+    }
+    if quick:
+        data.update(batch_size=2, crop_size=[64, 64])
+    # Every timing lasts at least min_seconds (and min steps) after warm-up.
+    min_seconds = 1.0 if quick else 6.0
+    input_steps, input_warmup = (4, 2) if quick else (10, 4)
+    for layout in ("voc", "folder"):
+        for variant in ("ours", "naive", "decode_only"):
+            if layout == "folder" and variant != "ours":
+                continue  # the same files: the references are measured once, on the VOC layout
+            spec = {
+                "name": layout,
+                "layout": layout,
+                "variant": variant,
+                "data": data,
+                "root": str(data_root / layout),
+                "steps": input_steps,
+                "warmup": input_warmup,
+                "min_seconds": min_seconds,
+            }
+            results["input"][f"{layout}/{variant}"] = run_worker("input", spec)
+
+    # Training: each model at its recipe's crop and batch on one in-memory batch.
+    models = QUICK_MODELS if quick else MODELS
+    warmup, steps = (1, 2) if quick else (2, 3)
+    for name, (recipe, shrink) in models.items():
+        overrides = recipe + COMMON + (QUICK if quick else shrink)
+        for variant, jit in (("bare", False), ("ours", False), ("ours_jit", True)):
+            spec = {
+                "name": name,
+                "variant": variant,
+                "overrides": overrides,
+                "jit": jit,
+                "warmup": warmup,
+                "steps": steps,
+                "min_seconds": min_seconds,
+                "max_steps": 500,
+                "stall_root": str(data_root / "voc"),
+                "stall_steps": 3 if quick else 4,
+            }
+            results["train"][f"{name}/{variant}"] = run_worker("train", spec)
+
+        spec = {
+            "name": name,
+            "variant": "infer",
+            "overrides": overrides,
+            "batches": [1, 8] if not quick else [1, 2],
+            "warmup": 1,
+            "steps": 2 if quick else 3,
+            "min_seconds": min_seconds,
+            "tta_scales": [0.75, 1.0, 1.25],
+        }
+        results["infer"][name] = run_worker("infer", spec)
+
+    # CRF on 500x375 images with 21 classes, one worker vs all cores.
+    for workers in (1, None):
+        spec = {
+            "name": "crf",
+            "variant": f"workers={workers or 'all'}",
+            "workers": workers,
+            "height": 375,
+            "width": 500,
+            "classes": 21,
+            "images": 4 if quick else 8,
+        }
+        results["crf"][f"workers={workers or 'all'}"] = run_worker("crf", spec)
+    info["total_minutes"] = (time.perf_counter() - started) / 60
+    info["load_average_at_end"] = os.getloadavg()[0]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = render(results)
+    (out / "table.md").write_text(table)
+    return results
+
+
+def render(results: dict) -> str:
+    """The markdown report: machine line, then one table per area, with target ratios."""
+    info = results["machine"]
+    lines = [
+        f"**Machine**: {info['cpu']}, {info['cores']} cores; Python {info['python']}, "
+        f"TensorFlow {info['tensorflow']}, Keras {info['keras']}; "
+        f"TF_ENABLE_ONEDNN_OPTS={info['tf_enable_onednn_opts']}; "
+        f"LD_PRELOAD={info['ld_preload']}; threads: {info['threads']}; "
+        f"precision {info['precision']}; run: {info['mode']}, "
+        f"{info.get('total_minutes', 0):.1f} min, load average "
+        f"{info['load_average_at_start']:.1f} at start / "
+        f"{info.get('load_average_at_end', 0):.1f} at end.",
+        "",
+    ]
+    inp = results["input"]
+    naive = inp.get("voc/naive", {}).get("images_per_s")
+    decode = inp.get("voc/decode_only", {}).get("images_per_s")
+    lines += [
+        "| input pipeline (500x375 JPEG + palette PNG) | images/s | vs naive "
+        "(target ≥ 3x) | vs decode-only (target ≥ 0.70) | peak RSS MB |",
+        "|---|---|---|---|---|",
+    ]
+    for key, result in inp.items():
+        ips = result.get("images_per_s")
+        lines.append(
+            f"| {key} | {_fmt(ips)} | {_fmt(_ratio(ips, naive), 2)}x | "
+            f"{_fmt(_ratio(ips, decode), 2)} | {_fmt(result.get('peak_rss_mb'), 0)} |"
+            if "error" not in result
+            else f"| {key} | error: {result['error']} ||||"
+        )
+    lines.append("")
+    lines += [
+        "| training (synthetic tensors) | crop x batch | bare fit s/step | ours s/step "
+        "| ours img/s | ours / bare (target ≥ 0.95) | ours XLA s/step | XLA / no XLA "
+        "| data stall (target < 5%) | peak RSS MB bare / ours / XLA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in results["train"]))
+    for name in names:
+        bare = results["train"].get(f"{name}/bare", {})
+        mine = results["train"].get(f"{name}/ours", {})
+        xla = results["train"].get(f"{name}/ours_jit", {})
+        crop = mine.get("crop") or bare.get("crop")
+        size = f"{crop[0]}x{crop[1]} x {mine.get('batch') or bare.get('batch')}" if crop else "—"
+        stall = mine.get("data_stall")
+        errors = "; ".join(
+            f"{v}: {r['error'][:80]}"
+            for v, r in (("bare", bare), ("ours", mine), ("xla", xla))
+            if "error" in r
+        )
+        lines.append(
+            f"| {name} | {size} | {_fmt(bare.get('seconds_per_step'), 3)} | "
+            f"{_fmt(mine.get('seconds_per_step'), 3)} | {_fmt(mine.get('images_per_s'), 2)} | "
+            # ours/bare as a throughput ratio: bare s/step over ours s/step.
+            f"{_fmt(_ratio(bare.get('seconds_per_step'), mine.get('seconds_per_step')), 2)}x | "
+            f"{_fmt(xla.get('seconds_per_step'), 3)} | "
+            f"{_fmt(_ratio(mine.get('seconds_per_step'), xla.get('seconds_per_step')), 2)}x | "
+            f"{_fmt(None if stall is None else 100 * stall)}% | "
+            f"{_fmt(bare.get('peak_rss_mb'), 0)} / {_fmt(mine.get('peak_rss_mb'), 0)} / "
+            f"{_fmt(xla.get('peak_rss_mb'), 0)} |" + (f" {errors}" if errors else "")
+        )
+    lines.append("")
+    lines += [
+        "| inference (images/s) | crop | batch 1 | batch 8 | Predictor, batch 1 | "
+        "Predictor + TTA (3 scales x flip), batch 1 | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, result in results["infer"].items():
+        if "error" in result:
+            lines.append(f"| {name} | error: {result['error'][:120]} ||||||")
+            continue
+        crop = result["crop"]
+        big = result.get("b8", result.get("b2"))
+        lines.append(
+            f"| {name} | {crop[0]}x{crop[1]} | {_fmt(result.get('b1'), 2)} | "
+            f"{_fmt(big, 2)}{'' if 'b8' in result else ' (batch 2)'} | "
+            f"{_fmt(result.get('b1_predictor'), 2)} | {_fmt(result.get('b1_tta'), 2)} "
+            f"| {_fmt(result.get('peak_rss_mb'), 0)} |"
+        )
+    lines.append("")
+    one = results["crf"].get("workers=1", {}).get("ms_per_image")
+    lines += [
+        "| dense CRF, 500x375, 21 classes, 10 iterations | ms/image | speed-up "
+        "(target ≥ 1.8x on 2 cores) | peak RSS MB (largest process) |",
+        "|---|---|---|---|",
+    ]
+    for key, result in results["crf"].items():
+        ms = result.get("ms_per_image")
+        lines.append(
+            f"| {key} ({result.get('workers', '?')}) | {_fmt(ms, 0)} | "
+            f"{_fmt(_ratio(one, ms), 2)}x | {_fmt(result.get('peak_rss_mb'), 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few minutes")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="where table.md, results.json and the generated files go",
+    )
+    args = parser.parse_args(argv)
+    results = run(args.quick, args.out)
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()

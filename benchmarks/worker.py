@@ -1,0 +1,327 @@
+"""One measurement per process, so each peak RSS belongs to one measurement.
+
+Usage (run_all.py does this): python benchmarks/worker.py KIND JSON_SPEC -> one JSON line on
+stdout. KIND is input | train | infer | crf. Every timing is taken after warm-up, over
+`steps` steps (or batches / images), with `time.perf_counter`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# The product's settings (seg_train.runtime.prepare_environment), before TensorFlow loads.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process or its largest child, e.g. a CRF worker (KiB)."""
+    return (
+        max(
+            resource.getrusage(who).ru_maxrss
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        )
+        / 1024
+    )
+
+
+def compose(overrides: list[str]):
+    """The composed Hydra config of a recipe, without Hydra's runtime (no run dir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        return hydra_compose("config", overrides=overrides)
+
+
+# ----- input pipeline ------------------------------------------------------------------------
+def timed(step, min_steps: int, min_seconds: float, max_steps: int = 100_000) -> tuple:
+    """Calls `step()` until both `min_steps` calls and `min_seconds` have passed.
+
+    Returns:
+        (calls, seconds): how many calls were timed and how long they took in all.
+    """
+    calls, start = 0, time.perf_counter()
+    while calls < max_steps:
+        step()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if calls >= min_steps and elapsed >= min_seconds:
+            break
+    return calls, elapsed
+
+
+def bench_input(spec: dict) -> dict:
+    import tensorflow as tf
+    from omegaconf import OmegaConf
+
+    from seg_train.data import pipeline
+
+    data = OmegaConf.create(spec["data"])
+    batch, crop = data.batch_size, list(data.crop_size)
+    variant = spec["variant"]
+    if spec["layout"] == "voc":
+        from seg_train.data.voc import VOCSource
+
+        source = VOCSource(spec["root"], num_classes=21)
+    else:
+        from seg_train.data.folder import FolderSource
+
+        source = FolderSource(spec["root"], num_classes=21)
+    if variant == "ours":
+        dataset = pipeline.train_dataset(source, data, seed=0, repeat=True)
+    elif variant == "decode_only":
+        # Our decoder alone (Pillow, parallel): the practical ceiling of any pipeline over
+        # these files; counted in single images.
+        dataset = pipeline.decoded_dataset(source, "train").repeat()
+        batch = 1
+    elif variant == "naive":
+        # The tutorials' pipeline: read_file -> decode -> resize -> batch, no parallel map,
+        # no prefetch. Like the tutorials it reads palette PNGs through tf.io (grey levels of
+        # the palette colours, not class ids): a speed reference only, its labels are wrong.
+        examples = source.examples("train")
+        files = tf.data.Dataset.from_tensor_slices(
+            ([e.image_path for e in examples], [e.mask_path for e in examples])
+        )
+
+        def load(image_path, mask_path):
+            image = tf.io.decode_jpeg(tf.io.read_file(image_path), channels=3)
+            mask = tf.io.decode_png(tf.io.read_file(mask_path), channels=1)
+            image = tf.image.resize(image, crop)
+            mask = tf.image.resize(mask, crop, method="nearest")
+            return image, mask
+
+        dataset = files.repeat().map(load).batch(batch)
+    else:
+        raise ValueError(variant)
+    # Warm-up: shuffle buffer filled, threads started, autotune settled.
+    iterator = iter(dataset)
+    for _ in range(spec["warmup"] * (data.batch_size if batch == 1 else 1)):
+        next(iterator)
+    calls, seconds = timed(lambda: next(iterator), spec["steps"], spec["min_seconds"])
+    return {"images_per_s": calls * batch / seconds, "seconds": seconds, "steps": calls}
+
+
+# ----- training ------------------------------------------------------------------------------
+class _StepTimer:
+    """Wall-clock stamps at each batch end; steady-state time per step after warm-up."""
+
+    def __init__(self, warmup: int):
+        import keras
+
+        timer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                timer.stamps.append(time.perf_counter())
+
+        self.warmup = warmup
+        self.stamps: list[float] = []
+        self.callback = Callback()
+
+    def stop_when(self, min_steps: int, min_seconds: float):
+        """A callback ending `fit` once `min_steps` steps and `min_seconds` are measured."""
+        import keras
+
+        timer = self
+
+        class Stop(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                measured = timer.stamps[timer.warmup - 1 :]
+                if len(measured) > min_steps and measured[-1] - measured[0] >= min_seconds:
+                    self.model.stop_training = True
+
+        return Stop()
+
+    def seconds_per_step(self) -> float:
+        stamps = self.stamps[self.warmup - 1 :]
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    @property
+    def measured_steps(self) -> int:
+        return len(self.stamps) - self.warmup
+
+
+def _synthetic_batch(crop, batch, classes):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch, *crop, 3)).astype(np.float32)
+    labels = rng.integers(0, classes, (batch, *crop)).astype(np.uint8)
+    return images, labels
+
+
+def bench_train(spec: dict) -> dict:
+    import keras
+    import tensorflow as tf
+    from hydra.utils import instantiate
+
+    from seg_train import resume, training
+    from seg_train.callbacks import DataStallMonitor
+    from seg_train.data import pipeline
+
+    out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
+    cfg = compose(
+        spec["overrides"]
+        + [
+            f"paths.output_dir={out}",
+            f"paths.cache_dir={out}",
+            f"trainer.jit_compile={spec['jit']}",
+        ]
+    )
+    keras.utils.set_random_seed(0)
+    crop, batch = list(cfg.data.crop_size), cfg.data.batch_size
+    images, labels = _synthetic_batch(crop, batch, min(cfg.data.num_classes, 3))
+    # One batch in memory, repeated: the model is measured, not the disk.
+    tensors = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    warmup, steps, min_seconds = spec["warmup"], spec["steps"], spec["min_seconds"]
+    timer = _StepTimer(warmup)
+    model = instantiate(cfg.model, _convert_="all")
+    result = {"params": model.count_params()}
+    stall_monitor = None
+    if spec["variant"] == "bare":
+        model.compile(
+            optimizer=keras.optimizers.Adam(),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=spec["jit"],
+        )
+        train_model, callbacks = model, [timer.callback, timer.stop_when(steps, min_seconds)]
+    else:
+        # Our path, as train.py runs it: parameter groups, loss, mean IoU, every default
+        # callback (checkpoint, CSV, TensorBoard, prediction images, data stall), NaN guard,
+        # backups.
+        train_model = training.training_view(model)
+        training.compile_model(
+            train_model, cfg, warmup + spec["max_steps"], lambda: [1.0] * cfg.data.num_classes
+        )
+        callbacks = [resume.NaNGuard("bench")]
+        callbacks += training.build_callbacks(cfg, (images[:2], labels[:2]), model, train_model)
+        checkpoint = next(
+            (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
+        )
+        callbacks.append(
+            resume.BackupCallback(
+                out, cfg.trainer.backup_every_steps, checkpoint, resume.TrainingState()
+            )
+        )
+        callbacks += [timer.callback, timer.stop_when(steps, min_seconds)]
+        stall_monitor = next((c for c in callbacks if isinstance(c, DataStallMonitor)), None)
+        tensors = training.labels_per_output(tensors, training.output_names(train_model))
+    train_model.fit(
+        tensors,
+        epochs=1,
+        steps_per_epoch=warmup + spec["max_steps"],
+        callbacks=callbacks,
+        verbose=0,
+    )
+    seconds = timer.seconds_per_step()
+    result.update(
+        seconds_per_step=seconds,
+        images_per_s=batch / seconds,
+        crop=crop,
+        batch=batch,
+        steps=timer.measured_steps,
+    )
+    if stall_monitor is not None and spec.get("stall_root") and not spec["jit"]:
+        # The data stall with the real input pipeline at the recipe's crop and batch, on the
+        # generated VOC-layout files.
+        from seg_train.data.voc import VOCSource
+
+        source = VOCSource(spec["stall_root"], num_classes=21)
+        real = pipeline.train_dataset(source, cfg.data, seed=0, repeat=True)
+        real = training.labels_per_output(real, training.output_names(train_model))
+        train_model.fit(
+            real,
+            epochs=2,
+            initial_epoch=1,
+            steps_per_epoch=spec["stall_steps"],
+            callbacks=[stall_monitor],
+            verbose=0,
+        )
+        result["data_stall"] = stall_monitor.history[-1] if stall_monitor.history else None
+    return result
+
+
+# ----- inference -----------------------------------------------------------------------------
+def bench_infer(spec: dict) -> dict:
+    import numpy as np
+    import tensorflow as tf
+    from hydra.utils import instantiate
+
+    from seg_train.predict import Predictor
+
+    out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
+    cfg = compose(spec["overrides"] + [f"paths.output_dir={out}"])
+    crop = list(cfg.data.crop_size)
+    model = instantiate(cfg.model, _convert_="all")
+    rng = np.random.default_rng(0)
+    net = tf.function(lambda x: model(x, training=False))
+    result = {"crop": crop}
+    for batch in spec["batches"]:
+        images = tf.constant(rng.uniform(0, 255, (batch, *crop, 3)).astype(np.float32))
+        for _ in range(spec["warmup"]):
+            net(images).numpy()
+        calls, seconds = timed(lambda x=images: net(x).numpy(), spec["steps"], spec["min_seconds"])
+        result[f"b{batch}"] = batch * calls / seconds
+    # Predictor (one image at a time, at its own size, padded to 32), without and with TTA
+    # (scales and flip).
+    image = rng.integers(0, 256, (*crop, 3), dtype=np.uint8)
+    for key, predictor in (
+        ("b1_predictor", Predictor(model)),
+        ("b1_tta", Predictor(model, scales=spec["tta_scales"], flip=True)),
+    ):
+        for _ in range(spec["warmup"]):
+            predictor.labels(image)
+        calls, seconds = timed(
+            lambda p=predictor: p.labels(image), spec["steps"], spec["min_seconds"]
+        )
+        result[key] = calls / seconds
+    return result
+
+
+# ----- CRF -----------------------------------------------------------------------------------
+def bench_crf(spec: dict) -> dict:
+    import numpy as np
+
+    from seg_train.postprocess.crf import CRFParams, CRFRunner
+
+    rng = np.random.default_rng(0)
+    height, width, classes = spec["height"], spec["width"], spec["classes"]
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    logits = rng.normal(0, 1, (height // 25 + 1, width // 25 + 1, classes)).astype(np.float32)
+    logits = np.repeat(np.repeat(logits, 25, 0), 25, 1)[:height, :width]
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    runner = CRFRunner(CRFParams(), workers=spec["workers"])
+    items = [(image, probabilities, i) for i in range(spec["images"])]
+    list(runner.map(items[:1]))  # warm-up (imports, first allocation)
+    start = time.perf_counter()
+    # Pool start-up included: CRFRunner starts its pool per stream, as evaluation does.
+    list(runner.map(items))
+    elapsed = time.perf_counter() - start
+    return {
+        "ms_per_image": 1e3 * elapsed / spec["images"],
+        "images": spec["images"],
+        "workers": runner.workers,
+    }
+
+
+def main() -> None:
+    kind, spec = sys.argv[1], json.loads(sys.argv[2])
+    result = {"input": bench_input, "train": bench_train, "infer": bench_infer, "crf": bench_crf}[
+        kind
+    ](spec)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

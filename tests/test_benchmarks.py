@@ -1,0 +1,140 @@
+"""benchmarks/run_all.py on the tiniest settings: one measurement of each kind, then the table
+and the JSON structure. Figures are not checked (speed is the scripts' business)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import run_all  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_generated_files_are_voc_and_folder_layouts(tmp_path):
+    from PIL import Image
+
+    run_all.generate_voc_like(tmp_path, 2)
+    image = Image.open(tmp_path / "voc" / "JPEGImages" / "2007_000000.jpg")
+    mask = Image.open(tmp_path / "voc" / "SegmentationClass" / "2007_000000.png")
+    assert image.size == (500, 375) and image.format == "JPEG"
+    assert mask.mode == "P" and mask.size == (500, 375)
+    assert (tmp_path / "folder" / "splits" / "train.txt").read_text().split() == [
+        "2007_000000",
+        "2007_000001",
+    ]
+
+
+def test_one_of_each_then_table(tmp_path):
+    run_all.generate_voc_like(tmp_path / "data", 4)
+    data = {
+        "batch_size": 2,
+        "crop_size": [32, 32],
+        "scale_range": [1.0, 1.0],
+        "hflip": False,
+        "flip_pairs": [],
+        "jitter": {},
+        "cache": False,
+        "shuffle_buffer": 8,
+        "num_parallel_calls": 1,
+        "ignore_label": 255,
+    }
+    results = {
+        "machine": run_all.machine_info() | {"mode": "test"},
+        "input": {},
+        "train": {},
+        "infer": {},
+        "crf": {},
+    }
+    for variant in ("ours", "naive", "decode_only"):
+        results["input"][f"voc/{variant}"] = run_all.run_worker(
+            "input",
+            {
+                "layout": "voc",
+                "variant": variant,
+                "data": data,
+                "root": str(tmp_path / "data" / "voc"),
+                "steps": 1,
+                "warmup": 1,
+                "min_seconds": 0,
+            },
+        )
+    overrides = [
+        "model=unet",
+        "model.base_filters=4",
+        "model.depth=2",
+        *run_all.COMMON,
+        "data.crop_size=[32,32]",
+        "data.batch_size=1",
+    ]
+    for variant in ("bare", "ours"):
+        results["train"][f"unet/{variant}"] = run_all.run_worker(
+            "train",
+            {
+                "variant": variant,
+                "overrides": overrides,
+                "jit": False,
+                "warmup": 1,
+                "steps": 2,
+                "min_seconds": 0,
+                "max_steps": 4,
+                "stall_root": str(tmp_path / "data" / "voc"),
+                "stall_steps": 2,
+            },
+        )
+    results["infer"]["unet"] = run_all.run_worker(
+        "infer",
+        {
+            "overrides": overrides,
+            "batches": [1, 2],
+            "warmup": 1,
+            "steps": 1,
+            "min_seconds": 0,
+            "tta_scales": [1.0],
+        },
+    )
+    results["crf"]["workers=1"] = run_all.run_worker(
+        "crf", {"workers": 1, "height": 30, "width": 40, "classes": 3, "images": 1}
+    )
+
+    for group in ("input", "train", "infer", "crf"):
+        for key, result in results[group].items():
+            assert "error" not in result, (key, result)
+            assert result["peak_rss_mb"] > 0
+    assert results["train"]["unet/ours"]["data_stall"] is not None
+    assert {"images_per_s", "seconds_per_step", "crop", "batch"} <= set(
+        results["train"]["unet/bare"]
+    )
+
+    table = run_all.render(results)
+    assert table.startswith("**Machine**: ")
+    for header in ("| input pipeline", "| training", "| inference", "| dense CRF"):
+        assert header in table
+    assert "voc/naive" in table and "| unet | 32x32 x 1 |" in table
+    json.loads(json.dumps(results))  # what run() writes to results.json
+
+
+def test_main_writes_table_and_json(tmp_path, monkeypatch, capsys):
+    def fake_run(quick, out):
+        results = {
+            "machine": run_all.machine_info() | {"mode": "quick"},
+            "input": {},
+            "train": {},
+            "infer": {},
+            "crf": {},
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results))
+        (out / "table.md").write_text(run_all.render(results))
+        return results
+
+    monkeypatch.setattr(run_all, "run", fake_run)
+    run_all.main(["--quick", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.startswith("**Machine**")
+    assert json.loads((tmp_path / "results.json").read_text())["machine"]["mode"] == "quick"
+    assert (tmp_path / "table.md").is_file()
