@@ -36,12 +36,12 @@ else
   fi
 fi
 
-mkdir -p logs
-log="logs/${experiment}_$(date +%Y-%m-%d_%H-%M-%S).log"
 command=(.venv/bin/seg-train "experiment=${experiment}" "${hardware[@]}" "$@")
 if [ "${DRY_RUN:-0}" = "1" ]; then
   echo "${command[*]}"
   exit 0
 fi
+mkdir -p logs
+log="logs/${experiment}_$(date +%Y-%m-%d_%H-%M-%S).log"
 echo "Logging to ${log}"
 "${command[@]}" 2>&1 | tee "$log"
