@@ -153,6 +153,26 @@ def read_id_list(path: Path, what: str) -> list[str]:
     return ids
 
 
+def pair_listed_ids(split_file: Path, what: str, image_dir: Path, mask_dir: Path
+                    ) -> tuple[list[Example], list[DataError]]:
+    """Pairs `image_dir/<id>.jpg` with `mask_dir/<id>.png` for every id of a split file.
+
+    Returns:
+        (complete examples in file order, one `DataError` per missing image or mask).
+    """
+    examples, problems = [], []
+    for image_id in read_id_list(split_file, what):
+        image = image_dir / f"{image_id}.jpg"
+        mask = mask_dir / f"{image_id}.png"
+        if not image.is_file():
+            problems.append(DataError(image, f"missing (id listed in {split_file})"))
+        elif not mask.is_file():
+            problems.append(DataError(mask, f"missing (id listed in {split_file})"))
+        else:
+            examples.append(Example(str(image), str(mask)))
+    return examples, problems
+
+
 def subdir_hint(root: Path, candidates: Iterable[str]) -> str:
     """' (did you mean data.root=...?)' when the layout sits one level deeper, else ''."""
     for candidate in candidates:

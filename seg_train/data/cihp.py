@@ -29,7 +29,7 @@ from seg_train.data.base import (
     DataError,
     Example,
     FileSource,
-    read_id_list,
+    pair_listed_ids,
     subdir_hint,
 )
 from seg_train.errors import UserError
@@ -125,15 +125,6 @@ class CIHPSource(FileSource):
     def scan(self, split: str) -> tuple[list[Example], list[DataError]]:
         folder, id_file = SPLIT_FILES[split]
         base = self.root / folder
-        split_file = base / id_file
-        examples, problems = [], []
-        for image_id in read_id_list(split_file, f"CIHP split '{split}'"):
-            image = base / "Images" / f"{image_id}.jpg"
-            mask = base / "Category_ids" / f"{image_id}.png"
-            if not image.is_file():
-                problems.append(DataError(image, f"missing (id listed in {split_file})"))
-            elif not mask.is_file():
-                problems.append(DataError(mask, f"missing (id listed in {split_file})"))
-            else:
-                examples.append(Example(str(image), str(mask)))
-        return examples, problems
+        return pair_listed_ids(
+            base / id_file, f"CIHP split '{split}'", base / "Images", base / "Category_ids"
+        )

@@ -22,7 +22,7 @@ from seg_train.data.base import (
     DataError,
     Example,
     FileSource,
-    read_id_list,
+    pair_listed_ids,
     subdir_hint,
 )
 from seg_train.errors import UserError
@@ -96,14 +96,6 @@ class VOCSource(FileSource):
 
     def scan(self, split: str) -> tuple[list[Example], list[DataError]]:
         split_file, mask_dir = self._split_file_and_masks(split)
-        examples, problems = [], []
-        for image_id in read_id_list(split_file, f"VOC split '{split}'"):
-            image = self.root / "JPEGImages" / f"{image_id}.jpg"
-            mask = mask_dir / f"{image_id}.png"
-            if not image.is_file():
-                problems.append(DataError(image, f"missing (id listed in {split_file})"))
-            elif not mask.is_file():
-                problems.append(DataError(mask, f"missing (id listed in {split_file})"))
-            else:
-                examples.append(Example(str(image), str(mask)))
-        return examples, problems
+        return pair_listed_ids(
+            split_file, f"VOC split '{split}'", self.root / "JPEGImages", mask_dir
+        )
