@@ -153,21 +153,27 @@ def read_id_list(path: Path, what: str) -> list[str]:
     return ids
 
 
-def pair_listed_ids(split_file: Path, what: str, image_dir: Path, mask_dir: Path
-                    ) -> tuple[list[Example], list[DataError]]:
-    """Pairs `image_dir/<id>.jpg` with `mask_dir/<id>.png` for every id of a split file.
+def pair_ids(ids: Iterable[str], listed_in: str, image_dir: Path, mask_dir: Path
+             ) -> tuple[list[Example], list[DataError]]:
+    """Pairs `image_dir/<id>.jpg` with `mask_dir/<id>.png` for every id.
+
+    Args:
+        ids: Example ids in order.
+        listed_in: Where the ids come from, quoted in the problem of a missing file.
+        image_dir: Folder of the `<id>.jpg` images.
+        mask_dir: Folder of the `<id>.png` masks.
 
     Returns:
-        (complete examples in file order, one `DataError` per missing image or mask).
+        (complete examples in order, one `DataError` per missing image or mask).
     """
     examples, problems = [], []
-    for image_id in read_id_list(split_file, what):
+    for image_id in ids:
         image = image_dir / f"{image_id}.jpg"
         mask = mask_dir / f"{image_id}.png"
         if not image.is_file():
-            problems.append(DataError(image, f"missing (id listed in {split_file})"))
+            problems.append(DataError(image, f"missing ({listed_in})"))
         elif not mask.is_file():
-            problems.append(DataError(mask, f"missing (id listed in {split_file})"))
+            problems.append(DataError(mask, f"missing ({listed_in})"))
         else:
             examples.append(Example(str(image), str(mask)))
     return examples, problems

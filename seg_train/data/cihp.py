@@ -29,7 +29,8 @@ from seg_train.data.base import (
     DataError,
     Example,
     FileSource,
-    pair_listed_ids,
+    pair_ids,
+    read_id_list,
     subdir_hint,
 )
 from seg_train.errors import UserError
@@ -125,6 +126,8 @@ class CIHPSource(FileSource):
     def scan(self, split: str) -> tuple[list[Example], list[DataError]]:
         folder, id_file = SPLIT_FILES[split]
         base = self.root / folder
-        return pair_listed_ids(
-            base / id_file, f"CIHP split '{split}'", base / "Images", base / "Category_ids"
+        split_file = base / id_file
+        ids = read_id_list(split_file, f"CIHP split '{split}'")
+        return pair_ids(
+            ids, f"id listed in {split_file}", base / "Images", base / "Category_ids"
         )

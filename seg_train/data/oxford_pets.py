@@ -43,6 +43,7 @@ from seg_train.data.base import (
     Pair,
     Source,
     label_counts,
+    pair_ids,
     read_id_list,
     read_image,
     read_mask,
@@ -159,17 +160,12 @@ class OxfordPetsRaw(_Trimaps, FileSource):
                             "has train (trainval.txt) and test (test.txt)")
         lists = {name: read_id_list(self.root / RAW_LISTS[name], f"data.splits.{split}={spec}")
                  for name in sorted(referenced)}
-        examples, problems = [], []
-        for name in slice_ids(spec, lists):
-            image = self.root / "images" / f"{name}.jpg"
-            trimap = self.root / "annotations" / "trimaps" / f"{name}.png"
-            if not image.is_file():
-                problems.append(DataError(image, f"missing (listed in data.splits.{split})"))
-            elif not trimap.is_file():
-                problems.append(DataError(trimap, f"missing (listed in data.splits.{split})"))
-            else:
-                examples.append(Example(str(image), str(trimap)))
-        return examples, problems
+        return pair_ids(
+            slice_ids(spec, lists),
+            f"listed in data.splits.{split}",
+            self.root / "images",
+            self.root / "annotations" / "trimaps",
+        )
 
     def read_label(self, path: str) -> np.ndarray:
         return self.labels(read_mask(path), path)

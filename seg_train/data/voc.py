@@ -22,7 +22,8 @@ from seg_train.data.base import (
     DataError,
     Example,
     FileSource,
-    pair_listed_ids,
+    pair_ids,
+    read_id_list,
     subdir_hint,
 )
 from seg_train.errors import UserError
@@ -96,6 +97,5 @@ class VOCSource(FileSource):
 
     def scan(self, split: str) -> tuple[list[Example], list[DataError]]:
         split_file, mask_dir = self._split_file_and_masks(split)
-        return pair_listed_ids(
-            split_file, f"VOC split '{split}'", self.root / "JPEGImages", mask_dir
-        )
+        ids = read_id_list(split_file, f"VOC split '{split}'")
+        return pair_ids(ids, f"id listed in {split_file}", self.root / "JPEGImages", mask_dir)
