@@ -60,6 +60,32 @@ def timed(step, min_steps: int, min_seconds: float, max_steps: int = 100_000) ->
     return calls, elapsed
 
 
+def _file_pairs(source):
+    """The split's (image path, mask path) pairs as a dataset, for the reference pipelines."""
+    import tensorflow as tf
+
+    examples = source.examples("train")
+    return tf.data.Dataset.from_tensor_slices(
+        ([e.image_path for e in examples], [e.mask_path for e in examples])
+    )
+
+
+def _naive(files, crop, batch):
+    """The tutorials' pipeline: read_file -> decode -> resize -> batch, no parallel map, no
+    prefetch. Like the tutorials it reads palette PNGs through tf.io (grey levels of the
+    palette colours, not class ids): a speed reference only, its labels are wrong."""
+    import tensorflow as tf
+
+    def load(image_path, mask_path):
+        image = tf.io.decode_jpeg(tf.io.read_file(image_path), channels=3)
+        mask = tf.io.decode_png(tf.io.read_file(mask_path), channels=1)
+        image = tf.image.resize(image, crop)
+        mask = tf.image.resize(mask, crop, method="nearest")
+        return image, mask
+
+    return files.repeat().map(load).batch(batch)
+
+
 def bench_input(spec: dict) -> dict:
     import tensorflow as tf
     from omegaconf import OmegaConf
@@ -77,35 +103,47 @@ def bench_input(spec: dict) -> dict:
         from seg_train.data.folder import FolderSource
 
         source = FolderSource(spec["root"], num_classes=21)
-    if variant == "ours":
+    if variant in ("ours", "ours_no_cache"):
+        # ours: the defaults (data.cache=auto, which caches these few files); ours_no_cache:
+        # every epoch decodes, as on a dataset too large to cache.
+        if variant == "ours_no_cache":
+            data.cache = False
         dataset = pipeline.train_dataset(source, data, seed=0, repeat=True)
-    elif variant == "decode_only":
-        # Our decoder alone (Pillow, parallel): the practical ceiling of any pipeline over
-        # these files; counted in single images.
+    elif variant == "ours_decode":
+        # Our decode alone (in-graph decode + checks, Pillow fallback), single images.
         dataset = pipeline.decoded_dataset(source, "train").repeat()
         batch = 1
+    elif variant == "decode_only":
+        # TensorFlow's own decoders, parallel, nothing else: the practical ceiling of any
+        # pipeline over these files (single images). tf.io reads palette PNGs as grey levels
+        # of the colours: a speed reference only.
+        files = _file_pairs(source)
+        dataset = files.repeat().map(
+            lambda image_path, mask_path: (
+                tf.io.decode_jpeg(tf.io.read_file(image_path), channels=3),
+                tf.io.decode_png(tf.io.read_file(mask_path), channels=1),
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        ).prefetch(tf.data.AUTOTUNE)
+        batch = 1
     elif variant == "naive":
-        # The tutorials' pipeline: read_file -> decode -> resize -> batch, no parallel map,
-        # no prefetch. Like the tutorials it reads palette PNGs through tf.io (grey levels of
-        # the palette colours, not class ids): a speed reference only, its labels are wrong.
-        examples = source.examples("train")
-        files = tf.data.Dataset.from_tensor_slices(
-            ([e.image_path for e in examples], [e.mask_path for e in examples])
-        )
-
-        def load(image_path, mask_path):
-            image = tf.io.decode_jpeg(tf.io.read_file(image_path), channels=3)
-            mask = tf.io.decode_png(tf.io.read_file(mask_path), channels=1)
-            image = tf.image.resize(image, crop)
-            mask = tf.image.resize(mask, crop, method="nearest")
-            return image, mask
-
-        dataset = files.repeat().map(load).batch(batch)
+        dataset = _naive(_file_pairs(source), crop, batch)
+    elif variant == "naive_sequential":
+        # The same, as the tutorials meant it: tf.data's default optimisations parallelise a
+        # stateless map and add a prefetch by themselves; here both are switched off.
+        options = tf.data.Options()
+        options.experimental_optimization.map_parallelization = False
+        options.experimental_optimization.inject_prefetch = False
+        dataset = _naive(_file_pairs(source), crop, batch).with_options(options)
     else:
         raise ValueError(variant)
-    # Warm-up: shuffle buffer filled, threads started, autotune settled.
+    # Warm-up: shuffle buffer filled, threads started, autotune settled, and (for a cached
+    # pipeline) the first epoch, which fills the cache, done.
     iterator = iter(dataset)
-    for _ in range(spec["warmup"] * (data.batch_size if batch == 1 else 1)):
+    warmup = spec["warmup"] * (data.batch_size if batch == 1 else 1)
+    if variant == "ours":
+        warmup = max(warmup, source.num_examples("train") // batch + 2)
+    for _ in range(warmup):
         next(iterator)
     calls, seconds = timed(lambda: next(iterator), spec["steps"], spec["min_seconds"])
     return {"images_per_s": calls * batch / seconds, "seconds": seconds, "steps": calls}
@@ -143,8 +181,11 @@ class _StepTimer:
         return Stop()
 
     def seconds_per_step(self) -> float:
-        stamps = self.stamps[self.warmup - 1 :]
-        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        """The median interval between batch ends: one step slowed by another process on a
+        shared machine does not move it."""
+        import numpy as np
+
+        return float(np.median(np.diff(self.stamps[self.warmup - 1 :])))
 
     @property
     def measured_steps(self) -> int:
@@ -189,8 +230,11 @@ def bench_train(spec: dict) -> dict:
     result = {"params": model.count_params()}
     stall_monitor = None
     if spec["variant"] == "bare":
+        # The recipe's own Keras optimizer (same class and settings) without our parameter
+        # groups, schedule and decay; plain cross-entropy; no metrics, no callbacks.
+        optimizer = instantiate(cfg.optimizer.inner, learning_rate=cfg.optimizer.learning_rate)
         model.compile(
-            optimizer=keras.optimizers.Adam(),
+            optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=spec["jit"],
         )

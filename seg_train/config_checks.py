@@ -53,6 +53,11 @@ def boolean(key: str, value: Any) -> None:
         raise UserError(f"config key {key} must be true or false, got {value!r}")
 
 
+def auto_or_boolean(key: str, value: Any) -> None:
+    if value != "auto" and not isinstance(value, bool):
+        raise UserError(f"config key {key} must be auto, true or false, got {value!r}")
+
+
 def size_hw(key: str, value: Any) -> None:
     ok = OmegaConf.is_list(value) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value)
     if not ok:
@@ -92,7 +97,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "data.crop_size": size_hw,
     "data.scale_range": scale_range,
     "data.hflip": boolean,
-    "data.cache": boolean,
+    "data.cache": auto_or_boolean,
     "data.shuffle_buffer": positive_int,
     "data.num_parallel_calls": optional_positive_int,
     "optimizer.learning_rate": positive_number,
@@ -106,7 +111,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "infer.recursive": boolean,
     "trainer.deterministic": boolean,
     "trainer.backups": boolean,
-    "trainer.jit_compile": lambda k, v: v == "auto" or boolean(k, v),
+    "trainer.jit_compile": auto_or_boolean,
     "hardware.devices": device_list,
     "hardware.cpu_logical_devices": optional_positive_int,
     "hardware.gpus_per_job": optional_positive_int,

@@ -226,6 +226,8 @@ class Source:
     splits: tuple[str, ...] = ("train", "val")
     #: The dataset's intrinsic class count, if it has one; a contradicting num_classes fails.
     dataset_num_classes: int | None = None
+    #: Records hold file paths rather than encoded bytes.
+    records_are_paths = False
 
     def __init__(self, num_classes: int | None = None, ignore_label: int = IGNORE_LABEL,
                  on_error: str = "raise"):
@@ -256,6 +258,23 @@ class Source:
     def records(self, split: str) -> tf.data.Dataset:
         """The split's `(name, image, mask)` string records; see the module docstring."""
         raise NotImplementedError
+
+    def label_lookup(self) -> np.ndarray | None:
+        """The mask -> label mapping as a table the tf.data graph can apply, if there is one.
+
+        Returns:
+            int32 [256]: the label of each raw mask value, -1 for a value only `load` may
+            judge (out of range, or not a value the dataset uses); or None when masks need
+            `load` (e.g. mattes thresholded from any image mode). See `graph_decode.py`.
+        """
+        return None
+
+    def checked_lookup(self, labels: np.ndarray) -> np.ndarray:
+        """`labels` (a raw value -> label table) with the labels `problems` rejects set to -1."""
+        table = labels.astype(np.int32)
+        if self.num_classes is not None:
+            table[(table >= self.num_classes) & (table != self.ignore_label)] = -1
+        return table
 
     def load(self, name: str, image: bytes, mask: bytes) -> Pair:
         """Decodes one record; raises `DataError` for unreadable data."""
@@ -321,6 +340,8 @@ class FileSource(Source):
 
     #: A one-line picture of the expected tree, for the missing-root message.
     layout = "root/"
+    #: Records hold file paths (read in the graph), not encoded bytes.
+    records_are_paths = True
 
     def __init__(self, root: str | None, num_classes: int | None = None,
                  ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
@@ -381,6 +402,13 @@ class FileSource(Source):
     def read_label(self, path: str) -> np.ndarray:
         """Reads a mask file as class ids (override to apply a label mapping)."""
         return read_mask(path)
+
+    def label_lookup(self) -> np.ndarray | None:
+        # Pixel values are the ids, unless a subclass maps them in its own `read_label` (it
+        # then says how in its own `label_lookup`, or its masks go through Python).
+        if type(self).read_label is not FileSource.read_label:
+            return None
+        return self.checked_lookup(np.arange(256))
 
     def load(self, name: str, image: bytes | str, mask: bytes | str) -> Pair:
         image_file = image.decode() if isinstance(image, bytes) else image

@@ -78,9 +78,15 @@ def trimap_to_labels(trimap: np.ndarray, border_as_ignore: bool = False,
     if unexpected:
         raise DataError(file, f"trimap holds value(s) {unexpected}; expected only 1 = pet, "
                         "2 = background, 3 = border")
-    table = np.arange(256, dtype=np.uint8)
+    return trimap_table(border_as_ignore, ignore_label).astype(np.uint8)[trimap]
+
+
+def trimap_table(border_as_ignore: bool = False, ignore_label: int = IGNORE_LABEL
+                 ) -> np.ndarray:
+    """The trimap value -> class id table (int32 [256]); values other than 1, 2, 3 map to -1."""
+    table = np.full(256, -1, np.int32)
     table[1], table[2], table[3] = 0, 1, (ignore_label if border_as_ignore else 2)
-    return table[trimap]
+    return table
 
 
 class _Trimaps:
@@ -107,6 +113,9 @@ class _Trimaps:
 
     def labels(self, trimap: np.ndarray, file: str) -> np.ndarray:
         return trimap_to_labels(trimap, self.border_as_ignore, self.ignore_label, file)
+
+    def label_lookup(self) -> np.ndarray:
+        return self.checked_lookup(trimap_table(self.border_as_ignore, self.ignore_label))
 
 
 def _check_split_specs(splits: Mapping[str, str]) -> dict[str, str]:

@@ -1,13 +1,14 @@
 """The one shared parser: decoded (uint8 image, uint8 mask) pairs -> batched training tensors.
 
-Every dataset goes through the same steps: parallel decode (with `data.on_error` deciding what a
-broken file does), optional cache, shuffle, joint random scale / crop (padding labels with the
-ignore value) / horizontal flip (swapping left/right class ids where the dataset has them),
-optional photometric jitter, batching and prefetch. Labels are only ever resized
-nearest-neighbour, so augmentation never invents a class. Images leave as float32 in 0..255;
-each model normalises them in its own first layer, so train, eval, infer and export cannot
-disagree about preprocessing. Evaluation reads `decoded_dataset` directly: no augmentation, and
-labels at their original resolution.
+Every dataset goes through the same steps: parallel decode (in the graph for plain JPEGs and
+PNG masks, see `graph_decode.py`; `data.on_error` decides what a broken file does), a cache of
+the decoded examples when they fit in memory (`data.cache`), shuffle, joint random scale / crop
+(padding labels with the ignore value; only the cropped part is resized) / horizontal flip
+(swapping left/right class ids where the dataset has them), optional photometric jitter,
+batching and prefetch. Labels are only ever resized nearest-neighbour, so augmentation never
+invents a class. Images leave as float32 in 0..255; each model normalises them in its own first
+layer, so train, eval, infer and export cannot disagree about preprocessing. Evaluation reads
+`decoded_dataset` directly: no augmentation, and labels at their original resolution.
 
 Random choices use stateless ops seeded per element from `tf.data.Dataset.random`, so a run is
 reproducible under parallel `map` and differs from epoch to epoch.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,12 +28,15 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
+from seg_train.data import graph_decode
 from seg_train.data.base import DataError, Source
 from seg_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE = tf.data.AUTOTUNE
+# data.cache=auto keeps a split in memory if its decoded examples take less than this.
+AUTO_CACHE_MAX_BYTES = 4 * 2**30
 # A `DataError` raised inside the decode op reaches Python as a TensorFlow error whose message
 # holds "DataError: <file>: <problem>" followed by the Python traceback.
 _DATA_ERROR = re.compile(r"DataError: ([^\n]+)")
@@ -64,8 +69,11 @@ class _SkipCounter:
 SKIPPED = _SkipCounter()
 
 
-def _decode_op(source: Source):
-    """The map function: (name, image, mask) record -> (image, mask, ok) with error handling."""
+def _python_decode_op(source: Source):
+    """(name, image, mask) record -> (image, mask, ok) through `source.load` (Pillow).
+
+    The reference decode: every format, and the `DataError` naming a broken file.
+    """
 
     def load(name: bytes, image: bytes, mask: bytes):
         try:
@@ -87,6 +95,39 @@ def _decode_op(source: Source):
         mask.set_shape([None, None])
         ok.set_shape([])
         return image, mask, ok
+
+    return decode
+
+
+def _decode_op(source: Source):
+    """The map function: (name, image, mask) record -> (image, mask, ok).
+
+    Plain JPEGs with grey or palette PNG masks decode in the graph (`graph_decode.py`); any
+    other file, and any pair the graph's checks doubt (sizes differ, a raw value the label
+    table does not accept), goes through `_python_decode_op`, which decodes it the same way or
+    names what is wrong.
+    """
+    python_decode = _python_decode_op(source)
+    lookup = source.label_lookup()
+    if lookup is None:
+        return python_decode
+    table = graph_decode.LabelTable(lookup)
+
+    def decode(name, image, mask):
+        image_bytes = tf.io.read_file(image) if source.records_are_paths else image
+        mask_bytes = tf.io.read_file(mask) if source.records_are_paths else mask
+        mask_readable, mask_png = graph_decode.mask_png_plan(mask_bytes)
+
+        def in_graph():
+            pixels = graph_decode.decode_image_jpeg(image_bytes)
+            raw = graph_decode.decode_mask_png(mask_png)
+            same_size = tf.reduce_all(tf.equal(tf.shape(raw), tf.shape(pixels)[:2]))
+            return tf.cond(tf.logical_and(same_size, table.accepts(raw)),
+                           lambda: (pixels, table.labels(raw), tf.constant(True)),
+                           lambda: python_decode(name, image, mask))
+
+        return tf.cond(tf.logical_and(graph_decode.is_plain_jpeg(image_bytes), mask_readable),
+                       in_graph, lambda: python_decode(name, image, mask))
 
     return decode
 
@@ -169,38 +210,62 @@ def resize_pair(image: tf.Tensor, mask: tf.Tensor, size: tf.Tensor | Sequence[in
     return image, mask
 
 
-def random_scale(image: tf.Tensor, mask: tf.Tensor, scale_range: Sequence[float],
-                 seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Rescales image and mask together by a factor drawn uniformly from `scale_range`."""
+def _source_span(size: tf.Tensor, scaled_size: tf.Tensor, start: tf.Tensor, count: tf.Tensor
+                 ) -> tuple[tf.Tensor, tf.Tensor]:
+    """The source rows [first, end) behind rows [start, start + count) of a rescaled axis."""
+    ratio = tf.cast(size, tf.float32) / tf.cast(scaled_size, tf.float32)
+    first = tf.cast(tf.floor(tf.cast(start, tf.float32) * ratio), tf.int32)
+    first = tf.clip_by_value(first, 0, size - 1)
+    end = tf.cast(tf.math.ceil(tf.cast(start + count, tf.float32) * ratio), tf.int32)
+    return first, tf.clip_by_value(end, first + 1, size)
+
+
+def _nearest_rows(first: tf.Tensor, end: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """The rows tf.image.resize(method="nearest") samples when it resizes rows [first, end) to
+    `count` rows: floor((i + 0.5) * scale), half-pixel centres. Two gathers with these indices
+    give its exact result at a fraction of its cost on a uint8 mask."""
+    scale = tf.cast(end - first, tf.float32) / tf.cast(count, tf.float32)
+    offsets = tf.cast(tf.floor((tf.cast(tf.range(count), tf.float32) + 0.5) * scale), tf.int32)
+    return first + tf.minimum(offsets, end - first - 1)
+
+
+def random_scaled_crop(image: tf.Tensor, mask: tf.Tensor, scale_range: Sequence[float],
+                       size: Sequence[int], ignore_label: int, seed: tf.Tensor
+                       ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random scale, then a random `size` crop (padded where the scaled image is smaller).
+
+    Equivalent to rescaling the whole pair by a factor drawn from `scale_range`, padding it
+    bottom/right to `size` (image 0, mask `ignore_label`) and cutting a random window, but only
+    the part of the image under the window is resized, so the cost follows the crop, not the
+    image. The window's source rows and columns are rounded outwards to whole pixels, which
+    changes the drawn scale by under one source pixel across the window; image (bilinear) and
+    mask (nearest) are resized from the same source window, so they stay aligned. At scale 1 the
+    crop is an exact copy.
+
+    Returns:
+        float32 image [size, size, 3] in 0..255 and a mask of the input dtype.
+    """
     low, high = float(scale_range[0]), float(scale_range[1])
-    if low == high == 1.0:
-        return tf.cast(image, tf.float32), mask
-    scale = tf.random.stateless_uniform([], seed, low, high)
-    hw = tf.cast(tf.shape(image)[:2], tf.float32)
-    new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
-    return resize_pair(image, mask, new_hw)
-
-
-def pad_to_size(image: tf.Tensor, mask: tf.Tensor, size: Sequence[int], ignore_label: int
-                ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Pads bottom/right to at least `size`: image with 0, mask with `ignore_label`."""
+    scale_seed, top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     hw = tf.shape(image)[:2]
-    pad_h = tf.maximum(size[0] - hw[0], 0)
-    pad_w = tf.maximum(size[1] - hw[1], 0)
-    image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
-    mask = tf.pad(mask, [[0, pad_h], [0, pad_w]], constant_values=ignore_label)
-    return image, mask
-
-
-def random_crop(image: tf.Tensor, mask: tf.Tensor, size: Sequence[int], seed: tf.Tensor
-                ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Crops the same random `size` window from image and mask (both at least `size`)."""
-    hw = tf.shape(image)[:2]
-    seeds = tf.random.experimental.stateless_split(seed, 2)
-    top = tf.random.stateless_uniform([], seeds[0], 0, hw[0] - size[0] + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([], seeds[1], 0, hw[1] - size[1] + 1, dtype=tf.int32)
-    image = image[top : top + size[0], left : left + size[1]]
-    mask = mask[top : top + size[0], left : left + size[1]]
+    scale = tf.random.stateless_uniform([], scale_seed, low, high)
+    scaled = hw if low == high == 1.0 else tf.maximum(
+        tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32), 1)
+    canvas = tf.maximum(scaled, size)
+    top = tf.random.stateless_uniform([], top_seed, 0, canvas[0] - size[0] + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], left_seed, 0, canvas[1] - size[1] + 1, dtype=tf.int32)
+    # The window's part that lies on the scaled image; the rest is padding.
+    height = tf.minimum(size[0], scaled[0] - top)
+    width = tf.minimum(size[1], scaled[1] - left)
+    row0, row1 = _source_span(hw[0], scaled[0], top, height)
+    col0, col1 = _source_span(hw[1], scaled[1], left, width)
+    image = tf.image.resize(tf.cast(image[row0:row1, col0:col1], tf.float32),
+                            tf.stack([height, width]), method="bilinear")
+    mask = tf.gather(tf.gather(mask, _nearest_rows(row0, row1, height)),
+                     _nearest_rows(col0, col1, width), axis=1)
+    padding = [[0, size[0] - height], [0, size[1] - width]]
+    image = tf.pad(image, padding + [[0, 0]])
+    mask = tf.pad(mask, padding, constant_values=ignore_label)
     return image, mask
 
 
@@ -282,12 +347,9 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, data: DictConfig
             ) -> tuple[tf.Tensor, tf.Tensor]:
     """The training transform: random scale, pad, random crop to `data.crop_size`, flip, jitter."""
     crop = list(data.crop_size)
-    scale_seed, crop_seed, flip_seed, jitter_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, 4)
-    )
-    image, mask = random_scale(image, mask, data.scale_range, scale_seed)
-    image, mask = pad_to_size(image, mask, crop, data.ignore_label)
-    image, mask = random_crop(image, mask, crop, crop_seed)
+    crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    image, mask = random_scaled_crop(image, mask, data.scale_range, crop, data.ignore_label,
+                                     crop_seed)
     if data.hflip:
         image, mask = random_hflip(image, mask, flip_seed, data.get("flip_pairs"))
     image = color_jitter(image, jitter_seed, data.get("jitter"))
@@ -296,11 +358,47 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, data: DictConfig
     return image, mask
 
 
+def estimated_decoded_bytes(source: Source, split: str, sample: int = 8) -> int | None:
+    """The memory a split takes decoded, from the first `sample` examples (None if unreadable)."""
+    sizes = []
+    for name, image, mask in source.records(split).take(sample).as_numpy_iterator():
+        try:
+            pair = source.load(name.decode(), image, mask)
+        except DataError:
+            continue
+        sizes.append(pair.image.nbytes + pair.mask.nbytes)
+    if not sizes:
+        return None
+    return int(np.mean(sizes) * source.num_examples(split))
+
+
+def should_cache(source: Source, split: str, setting: bool | str) -> bool:
+    """Resolves `data.cache` (true, false or auto) for one split, logging what auto chose.
+
+    auto caches a split whose decoded examples are estimated to take under
+    `AUTO_CACHE_MAX_BYTES` and under a quarter of the machine's memory.
+    """
+    if setting != "auto":
+        return bool(setting)
+    estimate = estimated_decoded_bytes(source, split)
+    budget = min(AUTO_CACHE_MAX_BYTES, _total_memory_bytes() // 4)
+    cache = estimate is not None and estimate <= budget
+    if estimate is not None:
+        log.info("data.cache=auto: split '%s' is ~%.2f GB decoded; %s (budget %.1f GB)", split,
+                 estimate / 2**30, "caching it in memory after the first epoch" if cache else
+                 "decoding it every epoch", budget / 2**30)
+    return cache
+
+
+def _total_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = False
                   ) -> tf.data.Dataset:
     """Shuffled, augmented, batched training data: (float32 [B, H, W, 3], uint8 [B, H, W])."""
     parallel = data.num_parallel_calls or AUTOTUNE
-    if data.cache:
+    if should_cache(source, "train", data.cache):
         # Shuffle after the cache, or every epoch would replay the first epoch's order.
         examples = decoded_dataset(source, "train", parallel).cache()
         examples = examples.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -321,7 +419,7 @@ def val_dataset(source: Source, data: DictConfig, split: str = "val") -> tf.data
     """
     parallel = data.num_parallel_calls or AUTOTUNE
     examples = decoded_dataset(source, split, parallel)
-    if data.cache:
+    if should_cache(source, split, data.cache):
         examples = examples.cache()
     crop = list(data.crop_size)
     resized = examples.map(lambda image, mask: resize_pair(image, mask, crop),

@@ -1,0 +1,167 @@
+"""In-graph decoding of the common file kinds, so most examples never enter Python.
+
+The Pillow decode in `base.py` is the reference: it reads every format, names a broken file and
+decides what `data.on_error` does. It runs through `tf.numpy_function`, though, which costs a
+Python call, two copies and the GIL per example. This module decodes the two kinds that make up
+almost every segmentation dataset with TensorFlow's own C++ decoders instead:
+
+* images that are complete baseline/progressive JPEGs (start-of-image marker first, end-of-image
+  marker last; a truncated file lacks the latter), via `tf.io.decode_jpeg`;
+* masks that are 8-bit grey or palette PNGs. TensorFlow has no way to read a palette PNG
+  as its indices (it expands the palette to colours), so the palette chunk is swapped for a
+  grey ramp (entry i = (i, i, i)) before `tf.io.decode_png(channels=1)`: the grey value it
+  returns is then the palette index. The ramp chunk's CRC is computed once here.
+
+Everything else (PNG images, CMYK or truncated JPEGs, 16-bit or colour masks) and every example
+whose decoded pair fails the checks (sizes differ, a label out of range) goes to the Pillow path,
+which gives the same result, or the same error, as before. So the fast path only changes speed.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_START = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+# IHDR is the first chunk: its data starts at byte 16; bit depth at 24, colour type at 25.
+_BIT_DEPTH_AT, _COLOUR_TYPE_AT, _FIRST_CHUNK_AFTER_IHDR = 24, 25, 33
+_GREY, _PALETTE = 0, 3
+# Palette PNGs written by common tools put PLTE within the first few chunks after IHDR;
+# a file that does not is decoded by Pillow.
+_MAX_CHUNKS_BEFORE_PLTE = 16
+
+
+def _ramp_palette_chunk() -> bytes:
+    data = b"PLTE" + bytes(np.repeat(np.arange(256, dtype=np.uint8), 3))
+    return (768).to_bytes(4, "big") + data + zlib.crc32(data).to_bytes(4, "big")
+
+
+RAMP_PLTE_CHUNK = _ramp_palette_chunk()
+
+
+def _tail(contents: tf.Tensor, size: int) -> tf.Tensor:
+    """The last `size` bytes (all of a shorter string), without the error a negative pos has."""
+    return tf.strings.substr(contents, tf.maximum(tf.strings.length(contents) - size, 0), size)
+
+
+def is_plain_jpeg(contents: tf.Tensor) -> tf.Tensor:
+    """True for a JPEG that starts with SOI and ends with EOI (truncated files do not)."""
+    return tf.logical_and(tf.equal(tf.strings.substr(contents, 0, 3), JPEG_START),
+                          tf.equal(_tail(contents, 2), JPEG_END))
+
+
+def _bytes_at(contents: tf.Tensor, offset, size: int) -> tf.Tensor:
+    """`size` bytes from `offset` as int32 [size], zeros past the end (never an error)."""
+    padded = tf.strings.substr(tf.strings.join([contents, b"\0" * size]),
+                               tf.minimum(offset, tf.strings.length(contents)), size)
+    return tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int32)
+
+
+def _find_palette(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(offset, data length) of the PLTE chunk, or offset -1 when it is not found early."""
+    length = tf.strings.length(contents)
+
+    def keep_looking(step, offset, found, size):
+        return tf.logical_and(tf.logical_and(step < _MAX_CHUNKS_BEFORE_PLTE, found < 0),
+                              offset + 8 <= length)
+
+    def next_chunk(step, offset, found, size):
+        header = _bytes_at(contents, offset, 8)
+        chunk_size = header[0] * 16777216 + header[1] * 65536 + header[2] * 256 + header[3]
+        is_plte = tf.reduce_all(tf.equal(header[4:], list(b"PLTE")))
+        return (step + 1, offset + 12 + chunk_size, tf.where(is_plte, offset, found),
+                tf.where(is_plte, chunk_size, size))
+
+    _, _, found, size = tf.while_loop(
+        keep_looking, next_chunk,
+        (tf.constant(0), tf.constant(_FIRST_CHUNK_AFTER_IHDR), tf.constant(-1), tf.constant(0)),
+    )
+    return found, size
+
+
+def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """How to read a mask file's pixel values with `decode_mask_png`.
+
+    Returns:
+        (readable, png): readable is true for an 8-bit grey PNG and for a palette PNG (1 to 8
+        bits) whose palette chunk was found; png is the file to decode, for a palette PNG with
+        its palette swapped for the ramp. Grey PNGs of fewer bits are not readable here
+        (libpng would scale their values to 0..255); other files neither.
+    """
+    header = _bytes_at(contents, 0, _FIRST_CHUNK_AFTER_IHDR)
+    is_png = tf.equal(tf.strings.substr(contents, 0, 8), PNG_SIGNATURE)
+    depth, colour = header[_BIT_DEPTH_AT], header[_COLOUR_TYPE_AT]
+    grey = tf.logical_and(tf.equal(colour, _GREY), tf.equal(depth, 8))
+    palette = tf.logical_and(tf.equal(colour, _PALETTE), depth <= 8)
+    offset, size = _find_palette(contents)
+    start = tf.maximum(offset, 0)
+    rest = tf.minimum(start + 12 + size, tf.strings.length(contents))
+    # The ramp always has 256 entries, so an index beyond the file's own palette (which
+    # Pillow reads as is) still decodes to itself.
+    ramped = tf.strings.join([
+        tf.strings.substr(contents, 0, start),
+        RAMP_PLTE_CHUNK,
+        tf.strings.substr(contents, rest, tf.strings.length(contents) - rest),
+    ])
+    readable = tf.logical_and(is_png, tf.logical_or(grey, tf.logical_and(palette, offset >= 0)))
+    return readable, tf.where(palette, ramped, contents)
+
+
+def decode_mask_png(png: tf.Tensor) -> tf.Tensor:
+    """Decodes the `png` of a readable `mask_png_plan` to its pixel values: uint8 [H, W]."""
+    return tf.io.decode_png(png, channels=1)[..., 0]
+
+
+def decode_image_jpeg(contents: tf.Tensor) -> tf.Tensor:
+    """Decodes a plain JPEG (see `is_plain_jpeg`) to uint8 RGB [H, W, 3]; grey becomes RGB."""
+    # TensorFlow's default is the fast integer IDCT; the accurate one is what Pillow (libjpeg's
+    # default) uses, which makes both paths decode bit-identical pixels.
+    return tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
+
+
+class LabelTable:
+    """Applies a source's `label_lookup` to decoded masks in the graph.
+
+    Args:
+        lookup: int32 [256]: the label of each raw mask value, -1 for values to reject.
+    """
+
+    def __init__(self, lookup: np.ndarray):
+        lookup = np.asarray(lookup, np.int32)
+        self._accepted = lookup >= 0
+        # Every accepted value is its own label (the usual case): nothing to look up.
+        self.identity = bool(np.array_equal(lookup[self._accepted], np.flatnonzero(self._accepted)))
+        self._labels = tf.constant(np.where(lookup < 0, 0, lookup).astype(np.uint8))
+
+    def accepts(self, raw: tf.Tensor) -> tf.Tensor:
+        """True when every raw value of a uint8 mask is in the table.
+
+        The accepted values are nearly always a range of class ids, maybe with 255 = ignore on
+        top: those are checked with one or two reductions, which cost far less than a table
+        lookup per pixel; any other set with a histogram.
+        """
+        accepted = self._accepted
+        if accepted.all():
+            return tf.constant(True)
+        core = accepted.copy()
+        core[255] = False
+        values = np.flatnonzero(core)
+        contiguous = values.size and core[values[0]:values[-1] + 1].all()
+        if contiguous and accepted[255] and values[0] == 0:
+            # uint8 arithmetic wraps: 255 + 1 = 0, class c -> c + 1.
+            return tf.reduce_max(raw + 1) <= int(values[-1]) + 1
+        if contiguous and not accepted[255]:
+            return tf.logical_and(tf.reduce_min(raw) >= int(values[0]),
+                                  tf.reduce_max(raw) <= int(values[-1]))
+        counts = tf.math.bincount(tf.cast(raw, tf.int32), minlength=256, maxlength=256)
+        return tf.reduce_all(tf.logical_or(tf.constant(accepted), tf.equal(counts, 0)))
+
+    def labels(self, raw: tf.Tensor) -> tf.Tensor:
+        """The class ids of a uint8 mask whose values `accepts`."""
+        if self.identity:
+            return raw
+        return tf.gather(self._labels, tf.cast(raw, tf.int32))

@@ -1,0 +1,272 @@
+"""The fast input path: in-graph decoders against Pillow, the fallback rules, the crop-first
+augmentation against tf.image.resize, and data.cache=auto."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from omegaconf import OmegaConf
+from PIL import Image, PngImagePlugin
+from scipy import ndimage
+
+from seg_train.data import graph_decode, pipeline
+from seg_train.data.folder import FolderSource
+from seg_train.errors import UserError
+
+
+def encode(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, **options)
+    return buffer.getvalue()
+
+
+def palette_image(ids: np.ndarray, colours: int, seed: int = 0) -> Image.Image:
+    image = Image.fromarray(ids.astype(np.uint8), mode="P")
+    image.putpalette(np.random.default_rng(seed).integers(0, 256, 3 * colours).tolist())
+    return image
+
+
+IDS = np.random.default_rng(0).integers(0, 21, (37, 50)).astype(np.uint8)
+IDS[0, :5] = 255
+TEXT = PngImagePlugin.PngInfo()
+TEXT.add_text("Comment", "chunks before the palette")
+MASKS = {
+    "palette 8-bit (VOC)": encode(palette_image(IDS, 256), format="PNG"),
+    "palette 4-bit": encode(palette_image(IDS % 16, 16), format="PNG", bits=4),
+    "palette 2-bit": encode(palette_image(IDS % 4, 4), format="PNG", bits=2),
+    "palette with transparency": encode(palette_image(IDS, 256), format="PNG", transparency=0),
+    "palette with a text chunk": encode(palette_image(IDS, 256), format="PNG", pnginfo=TEXT),
+    "palette of one repeated colour": encode(
+        Image.fromarray(IDS, mode="P"), format="PNG"),  # Pillow's default grey ramp palette
+    "grey 8-bit": encode(Image.fromarray(IDS, mode="L"), format="PNG"),
+}
+NOT_MASKS = {
+    "RGB PNG": encode(Image.fromarray(np.stack([IDS] * 3, -1)), format="PNG"),
+    "16-bit grey PNG": encode(Image.fromarray(IDS.astype(np.uint16) * 200),
+                              format="PNG"),
+    "1-bit grey PNG": encode(Image.fromarray(IDS > 10), format="PNG"),
+    "JPEG": encode(Image.fromarray(np.stack([IDS] * 3, -1)), format="JPEG"),
+    "cut inside the header": encode(palette_image(IDS, 256), format="PNG")[:30],
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MASKS))
+def test_mask_pngs_decode_to_the_values_pillow_reads(kind):
+    readable, png = graph_decode.mask_png_plan(tf.constant(MASKS[kind]))
+    assert bool(readable)
+    expected = np.asarray(Image.open(io.BytesIO(MASKS[kind])))
+    np.testing.assert_array_equal(graph_decode.decode_mask_png(png).numpy(), expected)
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_MASKS))
+def test_other_files_are_left_to_pillow(kind):
+    readable, _ = graph_decode.mask_png_plan(tf.constant(NOT_MASKS[kind]))
+    assert not bool(readable)
+
+
+RGB = np.random.default_rng(1).integers(0, 256, (37, 50, 3)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "progressive", "grey", "cmyk", "444"])
+def test_plain_jpegs_decode_bit_identical_to_pillow(variant):
+    source = Image.fromarray(RGB)
+    options = {"format": "JPEG", "quality": 90}
+    if variant == "progressive":
+        options["progressive"] = True
+    elif variant == "grey":
+        source = source.convert("L")
+    elif variant == "cmyk":
+        source = source.convert("CMYK")
+    elif variant == "444":
+        options["subsampling"] = 0
+    data = encode(source, **options)
+    assert bool(graph_decode.is_plain_jpeg(tf.constant(data)))
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    np.testing.assert_array_equal(graph_decode.decode_image_jpeg(tf.constant(data)).numpy(),
+                                  expected)
+
+
+def test_truncated_and_non_jpeg_files_are_not_plain_jpegs():
+    jpeg = encode(Image.fromarray(RGB), format="JPEG")
+    for data in (jpeg[: len(jpeg) // 2], jpeg + b"trailing bytes", encode(Image.fromarray(RGB),
+                 format="PNG"), b"", b"\xff"):
+        assert not bool(graph_decode.is_plain_jpeg(tf.constant(data)))
+
+
+@pytest.mark.parametrize("accepted_values", [
+    list(range(21)) + [255],  # VOC: a range of ids plus ignore
+    [1, 2, 3],  # Oxford-IIIT Pet trimaps
+    list(range(256)),  # no class count: everything
+    [0, 5, 255],  # anything else
+    list(range(21)) + [100],  # ignore_label=100
+])
+def test_label_table_accepts_exactly_the_accepted_values(accepted_values):
+    lookup = np.full(256, -1, np.int32)
+    lookup[accepted_values] = accepted_values
+    table = graph_decode.LabelTable(lookup)
+    rng = np.random.default_rng(2)
+    accepted = np.array(accepted_values)
+    for trial in range(40):
+        mask = rng.choice(accepted, (9, 11)).astype(np.uint8)
+        if trial % 2:
+            mask[rng.integers(9), rng.integers(11)] = rng.integers(256)
+        expected = bool(np.isin(mask, accepted).all())
+        assert bool(table.accepts(tf.constant(mask))) is expected, mask
+
+
+def test_label_table_maps_values_through_the_lookup():
+    lookup = np.full(256, -1, np.int32)
+    lookup[[1, 2, 3]] = [0, 1, 255]
+    table = graph_decode.LabelTable(lookup)
+    assert not table.identity
+    mask = np.array([[1, 2, 3, 3]], np.uint8)
+    np.testing.assert_array_equal(table.labels(tf.constant(mask)).numpy(), [[0, 1, 255, 255]])
+
+
+def write_folder(root, examples):
+    """examples: stem -> (image bytes, image suffix, mask bytes)."""
+    for sub in ("images", "masks", "splits"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for stem, (image, suffix, mask) in examples.items():
+        (root / "images" / f"{stem}{suffix}").write_bytes(image)
+        (root / "masks" / f"{stem}.png").write_bytes(mask)
+    (root / "splits" / "train.txt").write_text("\n".join(examples) + "\n")
+    return FolderSource(str(root), num_classes=21)
+
+
+def test_decoded_dataset_equals_the_pillow_reference_and_stays_in_graph(tmp_path):
+    rng = np.random.default_rng(3)
+    examples = {}
+    for index, mask in enumerate(MASKS.values()):
+        image = Image.fromarray(rng.integers(0, 256, (37, 50, 3)).astype(np.uint8))
+        examples[f"fast{index}"] = (encode(image, format="JPEG"), ".jpg", mask)
+    image = Image.fromarray(rng.integers(0, 256, (37, 50, 3)).astype(np.uint8))
+    examples["png_image"] = (encode(image, format="PNG"), ".png", MASKS["grey 8-bit"])
+    source = write_folder(tmp_path, examples)
+    calls = []
+    load = source.load
+    source.load = lambda *args: calls.append(args[0]) or load(*args)
+    decoded = list(pipeline.decoded_dataset(source, "train").as_numpy_iterator())
+    # Only the PNG image (not a plain JPEG) went through Python.
+    assert len(calls) == 1
+    source.load = load
+    for (image, mask), example in zip(decoded, source.examples("train")):
+        reference = source.load("", example.image_path, example.mask_path)
+        np.testing.assert_array_equal(image, reference.image)
+        np.testing.assert_array_equal(mask, reference.mask)
+
+
+@pytest.mark.parametrize("problem, culprit", [
+    ("label 50 with 21 classes", "masks/bad.png"),
+    ("mask smaller than its image", "masks/bad.png"),
+    ("truncated JPEG", "images/bad.jpg"),
+])
+def test_doubtful_pairs_fall_back_and_are_named(tmp_path, problem, culprit):
+    image = Image.fromarray(RGB)
+    jpeg, mask = encode(image, format="JPEG"), MASKS["palette 8-bit (VOC)"]
+    if problem.startswith("label"):
+        ids = IDS.copy()
+        ids[3, 3] = 50
+        mask = encode(palette_image(ids, 256), format="PNG")
+    elif problem.startswith("mask smaller"):
+        mask = encode(palette_image(IDS[:30], 256), format="PNG")
+    else:
+        jpeg = jpeg[: len(jpeg) // 2]
+    source = write_folder(tmp_path, {"good": (encode(image, format="JPEG"), ".jpg",
+                                              MASKS["grey 8-bit"]),
+                                     "bad": (jpeg, ".jpg", mask)})
+    with pytest.raises(UserError, match=culprit), pipeline.data_errors_as_user_errors():
+        list(pipeline.decoded_dataset(source, "train"))
+    skipping = FolderSource(str(tmp_path), num_classes=21, on_error="skip")
+    kept = list(pipeline.decoded_dataset(skipping, "train").as_numpy_iterator())
+    assert len(kept) == 1
+
+
+def augment_config(**overrides):
+    data = {"crop_size": [8, 8], "scale_range": [1.0, 1.0], "hflip": False, "ignore_label": 255,
+            "jitter": None, "flip_pairs": None}
+    data.update(overrides)
+    return OmegaConf.create(data)
+
+
+def windows(array: np.ndarray, size: int):
+    for top in range(array.shape[0] - size + 1):
+        for left in range(array.shape[1] - size + 1):
+            yield array[top:top + size, left:left + size]
+
+
+@pytest.mark.parametrize("scale, size", [(1.0, 40), (0.5, 40), (0.25, 48)])
+def test_scaled_crop_equals_a_window_of_the_whole_rescaled_pair(scale, size):
+    """When a window's source edges fall on whole pixels (scale 1/n), the crop is exactly a
+    window of tf.image.resize of the whole pair; other scales round the edges outwards."""
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+    mask = rng.integers(0, 21, (size, size)).astype(np.uint8)
+    scaled = int(round(size * scale))
+    full_image, full_mask = pipeline.resize_pair(image, mask, [scaled, scaled])
+    full_image, full_mask = full_image.numpy(), full_mask.numpy()
+    for seed in range(5):
+        out_image, out_mask = pipeline.random_scaled_crop(
+            tf.constant(image), tf.constant(mask), [scale, scale], [8, 8], 255,
+            tf.constant([seed, 7]))
+        out_image, out_mask = out_image.numpy(), out_mask.numpy()
+        candidates = zip(windows(full_image, 8), windows(full_mask, 8))
+        assert any(np.allclose(out_image, i, atol=1e-3) and np.array_equal(out_mask, m)
+                   for i, m in candidates), (scale, seed)
+
+
+def test_scaled_crop_pads_with_zero_and_ignore_and_keeps_labels_aligned():
+    """Image value = 10 * label. Aligned, every image pixel lies between the values of the labels
+    around its own mask pixel (bilinear blends neighbours only); a shift of one pixel breaks it."""
+    rng = np.random.default_rng(5)
+    mask = np.kron(rng.integers(0, 21, (5, 5)), np.ones((8, 8), int)).astype(np.uint8)
+    image = np.repeat((mask * 10)[..., None], 3, -1).astype(np.uint8)
+    for seed in range(20):
+        out_image, out_mask = pipeline.random_scaled_crop(
+            tf.constant(image), tf.constant(mask), [0.5, 2.5], [32, 32], 255,
+            tf.constant([seed, 1]))
+        out_image, out_mask = out_image.numpy(), out_mask.numpy()
+        assert out_image.shape == (32, 32, 3) and out_mask.shape == (32, 32)
+        assert set(np.unique(out_mask)) <= set(np.unique(mask)) | {255}
+        padding = out_mask == 255
+        assert (out_image[padding] == 0).all()
+        values = 10.0 * out_mask
+        low = ndimage.minimum_filter(np.where(padding, 1e9, values), size=3)
+        high = ndimage.maximum_filter(np.where(padding, -1e9, values), size=3)
+        inside = ~ndimage.binary_dilation(padding, np.ones((3, 3)))
+        pixel = out_image[..., 0]
+        assert ((pixel >= low - 0.5) & (pixel <= high + 0.5))[inside].all(), seed
+        shifted = np.roll(pixel, 2, axis=1)
+        assert not ((shifted >= low - 0.5) & (shifted <= high + 0.5))[inside].all()
+
+
+@pytest.mark.parametrize("setting, expected", [(True, True), (False, False)])
+def test_cache_setting_true_false_is_obeyed(tmp_path, setting, expected):
+    source = write_folder(tmp_path, {"a": (encode(Image.fromarray(RGB), format="JPEG"), ".jpg",
+                                           MASKS["grey 8-bit"])})
+    assert pipeline.should_cache(source, "train", setting) is expected
+
+
+def test_cache_auto_compares_the_estimate_with_the_budget(tmp_path, monkeypatch):
+    examples = {f"e{i}": (encode(Image.fromarray(RGB), format="JPEG"), ".jpg",
+                          MASKS["grey 8-bit"]) for i in range(3)}
+    source = write_folder(tmp_path, examples)
+    per_example = RGB.nbytes + IDS.nbytes
+    assert pipeline.estimated_decoded_bytes(source, "train") == 3 * per_example
+    monkeypatch.setattr(pipeline, "AUTO_CACHE_MAX_BYTES", 3 * per_example)
+    assert pipeline.should_cache(source, "train", "auto")
+    monkeypatch.setattr(pipeline, "AUTO_CACHE_MAX_BYTES", 3 * per_example - 1)
+    assert not pipeline.should_cache(source, "train", "auto")
+
+
+def test_nearest_rows_sample_what_tf_image_resize_nearest_samples():
+    rng = np.random.default_rng(6)
+    for _ in range(100):
+        length, count, first = (int(v) for v in rng.integers(1, 400, 3))
+        column = rng.integers(0, 256, (first + length, 1, 1)).astype(np.uint8)
+        expected = tf.image.resize(column[first:], [count, 1], method="nearest").numpy()
+        rows = pipeline._nearest_rows(tf.constant(first), tf.constant(first + length),
+                                      tf.constant(count)).numpy()
+        np.testing.assert_array_equal(column[rows], expected)
