@@ -145,6 +145,17 @@ def run_worker(kind: str, spec: dict, timeout: float = 1800) -> dict:
     return result
 
 
+def fastest(previous: dict | None, result: dict) -> dict:
+    """The run with the lower s/step (an error loses), listing every run's s/step."""
+    runs = (previous or {}).get("runs_seconds_per_step", []) + [result.get("seconds_per_step")]
+    best = result
+    if previous and "error" not in previous and (
+        "error" in result or previous["seconds_per_step"] <= result["seconds_per_step"]
+    ):
+        best = previous
+    return best | {"runs_seconds_per_step": runs}
+
+
 def machine_info() -> dict:
     """The machine and the settings every measurement ran under."""
     import importlib.metadata as md
@@ -231,9 +242,13 @@ def run(quick: bool, out: Path) -> dict:
     # Training: each model at its recipe's crop and batch on one in-memory batch.
     models = QUICK_MODELS if quick else MODELS
     warmup, steps = (1, 2) if quick else (2, 3)
+    repeats = 1 if quick else 2
     for name, (recipe, shrink) in models.items():
         overrides = recipe + COMMON + (QUICK if quick else shrink)
-        for variant, jit in (("bare", False), ("ours", False), ("ours_jit", True)):
+        # bare and ours alternate `repeats` times and each keeps its fastest run: another
+        # process slowing one run down (the machine may be shared) does not decide the ratio.
+        schedule = [("bare", False), ("ours", False)] * repeats + [("ours_jit", True)]
+        for variant, jit in schedule:
             spec = {
                 "name": name,
                 "variant": variant,
@@ -248,7 +263,9 @@ def run(quick: bool, out: Path) -> dict:
                 "stall_root": str(data_root / "voc"),
                 "stall_steps": 3 if quick else 4,
             }
-            results["train"][f"{name}/{variant}"] = run_worker("train", spec)
+            result = run_worker("train", spec)
+            key = f"{name}/{variant}"
+            results["train"][key] = fastest(results["train"].get(key), result)
 
         spec = {
             "name": name,

@@ -139,3 +139,12 @@ def test_main_writes_table_and_json(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("**Machine**")
     assert json.loads((tmp_path / "results.json").read_text())["machine"]["mode"] == "quick"
     assert (tmp_path / "table.md").is_file()
+
+
+def test_fastest_keeps_the_lower_seconds_per_step_and_lists_every_run():
+    first = run_all.fastest(None, {"seconds_per_step": 2.0, "run": 1})
+    second = run_all.fastest(first, {"seconds_per_step": 1.5, "run": 2})
+    third = run_all.fastest(second, {"error": "killed"})
+    assert second["run"] == 2 and third["run"] == 2
+    assert third["runs_seconds_per_step"] == [2.0, 1.5, None]
+    assert run_all.fastest(first, {"seconds_per_step": 3.0, "run": 3})["run"] == 1
