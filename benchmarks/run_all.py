@@ -55,6 +55,12 @@ INPUT_VARIANTS = {
     "prefetch off",
     "decode_only": "decode-only: tf.io decoders, parallel",
 }
+# Allocators tried with LD_PRELOAD (first library found), on these models' training.
+ALLOCATORS = {
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
+    "jemalloc": ("libjemalloc.so.2",),
+}
+ALLOCATOR_MODELS = ("unet", "deeplabv3plus (R50)")
 COMMON = ["data.root=/nonexistent", "model.backbone_weights=null", "trainer.backups=true"]
 # --quick: tiny inputs so the whole run takes a few minutes; the table says so.
 QUICK = ["data.crop_size=[64,64]", "data.batch_size=2"]
@@ -118,15 +124,37 @@ def generate_voc_like(root: Path, count: int, seed: int = 0) -> None:
     (root / "done").write_text("ok\n")
 
 
-def run_worker(kind: str, spec: dict, timeout: float = 1800) -> dict:
-    """One measurement in a fresh process; returns its JSON result (or the error)."""
+def find_library(names: tuple[str, ...]) -> str | None:
+    """The first of `names` found in the usual shared-library folders, as a path."""
+    folders = (
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/lib",
+    )
+    for name in names:
+        for folder in folders:
+            if (Path(folder) / name).is_file():
+                return str(Path(folder) / name)
+    return None
+
+
+def run_worker(kind: str, spec: dict, timeout: float = 1800, preload: str | None = None) -> dict:
+    """One measurement in a fresh process; returns its JSON result (or the error).
+
+    Args:
+        preload: A shared library to run the process under (`LD_PRELOAD`), e.g. tcmalloc.
+    """
     started = time.perf_counter()
+    env = dict(os.environ, LD_PRELOAD=preload) if preload else None
     proc = subprocess.run(
         [sys.executable, str(WORKER), kind, json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=env,
     )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:
@@ -149,8 +177,10 @@ def fastest(previous: dict | None, result: dict) -> dict:
     """The run with the lower s/step (an error loses), listing every run's s/step."""
     runs = (previous or {}).get("runs_seconds_per_step", []) + [result.get("seconds_per_step")]
     best = result
-    if previous and "error" not in previous and (
-        "error" in result or previous["seconds_per_step"] <= result["seconds_per_step"]
+    if (
+        previous
+        and "error" not in previous
+        and ("error" in result or previous["seconds_per_step"] <= result["seconds_per_step"])
     ):
         best = previous
     return best | {"runs_seconds_per_step": runs}
@@ -201,7 +231,7 @@ def run(quick: bool, out: Path) -> dict:
     generate_voc_like(data_root, 16 if quick else 64)
     info = machine_info()
     info["mode"] = "quick" if quick else "default"
-    results = {"machine": info, "input": {}, "train": {}, "infer": {}, "crf": {}}
+    results = {"machine": info, "input": {}, "train": {}, "infer": {}, "allocator": {}, "crf": {}}
     started = time.perf_counter()
 
     # Input pipeline: the voc_deeplabv2 recipe's augmentation (crop 321, batch 10, scale
@@ -279,6 +309,30 @@ def run(quick: bool, out: Path) -> dict:
         }
         results["infer"][name] = run_worker("infer", spec)
 
+    # Allocators: our training path under tcmalloc / jemalloc (LD_PRELOAD) where installed,
+    # against the same path under this process's allocator (the training table's "ours").
+    for name in ALLOCATOR_MODELS if not quick else list(models)[:1]:
+        recipe, shrink = models[name]
+        for allocator, names in ALLOCATORS.items():
+            library = find_library(names)
+            key = f"{name}/{allocator}"
+            if library is None:
+                results["allocator"][key] = {"error": f"not installed ({names[0]})"}
+                continue
+            spec = {
+                "name": name,
+                "variant": allocator,
+                "overrides": recipe + COMMON + (QUICK if quick else shrink),
+                "jit": False,
+                "warmup": warmup,
+                "steps": steps,
+                "min_seconds": min_seconds,
+                "max_steps": 500,
+            }
+            results["allocator"][key] = run_worker("train", spec, preload=library) | {
+                "library": library
+            }
+
     # CRF on 500x375 images with 21 classes, one worker vs all cores.
     for workers in (1, None):
         spec = {
@@ -288,7 +342,7 @@ def run(quick: bool, out: Path) -> dict:
             "height": 375,
             "width": 500,
             "classes": 21,
-            "images": 4 if quick else 8,
+            "images": 4 if quick else 16,
         }
         results["crf"][f"workers={workers or 'all'}"] = run_worker("crf", spec)
     info["total_minutes"] = (time.perf_counter() - started) / 60
@@ -384,6 +438,24 @@ def render(results: dict) -> str:
             f"| {_fmt(result.get('peak_rss_mb'), 0)} |"
         )
     lines.append("")
+    if results.get("allocator"):
+        lines += [
+            "| allocator (our training path, LD_PRELOAD) | s/step | vs this run's default "
+            "allocator (training table) | peak RSS MB |",
+            "|---|---|---|---|",
+        ]
+        for key, result in results["allocator"].items():
+            name, allocator = key.rsplit("/", 1)
+            if "error" in result:
+                lines.append(f"| {name}: {allocator} | {result['error'][:80]} |||")
+                continue
+            default = results["train"].get(f"{name}/ours", {}).get("seconds_per_step")
+            step = result.get("seconds_per_step")
+            lines.append(
+                f"| {name}: {allocator} | {_fmt(step, 3)} | {_fmt(_ratio(default, step), 2)}x "
+                f"| {_fmt(result.get('peak_rss_mb'), 0)} |"
+            )
+        lines.append("")
     one = results["crf"].get("workers=1", {}).get("ms_per_image")
     lines += [
         "| dense CRF, 500x375, 21 classes, 10 iterations | ms/image | speed-up "

@@ -148,3 +148,22 @@ def test_fastest_keeps_the_lower_seconds_per_step_and_lists_every_run():
     assert second["run"] == 2 and third["run"] == 2
     assert third["runs_seconds_per_step"] == [2.0, 1.5, None]
     assert run_all.fastest(first, {"seconds_per_step": 3.0, "run": 3})["run"] == 1
+
+
+def test_find_library_and_the_allocator_rows():
+    assert run_all.find_library(("libc.so.6",)).endswith("/libc.so.6")
+    assert run_all.find_library(("libnot-a-real-allocator.so.1",)) is None
+    results = {
+        "machine": run_all.machine_info() | {"mode": "test"},
+        "input": {},
+        "train": {"unet/ours": {"seconds_per_step": 0.6}},
+        "infer": {},
+        "allocator": {
+            "unet/tcmalloc": {"seconds_per_step": 0.4, "peak_rss_mb": 900.0},
+            "unet/jemalloc": {"error": "not installed (libjemalloc.so.2)"},
+        },
+        "crf": {},
+    }
+    table = run_all.render(results)
+    assert "| unet: tcmalloc | 0.400 | 1.50x | 900 |" in table
+    assert "| unet: jemalloc | not installed (libjemalloc.so.2) |||" in table

@@ -15,10 +15,12 @@ decoded pair; `pipeline.py` does everything after that:
 * `problems(pair)` -> what is wrong with a decoded pair (size mismatch, labels out of range).
   Kept apart from `load` so the dataset doctor can still count the labels of a mask it reports.
 
-Masks are decoded with Pillow, never through an RGB path: TensorFlow expands palette PNGs
-(PASCAL VOC style) to colours, losing the class ids that the palette indices are. Images are
-decoded with Pillow too, because it rejects truncated JPEGs that `tf.io.decode_jpeg` silently
-pads with grey, and because a Python decode can name the broken file.
+`load` decodes with Pillow, the reference decode: masks never through an RGB path (TensorFlow
+expands palette PNGs, PASCAL VOC style, to colours, losing the class ids that the palette
+indices are), and a Python decode can name a broken file. The training and evaluation pipeline
+decodes the common file kinds in the graph instead, bit-identical to `load`, and falls back to
+`load` for everything else (`graph_decode.py`); `label_lookup` tells it a source's label
+mapping.
 """
 
 from __future__ import annotations
@@ -414,19 +416,6 @@ class FileSource(Source):
         image_file = image.decode() if isinstance(image, bytes) else image
         mask_file = mask.decode() if isinstance(mask, bytes) else mask
         return Pair(read_image(image_file), self.read_label(mask_file), image_file, mask_file)
-
-    def decode(self, image_path: tf.Tensor, mask_path: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Decodes one example inside a tf.data graph (no error handling; see pipeline.py)."""
-
-        def _load(image_file, mask_file):
-            pair = self.load("", image_file, mask_file)
-            return pair.image, pair.mask
-
-        image, mask = tf.numpy_function(_load, [image_path, mask_path], [tf.uint8, tf.uint8],
-                                        stateful=False)
-        image.set_shape([None, None, 3])
-        mask.set_shape([None, None])
-        return image, mask
 
 
 def _short_list(values: Sequence[int], limit: int = 8) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tensorflow as tf
-
 from seg_train.data.base import (
     IGNORE_LABEL,
     IMAGE_SUFFIXES,
@@ -19,27 +17,11 @@ from seg_train.data.base import (
     Example,
     FileSource,
     read_id_list,
-    read_image,
     read_mask,
 )
 from seg_train.errors import UserError
 
-__all__ = ["IMAGE_SUFFIXES", "Example", "FolderSource", "decode_image", "decode_mask",
-           "read_mask"]
-
-
-def decode_image(path: tf.Tensor) -> tf.Tensor:
-    """Decodes an image file to uint8 RGB [H, W, 3] inside a tf.data graph."""
-    image = tf.numpy_function(read_image, [path], tf.uint8, stateful=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def decode_mask(path: tf.Tensor) -> tf.Tensor:
-    """Decodes a class-id mask PNG to uint8 [H, W] inside a tf.data graph."""
-    mask = tf.numpy_function(read_mask, [path], tf.uint8, stateful=False)
-    mask.set_shape([None, None])
-    return mask
+__all__ = ["IMAGE_SUFFIXES", "Example", "FolderSource", "read_mask"]
 
 
 class FolderSource(FileSource):
