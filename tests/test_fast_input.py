@@ -48,6 +48,7 @@ NOT_MASKS = {
     "1-bit grey PNG": encode(Image.fromarray(IDS > 10), format="PNG"),
     "JPEG": encode(Image.fromarray(np.stack([IDS] * 3, -1)), format="JPEG"),
     "cut inside the header": encode(palette_image(IDS, 256), format="PNG")[:30],
+    "cut inside the data": encode(palette_image(IDS, 256), format="PNG")[:-20],
     "empty": b"",
 }
 
@@ -178,6 +179,29 @@ def test_doubtful_pairs_fall_back_and_are_named(tmp_path, problem, culprit):
                                               MASKS["grey 8-bit"]),
                                      "bad": (jpeg, ".jpg", mask)})
     with pytest.raises(UserError, match=culprit), pipeline.data_errors_as_user_errors():
+        list(pipeline.decoded_dataset(source, "train"))
+    skipping = FolderSource(str(tmp_path), num_classes=21, on_error="skip")
+    kept = list(pipeline.decoded_dataset(skipping, "train").as_numpy_iterator())
+    assert len(kept) == 1
+
+
+def corrupt_inside(data: bytes, marker: bytes, skip: int, count: int) -> bytes:
+    """`data` with `count` bytes zeroed `skip` bytes after `marker`; start and end intact."""
+    at = data.index(marker) + skip
+    return data[:at] + bytes(count) + data[at + count:]
+
+
+@pytest.mark.parametrize("kind", ["image", "mask"])
+def test_files_corrupt_inside_give_one_line_or_are_skipped(tmp_path, kind):
+    jpeg, mask = encode(Image.fromarray(RGB), format="JPEG"), MASKS["palette 8-bit (VOC)"]
+    if kind == "image":
+        jpeg = corrupt_inside(jpeg, b"\xff\xc0", 5, 4)  # the frame header's height and width
+    else:
+        mask = corrupt_inside(mask, b"IDAT", 12, 24)  # the compressed pixel data
+    good = (encode(Image.fromarray(RGB), format="JPEG"), ".jpg", MASKS["grey 8-bit"])
+    source = write_folder(tmp_path, {"good": good, "bad": (jpeg, ".jpg", mask)})
+    with pytest.raises(UserError, match="corrupt inside .*mode=check.*data.on_error=skip"), \
+            pipeline.data_errors_as_user_errors():
         list(pipeline.decoded_dataset(source, "train"))
     skipping = FolderSource(str(tmp_path), num_classes=21, on_error="skip")
     kept = list(pipeline.decoded_dataset(skipping, "train").as_numpy_iterator())

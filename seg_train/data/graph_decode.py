@@ -12,9 +12,12 @@ almost every segmentation dataset with TensorFlow's own C++ decoders instead:
   grey ramp (entry i = (i, i, i)) before `tf.io.decode_png(channels=1)`: the grey value it
   returns is then the palette index. The ramp chunk's CRC is computed once here.
 
-Everything else (PNG images, CMYK or truncated JPEGs, 16-bit or colour masks) and every example
+Everything else (PNG images, truncated JPEGs or PNGs, 16-bit or colour masks) and every example
 whose decoded pair fails the checks (sizes differ, a label out of range) goes to the Pillow path,
-which gives the same result, or the same error, as before. So the fast path only changes speed.
+which gives the same result, or the same error naming the file. A file with intact start and end
+markers but corrupt data inside fails in TensorFlow's decoder, which cannot name it: the
+pipeline turns that into a one-line error pointing at `seg-train mode=check`, or skips it under
+`data.on_error=skip`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The IEND chunk every complete PNG ends with (length 0, type, CRC); a truncated file lacks it.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 # IHDR is the first chunk: its data starts at byte 16; bit depth at 24, colour type at 25.
@@ -87,13 +92,15 @@ def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """How to read a mask file's pixel values with `decode_mask_png`.
 
     Returns:
-        (readable, png): readable is true for an 8-bit grey PNG and for a palette PNG (1 to 8
-        bits) whose palette chunk was found; png is the file to decode, for a palette PNG with
-        its palette swapped for the ramp. Grey PNGs of fewer bits are not readable here
-        (libpng would scale their values to 0..255); other files neither.
+        (readable, png): readable is true for a complete (IEND last) 8-bit grey PNG and for a
+        complete palette PNG (1 to 8 bits) whose palette chunk was found; png is the file to
+        decode, for a palette PNG with its palette swapped for the ramp. Grey PNGs of fewer
+        bits are not readable here (libpng would scale their values to 0..255); other files
+        neither.
     """
     header = _bytes_at(contents, 0, _FIRST_CHUNK_AFTER_IHDR)
-    is_png = tf.equal(tf.strings.substr(contents, 0, 8), PNG_SIGNATURE)
+    is_png = tf.logical_and(tf.equal(tf.strings.substr(contents, 0, 8), PNG_SIGNATURE),
+                            tf.equal(_tail(contents, len(PNG_END)), PNG_END))
     depth, colour = header[_BIT_DEPTH_AT], header[_COLOUR_TYPE_AT]
     grey = tf.logical_and(tf.equal(colour, _GREY), tf.equal(depth, 8))
     palette = tf.logical_and(tf.equal(colour, _PALETTE), depth <= 8)

@@ -40,6 +40,9 @@ AUTO_CACHE_MAX_BYTES = 4 * 2**30
 # A `DataError` raised inside the decode op reaches Python as a TensorFlow error whose message
 # holds "DataError: <file>: <problem>" followed by the Python traceback.
 _DATA_ERROR = re.compile(r"DataError: ([^\n]+)")
+# What TensorFlow's own decoders say about a file that passed the in-graph checks (intact start
+# and end markers) but is corrupt inside; the op cannot say which file it was.
+_GRAPH_DECODE_ERROR = re.compile(r"jpeg::Uncompress failed|Invalid PNG data|Decode(Jpeg|Png)")
 
 
 class _SkipCounter:
@@ -154,6 +157,8 @@ def decoded_dataset(source: Source, split: str, num_parallel_calls: int | None =
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     decoded = records.map(_decode_op(source), num_parallel_calls=num_parallel_calls or AUTOTUNE)
     if source.on_error == "skip":
+        # A file corrupt inside makes TensorFlow's decoder fail: drop it too (tf.data logs it).
+        decoded = decoded.ignore_errors(log_warning=True)
         decoded = decoded.filter(lambda image, mask, ok: ok)
     return decoded.map(lambda image, mask, ok: (image, mask))
 
@@ -169,11 +174,17 @@ def data_errors_as_user_errors() -> Iterator[None]:
         yield
     except tf.errors.OpError as exc:
         match = _DATA_ERROR.search(exc.message or "")
-        if match is None:
-            raise
-        _release_frames(exc)
-        raise UserError(f"{match.group(1)}; fix or remove the file (seg-train mode=check lists "
-                        "every broken file), or set data.on_error=skip") from None
+        if match is not None:
+            _release_frames(exc)
+            raise UserError(f"{match.group(1)}; fix or remove the file (seg-train mode=check "
+                            "lists every broken file), or set data.on_error=skip") from None
+        if _GRAPH_DECODE_ERROR.search(exc.message or ""):
+            first = (exc.message or "").strip().splitlines()[0]
+            _release_frames(exc)
+            raise UserError(f"an image or mask is corrupt inside ({first}); seg-train mode=check "
+                            "with the same data options names it: fix or remove it, or set "
+                            "data.on_error=skip") from None
+        raise
 
 
 def _release_frames(error: BaseException) -> None:
