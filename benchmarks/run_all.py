@@ -7,7 +7,7 @@ TF_ENABLE_ONEDNN_OPTS=1 (as seg-train sets it), this process's LD_PRELOAD (none 
 set one) and TensorFlow's default thread pools, so every ratio compares programs under
 identical oneDNN/allocator settings and its peak RSS belongs to that measurement alone.
 Ratios are computed against baselines measured in the same run. The default run takes about
-15-20 minutes on 2 cores; --quick (tiny sizes, a few steps) about 3 minutes.
+40 minutes on 2 cores; --quick (tiny sizes, a few steps) a few minutes.
 """
 
 from __future__ import annotations
