@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,15 @@ TINY_TRAIN = [
     "model.depth=3",
     "trainer.epochs=2",
     "eval.num_samples=2",
+]
+
+# Flags for a seconds-long training run on a dataset's own (tiny, generated) files.
+TINY_DATASET_RUN = [
+    "debug=fast",
+    "model.base_filters=4",
+    "model.depth=3",
+    "data.crop_size=[32,32]",
+    "data.batch_size=2",
 ]
 
 
@@ -56,6 +66,13 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def train_through_cli(args: Sequence[str], run_dir: Path, cache: Path, cwd: Path) -> dict:
+    """Trains with `args` + `TINY_DATASET_RUN` in `run_dir`; asserts success, returns metrics."""
+    result = run_cli([*args, *TINY_DATASET_RUN, f"hydra.run.dir={run_dir}"], cache, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:

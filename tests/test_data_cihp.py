@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,7 +9,7 @@ import tensorflow as tf
 from seg_train.data import cihp, pipeline
 from seg_train.data.cihp import CIHPSource
 from seg_train.errors import UserError
-from tests.helpers import compose_config, run_cli
+from tests.helpers import compose_config, train_through_cli
 from tests.test_data_layouts import H, W, write_cihp
 
 TRAIN = ["0000001", "0000002", "0000003", "0000004"]
@@ -120,10 +118,6 @@ def test_id_without_mask_is_named(cihp_root):
 @pytest.mark.slow
 def test_training_on_cihp_through_the_cli(cihp_root, tmp_path, cache_dir):
     root, _ = cihp_root
-    run_dir = tmp_path / "run"
-    result = run_cli(["data=cihp", f"data.root={root}", "debug=fast", "model.base_filters=4",
-                      "model.depth=3", "data.crop_size=[32,32]", "data.batch_size=2",
-                      f"hydra.run.dir={run_dir}"], cache_dir, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = train_through_cli(["data=cihp", f"data.root={root}"], tmp_path / "run", cache_dir,
+                                tmp_path)
     assert metrics["num_images"] == len(VAL) and "Right-shoe" in metrics["per_class_iou"]

@@ -16,7 +16,14 @@ from seg_train.data import oxford_pets, pipeline
 from seg_train.data.base import DataError
 from seg_train.data.oxford_pets import OxfordPetsRaw, OxfordPetsTFDS, make_source
 from seg_train.errors import UserError
-from tests.helpers import REPO, compose_config, error_lines, run_cli
+from tests.helpers import (
+    REPO,
+    TINY_DATASET_RUN,
+    compose_config,
+    error_lines,
+    run_cli,
+    train_through_cli,
+)
 from tests.test_data_layouts import (
     H,
     W,
@@ -139,12 +146,8 @@ def test_tfds_offline_says_how_to_prepare_the_data(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_training_on_raw_pets_through_the_cli(pets_root, tmp_path, cache_dir):
     root, _ = pets_root
-    run_dir = tmp_path / "run"
-    result = run_cli(["data=oxford_pets", "data.format=raw", f"data.root={root}", "debug=fast",
-                      "model.base_filters=4", "model.depth=3", "data.crop_size=[32,32]",
-                      "data.batch_size=2", f"hydra.run.dir={run_dir}"], cache_dir, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = train_through_cli(["data=oxford_pets", "data.format=raw", f"data.root={root}"],
+                                tmp_path / "run", cache_dir, tmp_path)
     assert metrics["num_images"] == len(TEST)
     assert set(metrics["per_class_iou"]) == {"pet", "background", "border"}
 
@@ -159,8 +162,7 @@ def test_training_on_mocked_tfds_through_the_cli(tmp_path, cache_dir, manual_dir
         from tests.test_data_layouts import mock_pets, pets_tfds_examples
         examples = {{"train": pets_tfds_examples(6, 0), "test": pets_tfds_examples(3, 1)}}
         sys.argv = ["seg-train", "data=oxford_pets", "data.tfds.manual_dir={manual_dir}",
-                    "debug=fast", "model.base_filters=4", "model.depth=3",
-                    "data.crop_size=[32,32]", "data.batch_size=2", "hydra.run.dir={run_dir}"]
+                    *{TINY_DATASET_RUN!r}, "hydra.run.dir={run_dir}"]
         with mock_pets(examples):
             cli.main()
     """)

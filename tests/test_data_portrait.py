@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,7 +9,7 @@ from PIL import Image
 from seg_train.data import pipeline, portrait
 from seg_train.data.portrait import PortraitSource
 from seg_train.errors import UserError
-from tests.helpers import compose_config, run_cli
+from tests.helpers import compose_config, train_through_cli
 from tests.test_data_layouts import H, W, write_portrait
 
 
@@ -69,10 +67,6 @@ def test_missing_folder_shows_the_expected_tree(tmp_path):
 @pytest.mark.slow
 def test_training_on_portraits_through_the_cli(portrait_root, tmp_path, cache_dir):
     root, _ = portrait_root
-    run_dir = tmp_path / "run"
-    result = run_cli(["data=portrait", f"data.root={root}", "debug=fast", "model.base_filters=4",
-                      "model.depth=3", "data.crop_size=[32,32]", "data.batch_size=2",
-                      f"hydra.run.dir={run_dir}"], cache_dir, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = train_through_cli(["data=portrait", f"data.root={root}"], tmp_path / "run",
+                                cache_dir, tmp_path)
     assert metrics["num_images"] == 2 and set(metrics["per_class_iou"]) == {"background", "person"}

@@ -15,7 +15,7 @@ from seg_train.data import pipeline
 from seg_train.data.base import DataError
 from seg_train.data.voc import CLASS_NAMES, PALETTE, VOCSource
 from seg_train.errors import UserError
-from tests.helpers import REPO, compose_config, error_lines, run_cli
+from tests.helpers import REPO, TINY_DATASET_RUN, compose_config, error_lines, run_cli
 from tests.test_data_layouts import H, W, save_palette_png, write_sbd, write_voc
 
 TRAIN = ["2007_000032", "2007_000039", "2007_000063", "2007_000068"]
@@ -179,8 +179,7 @@ def test_training_on_voc_through_the_cli(voc_root, tmp_path, cache_dir):
     # A broken training image: data.on_error=skip trains without it and says so in the log.
     broken = root / "JPEGImages" / f"{TRAIN[0]}.jpg"
     broken.write_bytes(b"not a jpeg")
-    args = ["data=voc", f"data.root={root}", "debug=fast", "model.base_filters=4",
-            "model.depth=3", "data.crop_size=[32,32]", "data.batch_size=2"]
+    args = ["data=voc", f"data.root={root}", *TINY_DATASET_RUN]
     failed = run_cli([*args, f"hydra.run.dir={tmp_path / 'raise'}"], cache_dir, cwd=tmp_path)
     assert failed.returncode == 2, failed.stderr[-2000:]
     (line,) = error_lines(failed)
