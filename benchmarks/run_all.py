@@ -173,6 +173,11 @@ def run_worker(kind: str, spec: dict, timeout: float = 1800, preload: str | None
     return result
 
 
+def empty_results(machine: dict) -> dict:
+    """The results layout `render` reads: the machine line, then one dict per area."""
+    return {"machine": machine, "input": {}, "train": {}, "infer": {}, "allocator": {}, "crf": {}}
+
+
 def fastest(previous: dict | None, result: dict) -> dict:
     """The run with the lower s/step (an error loses), listing every run's s/step."""
     runs = (previous or {}).get("runs_seconds_per_step", []) + [result.get("seconds_per_step")]
@@ -231,7 +236,7 @@ def run(quick: bool, out: Path) -> dict:
     generate_voc_like(data_root, 16 if quick else 64)
     info = machine_info()
     info["mode"] = "quick" if quick else "default"
-    results = {"machine": info, "input": {}, "train": {}, "infer": {}, "allocator": {}, "crf": {}}
+    results = empty_results(info)
     started = time.perf_counter()
 
     # Input pipeline: the voc_deeplabv2 recipe's augmentation (crop 321, batch 10, scale

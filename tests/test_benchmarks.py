@@ -44,13 +44,7 @@ def test_one_of_each_then_table(tmp_path):
         "num_parallel_calls": 1,
         "ignore_label": 255,
     }
-    results = {
-        "machine": run_all.machine_info() | {"mode": "test"},
-        "input": {},
-        "train": {},
-        "infer": {},
-        "crf": {},
-    }
+    results = run_all.empty_results(run_all.machine_info() | {"mode": "test"})
     for variant in run_all.INPUT_VARIANTS:
         results["input"][f"voc/{variant}"] = run_all.run_worker(
             "input",
@@ -122,13 +116,7 @@ def test_one_of_each_then_table(tmp_path):
 
 def test_main_writes_table_and_json(tmp_path, monkeypatch, capsys):
     def fake_run(quick, out):
-        results = {
-            "machine": run_all.machine_info() | {"mode": "quick"},
-            "input": {},
-            "train": {},
-            "infer": {},
-            "crf": {},
-        }
+        results = run_all.empty_results(run_all.machine_info() | {"mode": "quick"})
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results))
         (out / "table.md").write_text(run_all.render(results))
