@@ -121,16 +121,18 @@ def _decode_op(source: Source):
         mask_bytes = tf.io.read_file(mask) if source.records_are_paths else mask
         mask_readable, mask_png = graph_decode.mask_png_plan(mask_bytes)
 
+        def in_python():
+            return python_decode(name, image, mask)
+
         def in_graph():
             pixels = graph_decode.decode_image_jpeg(image_bytes)
             raw = graph_decode.decode_mask_png(mask_png)
             same_size = tf.reduce_all(tf.equal(tf.shape(raw), tf.shape(pixels)[:2]))
             return tf.cond(tf.logical_and(same_size, table.accepts(raw)),
-                           lambda: (pixels, table.labels(raw), tf.constant(True)),
-                           lambda: python_decode(name, image, mask))
+                           lambda: (pixels, table.labels(raw), tf.constant(True)), in_python)
 
         return tf.cond(tf.logical_and(graph_decode.is_plain_jpeg(image_bytes), mask_readable),
-                       in_graph, lambda: python_decode(name, image, mask))
+                       in_graph, in_python)
 
     return decode
 

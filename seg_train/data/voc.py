@@ -9,10 +9,10 @@
       SegmentationClassAug/<id>.png     with data.aug=true (scripts/prepare_voc_aug.py)
       ImageSets/Segmentation/train_aug.txt
 
-The masks are read with Pillow as palette *indices*; decoding them through RGB would give
-colours, not ids. With `data.aug=true` the train split becomes the 10,582 images of
-`train_aug.txt` = (VOC train + SBD train + SBD val) - VOC val with their SegmentationClassAug
-masks, as in DeepLab; val stays the official 1,449 images.
+The masks are read as palette *indices* (by Pillow, or in the graph by `graph_decode.py`);
+decoding them through RGB would give colours, not ids. With `data.aug=true` the train split
+becomes the 10,582 images of `train_aug.txt` = (VOC train + SBD train + SBD val) - VOC val with
+their SegmentationClassAug masks, as in DeepLab; val stays the official 1,449 images.
 """
 
 from __future__ import annotations
