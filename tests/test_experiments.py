@@ -15,10 +15,10 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 TINY_INPUT = ["data.crop_size=[64,64]", "data.batch_size=2", "model.backbone_weights=null"]
 
 
-def test_every_experiment_states_its_source_reference_and_protocol():
+def test_every_experiment_states_its_source_protocol_target_and_differences():
     for name in EXPERIMENTS:
         header = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
-        for field in ("# Command:", "# Source:", "# Reference:", "# Protocol:"):
+        for field in ("# Command:", "# Source:", "# Protocol:", "# Target:", "# Differs:"):
             assert field in header, f"{name}: {field}"
         assert f"experiment={name}" in header
 
