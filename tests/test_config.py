@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import pytest
 import yaml
 from hydra.utils import get_object, instantiate
@@ -58,7 +59,14 @@ def test_every_option_composes(group, option):
     if group == "data" and option == "folder":
         overrides += ["data.root=/tmp/x", "data.num_classes=2", "data.class_names=[a,b]"]
     cfg = compose_config(overrides)
-    assert cfg is not None
+    # Every key the option's own file sets (read with PyYAML, not through Hydra) is in the
+    # composed group.
+    written = yaml.safe_load((CONFIG_DIR / group / f"{option}.yaml").read_text()) or {}
+    if "@package _global_" not in (CONFIG_DIR / group / f"{option}.yaml").read_text():
+        section = cfg[group.split("/")[0]]
+        for key in written:
+            if key != "defaults":
+                assert key in section.keys(), f"{group}={option}: {key}"
 
 
 def test_every_target_is_a_real_import_path():
@@ -112,7 +120,8 @@ def test_default_components_instantiate(tmp_path, monkeypatch):
     HydraConfig.instance().set_config(cfg)
     model = instantiate(cfg.model, _convert_="all")
     assert model.output_shape == (None, 32, 32, 4)
-    assert instantiate(cfg.loss) is not None and instantiate(cfg.optimizer) is not None
+    assert isinstance(instantiate(cfg.loss), keras.losses.Loss)
+    assert isinstance(instantiate(cfg.optimizer), keras.optimizers.Optimizer)
     assert len(instantiate(cfg.data.source).examples("train")) == 2
     import numpy as np
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import keras
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -38,9 +39,9 @@ def test_experiment_composes_and_instantiates(name, tmp_path, monkeypatch):
     model = instantiate(cfg.model, _convert_="all")
     assert model.output_shape[-1] == cfg.data.num_classes
     optimizer = instantiate(cfg.optimizer, total_steps=100, steps_per_epoch=10)
-    assert optimizer is not None
+    assert isinstance(optimizer, keras.optimizers.Optimizer)
     if "auto" not in str(cfg.loss):
-        assert instantiate(cfg.loss) is not None
+        assert isinstance(instantiate(cfg.loss), keras.losses.Loss)
 
 
 @pytest.mark.slow
