@@ -60,6 +60,60 @@ class PredictionImageLogger(keras.callbacks.Callback):
         self.writer.flush()
 
 
+class OriginalResolutionValidation(keras.callbacks.Callback):
+    """Validates at original resolution and writes `val_mean_iou` etc. into the epoch logs.
+
+    `trainer.val_protocol=original`: every `validation_freq` epochs the val split is evaluated
+    through `evaluator` (a `seg_train.evaluate.SplitEvaluator`: the Predictor, test-time
+    augmentation, CRF and `ConfusionMatrix` of the final report), so the `val_mean_iou` that
+    ModelCheckpoint selects `best.keras` on is the number the report prints for it. Place it
+    before ModelCheckpoint, CSVLogger and TensorBoard, which read the logs it fills.
+
+    The evaluator holds the saved single-output model (not a multi-output training view); its
+    weights are copied into the evaluator's size-agnostic twin before each pass. Runs on the
+    chief only: it makes plain model calls, no collective ops.
+
+    Args:
+        evaluator: Builds predictions and the confusion matrix of the val split.
+        class_names: The dataset's class names, for the summary.
+        validation_freq: Validate after epochs whose number (1-based) is a multiple of this,
+            as Keras' own `validation_freq` does.
+    """
+
+    # Summary figures written to the logs as val_<name>.
+    LOGGED = ("mean_iou", "pixel_accuracy", "mean_accuracy")
+
+    def __init__(self, evaluator, class_names, validation_freq: int = 1):
+        super().__init__()
+        self.evaluator = evaluator
+        self.class_names = list(class_names)
+        self.validation_freq = validation_freq
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None or (epoch + 1) % self.validation_freq:
+            return
+        start = time.perf_counter()
+        self.evaluator.predictor.sync_weights()
+        matrix, count = self.evaluator.confusion()
+        summary = matrix.summary(self.class_names)
+        for name in self.LOGGED:
+            if summary[name] is not None:
+                logs[f"val_{name}"] = summary[name]
+        logging.getLogger(__name__).info(
+            "Epoch %d: val mIoU %s, pixel accuracy %s on %d images at original resolution "
+            "(%.1f s)",
+            epoch + 1,
+            _percent(summary["mean_iou"]),
+            _percent(summary["pixel_accuracy"]),
+            count,
+            time.perf_counter() - start,
+        )
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
 class DataStallMonitor(keras.callbacks.Callback):
     """Logs the share of training-step time spent waiting for input, per epoch.
 

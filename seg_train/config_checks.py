@@ -81,6 +81,21 @@ def scale_range(key: str, value: Any) -> None:
         )
 
 
+def _channel_value(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 255
+
+
+def pad_value(key: str, value: Any) -> None:
+    """data.pad_value: 0 or an [r, g, b] colour in 0..255 (numbers, e.g. a mean colour)."""
+    black = _channel_value(value) and value == 0
+    colour = OmegaConf.is_list(value) and len(value) == 3 and all(map(_channel_value, value))
+    if not (black or colour):
+        raise UserError(
+            f"config key {key} must be 0 or an [r, g, b] colour in 0..255, got {value!r}; "
+            f"e.g. '{key}=[123.68,116.78,103.94]' (an ImageNet mean colour)"
+        )
+
+
 def device_list(key: str, value: Any) -> None:
     ok = value is None or (OmegaConf.is_list(value) and all(_is_int(v) and v >= 0 for v in value))
     if not ok:
@@ -97,6 +112,8 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "data.crop_size": size_hw,
     "data.scale_range": scale_range,
     "data.hflip": boolean,
+    "data.transform": data_rules.one_of("crop", "resize"),
+    "data.pad_value": pad_value,
     "data.cache": auto_or_boolean,
     "data.shuffle_buffer": positive_int,
     "data.num_parallel_calls": optional_positive_int,
@@ -105,6 +122,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "trainer.steps_per_epoch": optional_positive_int,
     "trainer.total_steps": optional_positive_int,
     "trainer.validation_freq": positive_int,
+    "trainer.val_protocol": data_rules.one_of("original", "resized"),
     "trainer.steps_per_execution": positive_int,
     "eval.num_samples": lambda k, v: v == 0 or positive_int(k, v),
     "infer.overwrite": boolean,

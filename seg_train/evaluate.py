@@ -46,47 +46,111 @@ def predict_stream(
         yield image, mask, marginals.argmax(-1).astype(np.uint8)
 
 
-def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint: Path) -> dict:
+class SplitEvaluator:
+    """A split's original-resolution evaluation: the one code path behind every reported mIoU.
+
+    The final report (`evaluate_model`, `mode=eval`) and in-training validation
+    (`trainer.val_protocol=original`, `seg_train.callbacks.OriginalResolutionValidation`) both
+    count predictions into a `ConfusionMatrix` through this class, with the Predictor, test-time
+    augmentation and CRF built from the same config, so the number that selects `best.keras`
+    is the number the report prints.
+
+    Args:
+        model: The (single-output) segmentation model.
+        cfg: The composed config (`data`, `eval`, `postprocess`).
+        split: Split name, e.g. "val".
+        cache: Keep the decoded split in memory between passes (repeated validation).
+    """
+
+    def __init__(self, model, cfg: DictConfig, split: str, cache: bool = False):
+        self.cfg = cfg
+        self.split = split
+        self.source = instantiate(cfg.data.source)
+        examples = decoded_dataset(self.source, split, cfg.data.num_parallel_calls)
+        self.examples = examples.cache() if cache else examples
+        self.predictor = predictor_from_config(model, cfg)
+        self.crf = runner_from_config(cfg.postprocess)
+
+    @property
+    def num_images(self) -> int | None:
+        """The split's size, None when unknown (`data.on_error=skip`)."""
+        count = int(self.examples.cardinality())
+        return count if count >= 0 else None
+
+    def predictions(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(image, mask, predicted ids) per example, in split order."""
+        return predict_stream(self.examples.as_numpy_iterator(), self.predictor, self.crf)
+
+    def confusion(self, predictions: Iterable | None = None, on_example=None
+                  ) -> tuple[ConfusionMatrix, int]:
+        """Counts every prediction of the split; returns (matrix, number of images).
+
+        Args:
+            predictions: The stream to count (default `self.predictions()`), e.g. wrapped in a
+                progress bar.
+            on_example: Called as on_example(index, image, mask, prediction) for each image.
+        """
+        data = self.cfg.data
+        matrix = ConfusionMatrix(data.num_classes, data.ignore_label)
+        count = 0
+        with data_errors_as_user_errors():  # a broken file: one line naming it
+            for index, (image, mask, prediction) in enumerate(
+                self.predictions() if predictions is None else predictions
+            ):
+                count += 1
+                matrix.update(mask, prediction)
+                if on_example is not None:
+                    on_example(index, image, mask, prediction)
+        return matrix, count
+
+    def protocol(self) -> dict:
+        """How the predictions are made, as metrics.json records it."""
+        eval_cfg = self.cfg.eval
+        protocol = {
+            "mode": eval_cfg.mode,
+            "tta": OmegaConf.to_container(eval_cfg.tta, resolve=True),
+            "postprocess": self.cfg.postprocess.name,
+            "resolution": "original",
+        }
+        if self.predictor.protocol_change:
+            protocol["resolution"] = f"resized to {list(self.predictor.fixed_size)}"
+        return protocol
+
+
+def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint: Path,
+                   extra: dict | None = None) -> dict:
     """Evaluates `model` on a split image by image at original resolution.
 
     Writes `metrics.json`, `per_class.csv`, `confusion_matrix.{csv,png}` and `samples/` (image |
-    truth | prediction) into `out_dir`, prints a per-class table and returns the report.
+    truth | prediction) into `out_dir`, prints a per-class table and returns the report. A model
+    that cannot run at the images' own sizes is evaluated on resized images: its report says so
+    in `protocol_change`. `extra` entries (e.g. how a training run selected the checkpoint) are
+    added to the report.
     """
     data = cfg.data
-    examples = decoded_dataset(instantiate(data.source), split, data.num_parallel_calls)
-    num_images = int(examples.cardinality())  # unknown (< 0) when data.on_error=skip
-    matrix = ConfusionMatrix(data.num_classes, data.ignore_label)
+    evaluator = SplitEvaluator(model, cfg, split)
     palette = full_palette(data.palette)
-    stream = predict_stream(
-        examples.as_numpy_iterator(),
-        predictor_from_config(model, cfg),
-        runner_from_config(cfg.postprocess),
-    )
-    total = num_images if num_images >= 0 else None
-    num_images = 0
-    with data_errors_as_user_errors():  # a broken file: one line naming it
-        for index, (image, mask, prediction) in enumerate(
-            track(stream, total=total, description=f"Evaluating {split}")
-        ):
-            num_images += 1
-            matrix.update(mask, prediction)
-            if index < cfg.eval.num_samples:
-                (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-                panel = sample_panel(image, mask, prediction, palette)
-                Image.fromarray(panel).save(out_dir / "samples" / f"{split}_{index:04d}.png")
+
+    def save_sample(index, image, mask, prediction):
+        if index < cfg.eval.num_samples:
+            (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+            panel = sample_panel(image, mask, prediction, palette)
+            Image.fromarray(panel).save(out_dir / "samples" / f"{split}_{index:04d}.png")
+
+    progress = track(evaluator.predictions(), total=evaluator.num_images,
+                     description=f"Evaluating {split}")
+    matrix, num_images = evaluator.confusion(progress, save_sample)
     report = matrix.summary(list(data.class_names))
     report.update(
         num_images=num_images,
         split=split,
         dataset=data.name,
         checkpoint=str(Path(checkpoint).resolve()),
-        protocol={
-            "mode": cfg.eval.mode,
-            "tta": OmegaConf.to_container(cfg.eval.tta, resolve=True),
-            "postprocess": cfg.postprocess.name,
-            "resolution": "original",
-        },
+        protocol=evaluator.protocol(),
     )
+    if evaluator.predictor.protocol_change:
+        report["protocol_change"] = evaluator.predictor.protocol_change
+    report.update(extra or {})
     _write_outputs(report, matrix, list(data.class_names), out_dir)
     print_report(report)
     return report

@@ -5,8 +5,10 @@ class scores at that size:
 
 * **whole** mode runs the image in one pass. A model built for a fixed input size is first
   re-instantiated with a dynamic input (same weights, `keras.models.clone_model`) so the image is
-  seen at its own resolution, padded to a multiple of `size_divisor`; a model that cannot be
-  re-instantiated gets the image resized to its input size instead.
+  seen at its own resolution, padded bottom/right with `pad_value` (`data.pad_value`) to a
+  multiple of `size_divisor`. A model that cannot be re-instantiated gets the image resized to
+  its input size instead: a different protocol, so it is a WARNING and `protocol_change` says
+  it (evaluation records it in metrics.json).
 * **slide** mode tiles the (padded) image with `crop_size` windows every `stride` pixels and
   averages the overlapping logits, as mmsegmentation's slide inference does.
 * **test-time augmentation** repeats either mode for each scale in `scales` (and mirrored if
@@ -26,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from seg_train.data.pipeline import pad_colour, pad_image
 from seg_train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,10 +38,19 @@ FUSIONS = ("mean_prob", "max_logit")
 
 
 def dynamic_twin(model: keras.Model) -> keras.Model | None:
-    """The same network with an [H, W]-agnostic input, or None if it cannot be rebuilt."""
+    """The same network with an [H, W]-agnostic input, or None if it cannot be rebuilt.
+
+    None means predictions must resize every image to the model's input size; `Predictor`
+    says so in a WARNING and in `protocol_change`.
+    """
+    return _twin_or_reason(model)[0]
+
+
+def _twin_or_reason(model: keras.Model) -> tuple[keras.Model | None, str]:
+    """(dynamic twin, "") or (None, why it could not be built)."""
     height, width = model.input_shape[1:3]
     if height is None and width is None:
-        return model
+        return model, ""
     try:
         twin = keras.models.clone_model(
             model, input_tensors=keras.Input((None, None, model.input_shape[-1]), name="image")
@@ -47,10 +59,19 @@ def dynamic_twin(model: keras.Model) -> keras.Model | None:
         # Probe with a size the original could not take, e.g. a model with a fixed-size
         # reshape or pooling fails here.
         twin(np.zeros((1, 2 * height, 2 * width, model.input_shape[-1]), np.float32))
-    except Exception as exc:  # noqa: BLE001 - any failure means "use the fixed-size path"
-        log.info("Model input stays %sx%s (no dynamic twin: %s)", height, width, exc)
-        return None
-    return twin
+    except Exception as exc:  # noqa: BLE001 - which layer fails, and how, is model-specific
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return None, f"{type(exc).__name__}: {first_line}"[:200]
+    return twin, ""
+
+
+def resize_protocol_change(model: keras.Model, reason: str = "") -> str:
+    """The line that says predictions of a fixed-size `model` are made on resized images."""
+    height, width = model.input_shape[1:3]
+    because = f" ({reason})" if reason else ""
+    return (f"model {model.name} does not run at input sizes other than {height}x{width}"
+            f"{because}: every image is resized to {height}x{width} and its logits back to the "
+            "image size, instead of the original-resolution protocol")
 
 
 class Predictor:
@@ -67,6 +88,12 @@ class Predictor:
         flip_pairs: [[a, b], ...] classes that swap under a horizontal flip (left/right arm),
             so a mirrored view's scores are mapped back to the right classes.
         size_divisor: whole-mode images are padded to a multiple of this (the network stride).
+        pad_value: Image fill of that padding and of slide windows beyond the image: 0 or an
+            [r, g, b] colour in 0..255 (`data.pad_value`, e.g. the backbone's mean colour).
+
+    Attributes:
+        protocol_change: None, or the line saying that images are resized to a fixed-size
+            model's input size because no size-agnostic twin could be built.
     """
 
     def __init__(
@@ -80,6 +107,7 @@ class Predictor:
         fusion: str = "mean_prob",
         flip_pairs: Sequence[Sequence[int]] | None = None,
         size_divisor: int = 32,
+        pad_value: float | Sequence[float] = 0,
     ):
         if mode not in MODES:
             raise UserError(f"eval.mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -88,9 +116,15 @@ class Predictor:
         if not scales or any(s <= 0 for s in scales):
             raise UserError(f"eval.tta.scales must be positive numbers, got {list(scales)}")
         self.fixed_size = tuple(model.input_shape[1:3]) if model.input_shape[1] else None
-        twin = dynamic_twin(model)
+        twin, reason = _twin_or_reason(model)
+        self.source_model = model
         self.model = twin or model
         self.resize_to_fixed = twin is None and self.fixed_size is not None
+        self.protocol_change = (
+            resize_protocol_change(model, reason) if self.resize_to_fixed else None
+        )
+        if self.protocol_change:
+            log.warning("Protocol change: %s", self.protocol_change)
         self.mode = mode
         self.crop_size = tuple(crop_size or self.fixed_size or (512, 512))
         self.stride = tuple(stride or (max(1, c * 2 // 3) for c in self.crop_size))
@@ -103,8 +137,18 @@ class Predictor:
         self.flip = flip
         self.fusion = fusion
         self.size_divisor = size_divisor
+        self.pad_colour = pad_colour(pad_value)
         self.channel_order = _flip_permutation(model.output_shape[-1], flip_pairs)
         self._net = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+
+    def sync_weights(self) -> None:
+        """Copies the source model's current weights into its dynamic twin (if it has one).
+
+        A Predictor built once on a model that keeps training (in-training validation) must
+        call this before each evaluation; the twin holds its own copy of the weights.
+        """
+        if self.model is not self.source_model:
+            self.model.set_weights(self.source_model.get_weights())
 
     # ----- one view -------------------------------------------------------------------------
     def _run(self, batch: tf.Tensor) -> tf.Tensor:
@@ -116,7 +160,7 @@ class Predictor:
         divisor = self.size_divisor
         pad_h = (-batch.shape[1]) % divisor
         pad_w = (-batch.shape[2]) % divisor
-        padded = tf.pad(batch, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
+        padded = pad_image(batch, [[0, pad_h], [0, pad_w]], self.pad_colour)
         return self._net(padded)[:, : batch.shape[1], : batch.shape[2]]
 
     def _slide(self, image: tf.Tensor) -> tf.Tensor:
@@ -124,7 +168,8 @@ class Predictor:
         height, width = int(image.shape[0]), int(image.shape[1])
         crop_h, crop_w = self.crop_size
         stride_h, stride_w = self.stride
-        padded = tf.pad(image, [[0, max(crop_h - height, 0)], [0, max(crop_w - width, 0)], [0, 0]])
+        padding = [[0, max(crop_h - height, 0)], [0, max(crop_w - width, 0)]]
+        padded = pad_image(image, padding, self.pad_colour)
         pad_height, pad_width = int(padded.shape[0]), int(padded.shape[1])
         tops = _window_starts(pad_height, crop_h, stride_h)
         lefts = _window_starts(pad_width, crop_w, stride_w)
@@ -196,7 +241,8 @@ def _flip_permutation(num_classes: int, flip_pairs: Sequence[Sequence[int]] | No
 
 
 def predictor_from_config(model: keras.Model, cfg) -> Predictor:
-    """A Predictor from `cfg.eval` (mode, crop_size, stride, tta) and the data's flip pairs."""
+    """A Predictor from `cfg.eval` (mode, crop_size, stride, tta) and the data's flip pairs and
+    pad colour."""
     options = cfg.eval
     return Predictor(
         model,
@@ -208,4 +254,5 @@ def predictor_from_config(model: keras.Model, cfg) -> Predictor:
         fusion=options.tta.fusion,
         flip_pairs=cfg.data.get("flip_pairs"),
         size_divisor=options.size_divisor,
+        pad_value=cfg.data.get("pad_value", 0),
     )

@@ -18,7 +18,7 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from seg_train import checkpoints, distribute, optim, resume, runtime, training
+from seg_train import checkpoints, devices, distribute, optim, resume, runtime, training
 from seg_train.data import pipeline
 from seg_train.errors import UserError
 from seg_train.evaluate import evaluate_model, optimized_value
@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> float | None:
         tf.config.experimental.enable_op_determinism()
     distribute.set_precision(cfg.trainer.precision)
     strategy = distribute.make_strategy(cfg.hardware)
+    devices.record(run_dir)
     chief = distribute.is_chief(strategy)
     batch_per_replica = distribute.per_replica_batch(cfg.data.batch_size, strategy)
     log.info(
@@ -70,11 +71,19 @@ def run(cfg: DictConfig) -> float | None:
     data_seed = cfg.seed + 1000 * state.epoch + state.step
     train_ds = pipeline.train_dataset(source, cfg.data, data_seed, repeat=True)
     train_ds = training.shard_by_data(train_ds)
+    # Resized val batches: fit's validation under trainer.val_protocol=resized, and the
+    # TensorBoard prediction images under either protocol.
     val_ds = training.shard_by_data(pipeline.val_dataset(source, cfg.data))
     if cfg.trainer.overfit_batches:
         # The same few batches over and over, validated on themselves (debug=overfit).
         train_ds = train_ds.take(cfg.trainer.overfit_batches).cache().repeat()
         val_ds = train_ds.take(cfg.trainer.overfit_batches)
+    protocol = training.val_protocol(cfg)
+    log.info(
+        "Validation (selects best.keras): trainer.val_protocol=%s, %s",
+        protocol,
+        training.describe_protocol(cfg, protocol),
+    )
     log.info(
         "Data %s: %d train / %d val images, crop %s, %d steps per epoch",
         cfg.data.name,
@@ -105,7 +114,8 @@ def run(cfg: DictConfig) -> float | None:
         training.check_label_sample(pipeline.decoded_dataset(source, "train"), cfg.data)
         val_batch = next(val_ds.as_numpy_iterator()) if chief else None
         train_ds = training.labels_per_output(train_ds, outputs)
-        val_ds = training.labels_per_output(val_ds, outputs)
+        # Under the original protocol a callback validates; fit's own validation is not run.
+        fit_val_ds = training.labels_per_output(val_ds, outputs) if protocol == "resized" else None
         callbacks = [
             resume.NaNGuard(
                 f"optimizer.learning_rate={cfg.optimizer.learning_rate}, "
@@ -113,7 +123,9 @@ def run(cfg: DictConfig) -> float | None:
             )
         ]
         if chief:  # only the chief writes checkpoints, backups, logs and summaries
-            callbacks += training.build_callbacks(cfg, val_batch, model, train_model)
+            if protocol == "original":  # first: the checkpoint and loggers read its val_* logs
+                callbacks.append(training.original_resolution_validation(cfg, model, source))
+            callbacks += training.build_callbacks(cfg, val_batch, model, train_model, protocol)
             checkpoint = next(
                 (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
             )
@@ -125,13 +137,15 @@ def run(cfg: DictConfig) -> float | None:
                 )
         if backup:
             training.restore(train_model, backup[1], state, callbacks)
-        training.fit_from(train_model, train_ds, val_ds, state, steps_per_epoch, callbacks, cfg)
+        training.fit_from(
+            train_model, train_ds, fit_val_ds, state, steps_per_epoch, callbacks, cfg
+        )
     if not chief:
         log.info("Worker done; the chief writes checkpoints and the report")
         return None
     if cfg.trainer.overfit_batches:
-        training.check_overfit(train_model, val_ds)
-    value = _report_best(model, cfg, run_dir)
+        training.check_overfit(train_model, training.labels_per_output(val_ds, outputs))
+    value = _report_best(model, cfg, run_dir, _selection(cfg, protocol, checkpoint))
     resume.mark_finished(run_dir)
     return value
 
@@ -155,8 +169,30 @@ def _backup_to_resume(cfg: DictConfig, run_dir: Path) -> tuple | None:
     return backup
 
 
-def _report_best(model: keras.Model, cfg: DictConfig, run_dir: Path) -> float | None:
-    """Plots the curves and evaluates the best checkpoint at original resolution."""
+def _selection(cfg: DictConfig, protocol: str, checkpoint) -> dict:
+    """How best.keras was chosen, for metrics.json: protocol, monitored metric and its value."""
+    selection = {
+        "protocol": protocol,
+        "description": training.describe_protocol(cfg, protocol),
+        "metric": None,
+        "value": None,
+    }
+    if checkpoint is not None:
+        best = checkpoint.best
+        selection.update(
+            metric=checkpoint.monitor,
+            value=float(best) if best is not None and math.isfinite(best) else None,
+        )
+    return selection
+
+
+def _report_best(
+    model: keras.Model, cfg: DictConfig, run_dir: Path, selection: dict
+) -> float | None:
+    """Plots the curves and evaluates the best checkpoint at original resolution.
+
+    `selection` (how the checkpoint was chosen) goes into metrics.json.
+    """
     history_csv = run_dir / "history.csv"
     if history_csv.is_file():
         plot_history(history_csv, run_dir / "training_curves.png")
@@ -166,7 +202,15 @@ def _report_best(model: keras.Model, cfg: DictConfig, run_dir: Path) -> float | 
         best = run_dir / "checkpoints" / "last.keras"
         best.parent.mkdir(parents=True, exist_ok=True)
         model.save(best)
+        selection = {**selection, "metric": None, "value": None, "note": "last weights"}
     best_model = checkpoints.load_model(best, cfg.data.num_classes)
-    report = evaluate_model(best_model, cfg, "val", run_dir, best)
-    log.info("Best checkpoint %s: val mIoU %.4f", best, report["mean_iou"] or 0.0)
+    report = evaluate_model(best_model, cfg, "val", run_dir, best, {"selection": selection})
+    log.info(
+        "Best checkpoint %s (selected on %s under trainer.val_protocol=%s: %s): val mIoU %.4f",
+        best,
+        selection["metric"],
+        selection["protocol"],
+        "n/a" if selection["value"] is None else f"{selection['value']:.4f}",
+        report["mean_iou"] or 0.0,
+    )
     return optimized_value(report, cfg.optimized_metric)

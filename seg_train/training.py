@@ -95,12 +95,15 @@ def build_callbacks(
     val_batch: tuple[np.ndarray, np.ndarray],
     model: keras.Model,
     train_model: keras.Model,
+    protocol: str = "resized",
 ) -> list:
     """Instantiates `cfg.callbacks`; partial ones get the val samples and palette.
 
     Checkpoints save an uncompiled twin of `model` (same layers and weights): no optimizer
     state in `best.keras` (half the size; backups keep it), and never the multi-output
-    training view. With a multi-output view they monitor the fused output's metrics.
+    training view. With a multi-output view validated by `fit` (`protocol="resized"`) they
+    monitor the fused output's metrics; with `protocol="original"` the validation callback
+    evaluates `model` itself and writes plain `val_mean_iou`.
     """
     callbacks = []
     for name, node in cfg.callbacks.items():
@@ -115,11 +118,48 @@ def build_callbacks(
             )
         if isinstance(callback, resume.AtomicModelCheckpoint):
             callback.model_to_save = keras.Model(model.input, model.output, name=model.name)
-            if output_names(train_model) and callback.monitor.startswith("val_"):
+            fit_validates = protocol == "resized"
+            if fit_validates and output_names(train_model) and callback.monitor.startswith("val_"):
                 callback.monitor = f"val_{FUSED}_{callback.monitor.removeprefix('val_')}"
         log.info("Callback %s: %s", name, type(callback).__name__)
         callbacks.append(callback)
     return callbacks
+
+
+def val_protocol(cfg: DictConfig) -> str:
+    """How in-training validation, and so the choice of `best.keras`, is measured.
+
+    `trainer.val_protocol` (default original); an overfit check (`trainer.overfit_batches`)
+    validates on its own training batches, so it is always `resized`.
+    """
+    if cfg.trainer.overfit_batches:
+        return "resized"
+    return cfg.trainer.get("val_protocol", "original")
+
+
+def describe_protocol(cfg: DictConfig, protocol: str) -> str:
+    """The protocol in words, for the run log and metrics.json."""
+    if protocol == "resized":
+        return (f"val images resized to data.crop_size {list(cfg.data.crop_size)}, "
+                "Keras MeanIoU in fit")
+    tta = cfg.eval.tta
+    return (f"val images at original resolution through the final report's code path "
+            f"(eval.mode={cfg.eval.mode}, tta scales {list(tta.scales)} flip {tta.flip}, "
+            f"postprocess={cfg.postprocess.name})")
+
+
+def original_resolution_validation(cfg: DictConfig, model: keras.Model, source):
+    """The callback that validates `model` (the saved single-output model) as the final report
+    evaluates it, every `trainer.validation_freq` epochs (`trainer.val_protocol=original`)."""
+    from seg_train.callbacks import OriginalResolutionValidation
+    from seg_train.data.pipeline import should_cache
+    from seg_train.evaluate import SplitEvaluator
+
+    cache = should_cache(source, "val", cfg.data.cache)
+    evaluator = SplitEvaluator(model, cfg, "val", cache=cache)
+    return OriginalResolutionValidation(
+        evaluator, cfg.data.class_names, cfg.trainer.validation_freq
+    )
 
 
 def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:

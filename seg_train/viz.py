@@ -71,7 +71,12 @@ def sample_panel(
 
 
 def plot_history(history_csv: Path, out_png: Path) -> None:
-    """Plots every metric of a Keras CSVLogger file, train and val together, one panel each."""
+    """Plots every metric of a Keras CSVLogger file, train and val together, one panel each.
+
+    A val metric without a train counterpart (e.g. `val_pixel_accuracy` of the
+    original-resolution validation) gets a panel of its own; epochs without a value ("NA",
+    as CSVLogger writes epochs that were not validated) are left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,14 +86,18 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    names = [
-        k for k in rows[0] if k != "epoch" and not k.startswith("val_") and k != "learning_rate"
-    ]
+    keys = [k for k in rows[0] if k not in ("epoch", "learning_rate")]
+    names = [k for k in keys if not k.startswith("val_")]
+    names += [k.removeprefix("val_") for k in keys
+              if k.startswith("val_") and k.removeprefix("val_") not in names]
+    if not names:
+        return
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     epochs = [int(r["epoch"]) + 1 for r in rows]
     for ax, name in zip(axes[0], names):
         for key, label in ((name, "train"), (f"val_{name}", "val")):
-            values = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key)]
+            values = [(e, v) for e, r in zip(epochs, rows) if (v := _number(r.get(key)))
+                      is not None]
             if values:
                 ax.plot(*zip(*values), marker="o", label=label)
         ax.set_title(name)
@@ -98,6 +107,15 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def _number(text: str | None) -> float | None:
+    """A CSV cell as a finite float, None when empty, "NA" or not finite."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], out_png: Path) -> None:

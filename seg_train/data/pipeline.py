@@ -2,13 +2,15 @@
 
 Every dataset goes through the same steps: parallel decode (in the graph for plain JPEGs and
 PNG masks, see `graph_decode.py`; `data.on_error` decides what a broken file does), a cache of
-the decoded examples when they fit in memory (`data.cache`), shuffle, joint random scale / crop
-(padding labels with the ignore value; only the cropped part is resized) / horizontal flip
-(swapping left/right class ids where the dataset has them), optional photometric jitter,
-batching and prefetch. Labels are only ever resized nearest-neighbour, so augmentation never
-invents a class. Images leave as float32 in 0..255; each model normalises them in its own first
-layer, so train, eval, infer and export cannot disagree about preprocessing. Evaluation reads
-`decoded_dataset` directly: no augmentation, and labels at their original resolution.
+the decoded examples when they fit in memory (`data.cache`), shuffle, the training transform
+(`data.transform`): `crop` = joint random scale / crop (padding images with `data.pad_value` and
+labels with the ignore value; only the cropped part is resized), or `resize` = the whole image
+resized to `data.crop_size`; then horizontal flip (swapping left/right class ids where the
+dataset has them), optional photometric jitter, batching and prefetch. Labels are only ever
+resized nearest-neighbour, so augmentation never invents a class. Images leave as float32 in
+0..255; each model normalises them in its own first layer, so train, eval, infer and export
+cannot disagree about preprocessing. Evaluation reads `decoded_dataset` directly: no
+augmentation, and labels at their original resolution.
 
 Random choices use stateless ops seeded per element from `tf.data.Dataset.random`, so a run is
 reproducible under parallel `map` and differs from epoch to epoch.
@@ -242,13 +244,38 @@ def _nearest_rows(first: tf.Tensor, end: tf.Tensor, count: tf.Tensor) -> tf.Tens
     return first + tf.minimum(offsets, end - first - 1)
 
 
+def pad_colour(pad_value: float | Sequence[float] | None) -> list[float]:
+    """`data.pad_value` (0 or [r, g, b] in 0..255) as one float per channel."""
+    if pad_value is None:
+        return [0.0, 0.0, 0.0]
+    if isinstance(pad_value, (int, float)):
+        return [float(pad_value)] * 3
+    return [float(v) for v in pad_value]
+
+
+def pad_image(image: tf.Tensor, padding: Sequence[Sequence], colour: Sequence[float]
+              ) -> tf.Tensor:
+    """Pads a float [..., H, W, 3] image with a constant RGB colour (`padding` covers H, W).
+
+    Each channel is padded with its own constant, so the image's own pixels stay bit-exact.
+    """
+    lead = [[0, 0]] * (len(image.shape) - 3)
+    if not any(colour):
+        return tf.pad(image, lead + list(padding) + [[0, 0]])
+    channels = [tf.pad(image[..., k], lead + list(padding), constant_values=float(c))
+                for k, c in enumerate(colour)]
+    return tf.stack(channels, axis=-1)
+
+
 def random_scaled_crop(image: tf.Tensor, mask: tf.Tensor, scale_range: Sequence[float],
-                       size: Sequence[int], ignore_label: int, seed: tf.Tensor
+                       size: Sequence[int], ignore_label: int, seed: tf.Tensor,
+                       pad_value: float | Sequence[float] = 0
                        ) -> tuple[tf.Tensor, tf.Tensor]:
     """Random scale, then a random `size` crop (padded where the scaled image is smaller).
 
     Equivalent to rescaling the whole pair by a factor drawn from `scale_range`, padding it
-    bottom/right to `size` (image 0, mask `ignore_label`) and cutting a random window, but only
+    bottom/right to `size` (image `pad_value`, a value or an RGB colour in 0..255; mask
+    `ignore_label`) and cutting a random window, but only
     the part of the image under the window is resized, so the cost follows the crop, not the
     image. The window's source rows and columns are rounded outwards to whole pixels, which
     changes the drawn scale by under one source pixel across the window; image (bilinear) and
@@ -277,7 +304,7 @@ def random_scaled_crop(image: tf.Tensor, mask: tf.Tensor, scale_range: Sequence[
     mask = tf.gather(tf.gather(mask, _nearest_rows(row0, row1, height)),
                      _nearest_rows(col0, col1, width), axis=1)
     padding = [[0, size[0] - height], [0, size[1] - width]]
-    image = tf.pad(image, padding + [[0, 0]])
+    image = pad_image(image, padding, pad_colour(pad_value))
     mask = tf.pad(mask, padding, constant_values=ignore_label)
     return image, mask
 
@@ -356,13 +383,29 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter: DictConfig | dict | 
     return tf.clip_by_value(image, 0.0, 1.0) * 255.0
 
 
+# data.transform: how a training example becomes a data.crop_size sample.
+TRANSFORMS = ("crop", "resize")
+
+
 def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, data: DictConfig
             ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The training transform: random scale, pad, random crop to `data.crop_size`, flip, jitter."""
+    """The training transform to `data.crop_size`, then flip and jitter.
+
+    `data.transform=crop` (default): random scale, pad (`data.pad_value`), random crop.
+    `data.transform=resize`: the whole image resized to the crop size (image bilinear, mask
+    nearest), so every sample shows the whole scene, as the TF / keras-io tutorials train.
+    """
     crop = list(data.crop_size)
+    transform = data.get("transform", "crop")
+    if transform not in TRANSFORMS:
+        raise UserError(f"config key data.transform must be one of {', '.join(TRANSFORMS)}, "
+                        f"got {transform!r}; e.g. data.transform=crop")
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    image, mask = random_scaled_crop(image, mask, data.scale_range, crop, data.ignore_label,
-                                     crop_seed)
+    if transform == "resize":
+        image, mask = resize_pair(image, mask, crop)
+    else:
+        image, mask = random_scaled_crop(image, mask, data.scale_range, crop, data.ignore_label,
+                                         crop_seed, data.get("pad_value", 0))
     if data.hflip:
         image, mask = random_hflip(image, mask, flip_seed, data.get("flip_pairs"))
     image = color_jitter(image, jitter_seed, data.get("jitter"))
@@ -426,9 +469,11 @@ def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = Fa
 
 
 def val_dataset(source: Source, data: DictConfig, split: str = "val") -> tf.data.Dataset:
-    """Validation data for `fit`: resized to `data.crop_size`, batched, in split order.
+    """Validation data for `fit` (`trainer.val_protocol=resized`): resized to `data.crop_size`,
+    batched, in split order.
 
-    Labels are resized nearest-neighbour; final metrics use `decoded_dataset` at original size.
+    Labels are resized nearest-neighbour. The final report, and in-training validation under
+    `trainer.val_protocol=original`, use `decoded_dataset` at original size instead.
     """
     parallel = data.num_parallel_calls or AUTOTUNE
     examples = decoded_dataset(source, split, parallel)
