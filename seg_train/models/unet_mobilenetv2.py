@@ -9,8 +9,9 @@ with 512 / 256 / 128 / 64 filters, each concatenated with the next finer tap; a 
 3x3 transposed conv gives the class logits at the input size. The tutorial passes kernel size 3
 to the upsample blocks (pix2pix itself uses 4) and freezes the encoder.
 
-Unlike the tutorial, which feeds 0..1 images, inputs are normalised to -1..1, the range
-MobileNetV2's ImageNet weights were trained with.
+`input_scaling` picks how the 0..255 input is normalised: "symmetric" (-1..1, the range
+MobileNetV2's ImageNet weights were trained with) or "unit" (0..1, what the tutorial feeds its
+encoder: `normalize` divides by 255 and nothing rescales it further).
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
+from seg_train.errors import UserError
 from seg_train.models import backbones
 
 log = logging.getLogger(__name__)
 ENCODER_TAPS = ("P1", "P2", "P3", "P4", "P5")
+INPUT_SCALINGS = ("symmetric", "unit")
+
+
+def normalization(input_scaling: str) -> layers.Layer:
+    """The first layer: 0..255 images to -1..1 ("symmetric") or to 0..1 ("unit")."""
+    if input_scaling == "unit":
+        # float32 like the symmetric ImagePreprocessing, also under mixed precision.
+        return layers.Rescaling(1.0 / 255.0, dtype="float32", name="preprocess")
+    return backbones.preprocessing("mobilenetv2")
 
 
 def upsample_block(x, filters: int, kernel_size: int, name: str):
@@ -50,6 +61,7 @@ def build_unet_mobilenetv2(
     alpha: float = 1.0,
     freeze_encoder: bool = True,
     freeze_bn: bool = False,
+    input_scaling: str = "symmetric",
     backbone_weights: str | None = "imagenet",
     name: str = "unet_mobilenetv2",
 ) -> keras.Model:
@@ -67,6 +79,8 @@ def build_unet_mobilenetv2(
             1.3 and 1.4).
         freeze_encoder: Keep the whole encoder fixed (its BatchNorm too), as the tutorial does.
         freeze_bn: Keep every BatchNorm (decoder ones included) fixed.
+        input_scaling: "symmetric" (0..255 -> -1..1, MobileNetV2's own preprocessing) or
+            "unit" (0..255 -> 0..1, as the tutorial feeds the encoder).
         backbone_weights: "imagenet", None (random init) or a path to a MobileNetV2 no-top
             weights file.
         name: Model name.
@@ -78,6 +92,10 @@ def build_unet_mobilenetv2(
     if len(decoder_filters) != len(ENCODER_TAPS) - 1:
         raise ValueError(
             f"decoder_filters needs {len(ENCODER_TAPS) - 1} values, got {list(decoder_filters)}"
+        )
+    if input_scaling not in INPUT_SCALINGS:
+        raise UserError(
+            f"model.input_scaling must be one of {', '.join(INPUT_SCALINGS)}; got {input_scaling!r}"
         )
     shape = backbones.check_input_shape(input_shape, multiple=32, model=f"model={name}")
     encoder = backbones.build_backbone(
@@ -93,7 +111,7 @@ def build_unet_mobilenetv2(
         )
 
     inputs = keras.Input(shape=shape, name="image")
-    taps = encoder(backbones.preprocessing("mobilenetv2")(inputs))
+    taps = encoder(normalization(input_scaling)(inputs))
     x = taps[ENCODER_TAPS[-1]]
     skips = reversed(ENCODER_TAPS[:-1])
     for stage, (filters, skip) in enumerate(zip(decoder_filters, skips, strict=True), start=1):
