@@ -49,6 +49,12 @@ MODELS = {
     ),
     "unet": (unet.build_unet, {"base_filters": 4, "depth": 3}),
 }
+    # Seed 003's variant: no BatchNorm, 3x3 up-conv + ReLU, 0..1 inputs, PyTorch init.
+    "unet_seed003": (
+        unet.build_unet,
+        {"base_filters": 4, "depth": 3, "batch_norm": False, "up_conv": "transpose3x3_relu",
+         "input_scaling": "unit", "initializer": "pytorch"},
+    ),
 
 
 def build(name: str, input_shape=(SIZE, SIZE, 3), **overrides) -> keras.Model:
