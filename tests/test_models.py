@@ -38,8 +38,8 @@ MODELS = {
         {"backbone": "mobilenetv2", "backbone_alpha": 0.35, "msc_scales": [1.0, 0.75, 0.5]},
     ),
     "deeplabv3_mnv2": (deeplabv3plus.build_deeplabv3, TINY_MNV2),
-    "deeplabv3plus_r50_os8": (
-        deeplabv3plus.build_deeplabv3plus,
+    "deeplabv3plus_atrous_r50_os8": (
+        deeplabv3plus.build_deeplabv3plus_atrous,
         {"output_stride": 8, "aspp_filters": 16, "decoder_filters": 16},
     ),
     "deeplabv3plus_mnv2": (deeplabv3plus.build_deeplabv3plus, {**TINY_MNV2, "decoder_filters": 16}),

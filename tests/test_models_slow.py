@@ -16,14 +16,21 @@ FULL_SIZE = {
     "fcn16s": (fcn.build_fcn16s, {"num_classes": 21}, 134_815_994),
     "fcn8s": (fcn.build_fcn8s, {"num_classes": 21}, 134_489_759),
     "deeplabv2": (deeplabv2.build_deeplabv2, {"num_classes": 21}, 44_206_548),
-    "deeplabv3plus": (deeplabv3plus.build_deeplabv3plus, {"num_classes": 20}, 40_426_580),
-    "deeplabv3plus_r101": (
-        deeplabv3plus.build_deeplabv3plus,
+    # keras-io's model.summary() (examples/vision/md/deeplabv3_plus.md): 11,857,236 total,
+    # 11,824,500 trainable for 20 classes.
+    "deeplabv3plus": (deeplabv3plus.build_deeplabv3plus, {"num_classes": 20}, 11_857_236),
+    "deeplabv3plus_atrous": (
+        deeplabv3plus.build_deeplabv3plus_atrous,
+        {"num_classes": 20},
+        40_426_580,
+    ),
+    "deeplabv3plus_atrous_r101": (
+        deeplabv3plus.build_deeplabv3plus_atrous,
         {"num_classes": 20, "backbone": "resnet101"},
         59_497_044,
     ),
-    "deeplabv3plus_mnv2": (
-        deeplabv3plus.build_deeplabv3plus,
+    "deeplabv3plus_atrous_mnv2": (
+        deeplabv3plus.build_deeplabv3plus_atrous,
         {"num_classes": 20, "backbone": "mobilenetv2"},
         5_856_020,
     ),
@@ -54,6 +61,8 @@ def test_full_size_parameter_count(name):
     assert model.count_params() == expected
     if name == "unet_mobilenetv2":  # the tutorial trains only the decoder
         assert trainable_count(model) == 4_660_323
+    if name == "deeplabv3plus":
+        assert trainable_count(model) == 11_824_500
 
 
 def test_classic_unet_has_the_paper_widths():

@@ -6,6 +6,9 @@ segmentation heads read:
 
 * `P1`..`P5`: the last feature map at stride 2, 4, 8, 16 and 32 of the *plain* network (the
   names keep their meaning after the network is made atrous; only the strides change).
+* `P4_inner`: the stride-16 features inside the last stride-16 block, after its 3x3 conv and
+  ReLU (ResNet-50: `conv4_block6_2_relu`, 256 channels): what keras-io's DeepLabV3+ feeds its
+  DSPP instead of the atrous last stage.
 * `low_level`: the stride-4 features DeepLabV3+'s decoder fuses (keras-io's choice for ResNets).
 
 `build_backbone` returns a feature-extractor `keras.Model` whose outputs are a dict keyed by
@@ -55,6 +58,7 @@ def _resnet_taps(conv4_blocks: int) -> dict[str, str]:
         "P3": "conv3_block4_out",
         "P4": f"conv4_block{conv4_blocks}_out",
         "P5": "conv5_block3_out",
+        "P4_inner": f"conv4_block{conv4_blocks}_2_relu",
         "low_level": "conv2_block3_2_relu",
     }
 
@@ -79,6 +83,8 @@ BACKBONES: dict[str, BackboneSpec] = {
             "P3": "block_6_expand_relu",
             "P4": "block_13_expand_relu",
             "P5": "block_16_project",
+            # Block 12 is the last at stride 16 (block 13's depthwise conv strides to 32).
+            "P4_inner": "block_12_depthwise_relu",
             "low_level": "block_3_expand_relu",
         },
     ),
