@@ -260,6 +260,9 @@ def bench_train(spec: dict) -> dict:
         callbacks += [timer.callback, timer.stop_when(steps, min_seconds)]
         stall_monitor = next((c for c in callbacks if isinstance(c, DataStallMonitor)), None)
         tensors = training.labels_per_output(tensors, training.output_names(train_model))
+    gpu = tf.config.list_logical_devices("GPU")
+    if gpu:  # peak GPU memory of this run's steps (scripts/gpu_check.sh)
+        tf.config.experimental.reset_memory_stats(gpu[0].name)
     train_model.fit(
         tensors,
         epochs=1,
@@ -268,6 +271,8 @@ def bench_train(spec: dict) -> dict:
         verbose=0,
     )
     seconds = timer.seconds_per_step()
+    if gpu:
+        result["peak_gpu_mb"] = tf.config.experimental.get_memory_info(gpu[0].name)["peak"] / 2**20
     result.update(
         seconds_per_step=seconds,
         images_per_s=batch / seconds,

@@ -41,12 +41,13 @@ _show_tracebacks = False
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _run_task(cfg: DictConfig) -> float | None:
     """Checks the composed config, prepares the process, and runs `cfg.mode.task`."""
-    from seg_train import runtime
+    from seg_train import devices, runtime
     from seg_train.config_checks import check_config
 
     try:
         check_config(cfg)
         runtime.prepare_environment(cfg)
+        devices.prepare(cfg.hardware)  # hardware=gpu without a GPU: one line, before anything is built
         runtime.print_and_save_config(cfg, Path(cfg.paths.output_dir))
         task = hydra.utils.get_method(cfg.mode.task)
         return task(cfg)
