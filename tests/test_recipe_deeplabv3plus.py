@@ -84,9 +84,7 @@ def test_keras_io_model_reads_conv4_block6_and_conv2_block3(keras_io_model):
     assert "conv2_block3_2_relu" in names
     assert not [name for name in names if name.startswith("conv5")]
     # keras-io's head has no dropout.
-    assert not [
-        layer for layer in keras_io_model.layers if isinstance(layer, keras.layers.Dropout)
-    ]
+    assert not [layer for layer in keras_io_model.layers if isinstance(layer, keras.layers.Dropout)]
 
 
 def test_keras_io_model_normalises_as_resnet50_preprocess_input(keras_io_model):
