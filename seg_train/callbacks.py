@@ -114,6 +114,13 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def _op_determinism_enabled() -> bool:
+    """Whether `tf.config.experimental.enable_op_determinism()` is in force (no public getter)."""
+    from tensorflow.python.framework import config as tf_config
+
+    return bool(getattr(tf_config, "is_op_determinism_enabled", lambda: False)())
+
+
 class DataStallMonitor(keras.callbacks.Callback):
     """Logs the share of training-step time spent waiting for input, per epoch.
 
@@ -135,7 +142,9 @@ class DataStallMonitor(keras.callbacks.Callback):
 
     The share is logged (python logging) and written to TensorBoard as `data_stall` each epoch;
     above `warn_above` it is a warning. Not measured (and said once) under XLA
-    (`jit_compile=True`: `tf.timestamp` cannot be compiled) or with more than one replica.
+    (`jit_compile=True`: `tf.timestamp` cannot be compiled), under op determinism
+    (`trainer.deterministic=true`: TensorFlow refuses `tf.timestamp` there) or with more than
+    one replica.
 
     Args:
         log_dir: TensorBoard log dir for the scalar; None = console only.
@@ -155,11 +164,18 @@ class DataStallMonitor(keras.callbacks.Callback):
         reason = None
         if getattr(model, "jit_compile", False):
             reason = "jit_compile=True (tf.timestamp cannot run under XLA)"
+        elif _op_determinism_enabled():
+            reason = "trainer.deterministic=true (tf.timestamp is refused under op determinism)"
         elif model.distribute_strategy.num_replicas_in_sync > 1:
             reason = "more than one replica"
         if reason:
             logging.getLogger(__name__).info("DataStallMonitor: not measured with %s", reason)
             self._active = False
+            if getattr(model, "_data_stall_inner_step", None) is not None:
+                # Instrumented by an earlier fit: its stamps would fail now; unwrap the step.
+                model.train_step = model._data_stall_inner_step
+                model._data_stall_inner_step = model._data_stall_monitor = None
+                model.make_train_function(force=True)
             return
         if getattr(model, "_data_stall_monitor", None) is not self:
             self._instrument(model)

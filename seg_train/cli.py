@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -24,6 +25,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from seg_train import preemption, run_lock
 from seg_train.errors import Preempted, UserError
 from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir
 
@@ -33,6 +35,15 @@ CONFIG_DIR = Path(
     os.environ.get("SEG_TRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs")
 )
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+# What `trainer.resume=RUN_DIR KEY=VALUE` may change: how long and how the run goes on, never
+# what it trains (model, data, loss, optimizer) or how it is saved.
+RESUME_SAFE_KEYS = ("trainer.epochs", "trainer.backup_every_steps", "trainer.verbose")
+RESUME_SAFE_PREFIXES = ("hardware.",)
+RESUME_SAFE_GROUPS = ("hardware",)
+# Every resume of a run is appended here (time, PID, the overrides it changed); the run's own
+# .hydra/ is never rewritten by a resume.
+RESUME_LOG = "resume_overrides.yaml"
 log = logging.getLogger("seg_train")
 # Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1); set by main().
 _show_tracebacks = False
@@ -46,8 +57,13 @@ def _run_task(cfg: DictConfig) -> float | None:
 
     try:
         check_config(cfg)
+        if _is_training(cfg):
+            preemption.stop_on_signals(Path(cfg.paths.output_dir))
+            if cfg.trainer.resume and _resume_changes is not None:
+                _record_resume(Path(cfg.trainer.resume).expanduser(), _resume_changes)
         runtime.prepare_environment(cfg)
-        devices.prepare(cfg.hardware)  # hardware=gpu without a GPU: one line, before anything is built
+        # hardware=gpu without a GPU: one line, before anything is built
+        devices.prepare(cfg.hardware)
         runtime.print_and_save_config(cfg, Path(cfg.paths.output_dir))
         task = hydra.utils.get_method(cfg.mode.task)
         return task(cfg)
@@ -72,31 +88,81 @@ def main() -> None:
     global _show_tracebacks
     _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    args = sys.argv[1:]
+    if _trains(args):
+        preemption.stop_on_signals()  # SIGTERM/SIGINT from here on: one line, exit 75
     try:
-        sys.argv[1:] = prepare_args(sys.argv[1:])
+        lock_named_run_dir(args)
+        sys.argv[1:] = prepare_args(args)
         _run_task()
+    except Preempted as exc:
+        print(f"seg-train: {exc}", file=sys.stderr)
+        sys.exit(Preempted.exit_code)
+    except KeyboardInterrupt:
+        print("seg-train: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except (UserError, HydraException, OmegaConfBaseException, OSError) as exc:
         if _is_unexpected_os_error(exc):
             raise
         _exit_with_one_line(exc)
+    finally:
+        run_lock.release_all()
+
+
+def _trains(args: list[str]) -> bool:
+    """Whether a command line runs training (the default mode) as a single run."""
+    modes = [_key_value(a)[1] for a in args if _key_value(a)[0] == "mode"]
+    return modes in ([], ["train"]) and "-m" not in args and "--multirun" not in args
+
+
+def _is_training(cfg: DictConfig) -> bool:
+    return cfg.mode.get("name") == "train" and HydraConfig.get().mode != RunMode.MULTIRUN
+
+
+def lock_named_run_dir(args: list[str]) -> None:
+    """Takes the lock of the run dir a single run names, before Hydra writes `.hydra/` into it.
+
+    A second process for the same run dir (a new run or a resume) then stops with one line
+    naming the holder and leaves the run dir as it was. Run dirs made from the clock are
+    unique and locked by the training itself; the workers of a multi-worker job share theirs.
+    """
+    if "-m" in args or "--multirun" in args or _multi_worker_process():
+        return
+    values = dict(_key_value(a) for a in args if "=" in a)
+    named = values.get("trainer.resume") or values.get("hydra.run.dir")
+    if named and named != "null" and "${" not in named:
+        run_lock.acquire(Path(named).expanduser())
+
+
+def _multi_worker_process() -> bool:
+    """One of several workers of a job (TF_CONFIG, or a Slurm step of several tasks)."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+    return "TF_CONFIG" in os.environ or (tasks.isdigit() and int(tasks) > 1)
 
 
 def prepare_args(args: list[str]) -> list[str]:
     """Turns resume requests into plain Hydra arguments and protects used run dirs.
 
-    * `trainer.resume=RUN_DIR` replays that run's saved overrides into RUN_DIR (extra
-      overrides given now are added on top).
+    * `trainer.resume=RUN_DIR` replays that run's saved overrides into RUN_DIR. Overrides
+      given now may only change `RESUME_SAFE_KEYS` (anything else is refused with one line);
+      the changes are appended to RUN_DIR/resume_overrides.yaml, and the run's `.hydra/` is
+      left as it was (`hydra.output_subdir=null`).
     * Re-running the same command with `hydra.run.dir=RUN_DIR`, where RUN_DIR holds a backup,
       resumes it.
     * Any other command naming a used run or sweep dir is refused before Hydra writes
       `.hydra/` into it, so that run's saved config and outputs stay intact.
     """
+    global _resume_changes
     values = dict(_key_value(a) for a in args if "=" in a)
     resume_dir = values.get("trainer.resume")
+    keep = [f"trainer.resume={resume_dir}", "hydra.output_subdir=null"]
     if resume_dir and resume_dir != "null":
-        saved = _saved_overrides(Path(resume_dir).expanduser())
-        extra = [a for a in args if _key_value(a)[0] not in ("trainer.resume", "hydra.run.dir")]
-        return saved + extra + [f"hydra.run.dir={resume_dir}", f"trainer.resume={resume_dir}"]
+        run_path = Path(resume_dir).expanduser()
+        saved = _saved_overrides(run_path)
+        given = [a for a in args if _key_value(a)[0] not in ("trainer.resume", "hydra.run.dir")]
+        _resume_changes = _changes_on_resume(run_path, saved, given)
+        flags = [a for a in given if not _is_override(a)]
+        return [*flags, *saved, *_resume_changes, f"hydra.run.dir={resume_dir}", *keep]
     run_dir = values.get("hydra.run.dir")
     if run_dir and "-m" not in args and "--multirun" not in args:
         run_path = Path(run_dir).expanduser()
@@ -108,7 +174,8 @@ def prepare_args(args: list[str]) -> list[str]:
                     f"run dir {run_path} holds a run with other overrides ({' '.join(saved)}); "
                     f"continue it with trainer.resume={run_path} or choose a new hydra.run.dir"
                 )
-            return [*args, f"trainer.resume={run_dir}"]
+            _resume_changes = []
+            return [*args, f"trainer.resume={run_dir}", "hydra.output_subdir=null"]
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         if values.get(key):
             # A run killed before its first backup left only .hydra/ and logs: start it anew.
@@ -121,6 +188,48 @@ def _key_value(arg: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
+# The overrides a resume changes (set by prepare_args, recorded once the config is composed).
+_resume_changes: list[str] | None = None
+
+
+def _is_override(arg: str) -> bool:
+    """A Hydra override (key=value, +key=value, ~key), not a flag such as --cfg or its value."""
+    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+
+
+def _changes_on_resume(run_dir: Path, saved: list[str], given: list[str]) -> list[str]:
+    """The overrides of a resume command that change the run's own; refuses unsafe ones."""
+    own = {_key_value(o)[0]: o for o in saved}
+    changes = []
+    for override in filter(_is_override, given):
+        key = _key_value(override)[0]
+        if own.get(key) == override:
+            continue  # the run's own setting, given again (e.g. by a requeue script)
+        safe = (
+            key in RESUME_SAFE_KEYS
+            or key.startswith(RESUME_SAFE_PREFIXES)
+            or (key in RESUME_SAFE_GROUPS and not override.startswith("~"))
+        )
+        if not safe:
+            was = f"it was started with {own[key]}" if key in own else f"{key} was not set"
+            raise UserError(
+                f"trainer.resume={run_dir} cannot change {override} ({was}): a resume may "
+                f"only change {', '.join(RESUME_SAFE_KEYS)} and hardware; start a new run "
+                "(a new hydra.run.dir) to train something else"
+            )
+        changes.append(override)
+    return changes
+
+
+def _record_resume(run_dir: Path, changes: list[str]) -> None:
+    """Appends this resume (time, PID, overrides changed) to RUN_DIR/resume_overrides.yaml."""
+    entry = OmegaConf.to_yaml(
+        [{"time": time.strftime("%F %T"), "pid": os.getpid(), "overrides": list(changes)}]
+    )
+    with open(run_dir / RESUME_LOG, "a") as log_file:
+        log_file.write(entry)
+
+
 def _saved_overrides(run_dir: Path) -> list[str]:
     """The command-line overrides a run was started with (without resume bookkeeping)."""
     path = run_dir / ".hydra" / "overrides.yaml"
@@ -130,7 +239,8 @@ def _saved_overrides(run_dir: Path) -> list[str]:
             "pass the run dir of the training run to resume"
         )
     overrides = OmegaConf.load(path)
-    return [str(o) for o in overrides if _key_value(str(o))[0] != "trainer.resume"]
+    bookkeeping = ("trainer.resume", "hydra.output_subdir")
+    return [str(o) for o in overrides if _key_value(str(o))[0] not in bookkeeping]
 
 
 def _exit_with_one_line(exc: BaseException) -> None:

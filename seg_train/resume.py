@@ -7,6 +7,13 @@ whether the run finished). It is written into a temporary folder that then repla
 backup by renames, so a kill at any moment leaves a complete backup (`backup/` or, between the
 two renames, `backup.prev/`).
 
+A backup never records a position "at the end of an epoch": one written after an epoch's last
+batch says "next epoch, batch 0, and the end of the previous epoch (validation, checkpoint,
+CSV row) is still to run", with that epoch's training logs, and a resume runs that end first
+(`training.fit_from`). SIGTERM/SIGINT stop the run with exit status 75 and the resume command
+at every phase: between batches and during validation after a backup, elsewhere at once
+(`seg_train.preemption`).
+
 Keras' own `BackupAndRestore` restores only the epoch, writes in place, and keeps neither the
 checkpoint callback's best value nor the step within the epoch, hence this module.
 """
@@ -19,12 +26,13 @@ import math
 import os
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import keras
 
 from seg_train.errors import Preempted, UserError
+from seg_train.preemption import resume_hint
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +44,44 @@ STATE = "state.json"
 
 @dataclass
 class TrainingState:
-    """Where a training run is: the next epoch, batches already done in it, and more."""
+    """Where a training run is: the next epoch, batches already done in it, and more.
+
+    Attributes:
+        epoch: The next epoch to train (0-based).
+        step: Batches of it already trained (always fewer than an epoch's batches).
+        global_step: The optimizer's step counter.
+        best: The checkpoint callback's best monitored value.
+        finished: Whether the run completed (final evaluation included).
+        pending_epoch_end: The training logs of epoch `epoch - 1` when its batches are all
+            done but its end (validation, checkpoint, CSV row) is not; None otherwise.
+    """
 
     epoch: int = 0
     step: int = 0
     global_step: int = 0
     best: float | None = None
     finished: bool = False
+    pending_epoch_end: dict | None = None
+
+    def start_batch(self, steps_per_epoch: int) -> int:
+        """Batches of the run trained before this position."""
+        return self.epoch * steps_per_epoch + self.step
+
+
+def normalise(state: TrainingState, steps_per_epoch: int) -> TrainingState:
+    """A state never "at the end" of an epoch: (E, N of N) becomes (E + 1, 0) with E's end pending.
+
+    Backups written by older versions at an epoch's last batch say (E, N of N); resuming them
+    as such asked Keras for 0 (= endless) or a negative number of steps.
+    """
+    if state.step < steps_per_epoch:
+        return state
+    log.info(
+        "The backup was written after the last batch of epoch %d; its end is run first",
+        state.epoch + 1,
+    )
+    pending = state.pending_epoch_end if state.pending_epoch_end is not None else {}
+    return replace(state, epoch=state.epoch + 1, step=0, pending_epoch_end=pending)
 
 
 class NonFiniteLoss(UserError):
@@ -51,11 +90,45 @@ class NonFiniteLoss(UserError):
 
 def load_state(run_dir: Path) -> tuple[TrainingState, Path] | None:
     """The newest complete backup of a run: (state, weights file), or None if there is none."""
+    known = {f.name for f in fields(TrainingState)}
     for name in (BACKUP, PREVIOUS):
         folder = run_dir / name
         if (folder / STATE).is_file() and (folder / WEIGHTS).is_file():
-            return TrainingState(**json.loads((folder / STATE).read_text())), folder / WEIGHTS
+            saved = json.loads((folder / STATE).read_text())
+            state = TrainingState(**{k: v for k, v in saved.items() if k in known})
+            return state, folder / WEIGHTS
     return None
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Removes what killed processes left half-written: backup staging folders, checkpoint and
+    state temporaries. Call it only while holding the run dir's lock (`run_lock`), when no
+    other process can be writing them.
+
+    Returns:
+        The paths removed.
+    """
+    patterns = (
+        f".{BACKUP}.tmp-*",  # write_backup's staging folder
+        f"{BACKUP}/.{STATE}.tmp-*",  # mark_finished
+        "checkpoints/.tmp-*",  # AtomicModelCheckpoint
+        ".*.tmp-*",  # io_utils.write_json_atomic (metrics.json, ...)
+    )
+    removed = []
+    for pattern in patterns:
+        for path in sorted(run_dir.glob(pattern)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info(
+            "Removed %d temporary file(s) left by an earlier process: %s",
+            len(removed),
+            ", ".join(str(p.relative_to(run_dir)) for p in removed),
+        )
+    return removed
 
 
 def write_backup(run_dir: Path, model: keras.Model, state: TrainingState) -> None:
@@ -89,21 +162,37 @@ def mark_finished(run_dir: Path) -> None:
 class BackupCallback(keras.callbacks.Callback):
     """Backs up every `every_steps` batches and at each epoch end; stops on SIGTERM/SIGINT.
 
+    A signal during training stops the run after the current batch, during validation at
+    once, each after writing a backup; during the epoch end (checkpoint, CSV row) after the
+    epoch-end backup. Exit status 75 and the resume command follow (`Preempted`).
+
     Args:
         run_dir: The run dir (the backup goes to `run_dir/backup`).
         every_steps: Batches between backups; 0 = only at epoch ends.
         checkpoint: The best-model checkpoint callback whose `best` value is saved, or None.
         state: The state the run (re)starts from.
+        steps_per_epoch: Batches per epoch (a backup after an epoch's last batch records the
+            next epoch with this one's end pending); None = the steps of the `fit` call.
     """
 
-    def __init__(self, run_dir: Path, every_steps: int, checkpoint, state: TrainingState):
+    def __init__(
+        self,
+        run_dir: Path,
+        every_steps: int,
+        checkpoint,
+        state: TrainingState,
+        steps_per_epoch: int | None = None,
+    ):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.every_steps = every_steps
         self.checkpoint = checkpoint
+        self.steps_per_epoch = steps_per_epoch
         self.state = TrainingState(state.epoch, state.step, state.global_step, state.best)
         self.signal_received: str | None = None
         self._previous_handlers: dict = {}
+        # The epoch's training logs once its last batch is done, until its end has run.
+        self._epoch_logs: dict | None = None
 
     # Signals are only noted here; the backup happens at the next batch end, between steps.
     def _on_signal(self, signum, frame) -> None:
@@ -115,6 +204,8 @@ class BackupCallback(keras.callbacks.Callback):
         )
 
     def on_train_begin(self, logs=None) -> None:
+        if self.steps_per_epoch is None:
+            self.steps_per_epoch = self.params.get("steps") or 0
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
@@ -126,33 +217,65 @@ class BackupCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         if epoch != self.state.epoch:
             self.state.epoch, self.state.step = epoch, 0
+        # A resumed half-done epoch is fitted from its batch `step`, numbered from 0 by Keras.
+        self._first_step = self.state.step
+        self._epoch_logs = None
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
-        self.state.step += 1
+        # `batch` is the last step of the call (several with steps_per_execution > 1).
+        self.state.step = self._first_step + batch + 1
+        if self._at_epoch_end():
+            self._epoch_logs = _plain_logs(logs)
         if self.signal_received:
             self._save()
             self.model.stop_training = True
-            raise Preempted(
-                f"stopped by {self.signal_received} at epoch {self.state.epoch + 1}, batch "
-                f"{self.state.step}; backup in {self.run_dir / BACKUP}; continue with: "
-                f"seg-train trainer.resume={self.run_dir}"
-            )
-        if (
-            self.every_steps
-            and int(self.model.optimizer.iterations.numpy()) % self.every_steps == 0
+            self._stop(f"at epoch {self.state.epoch + 1}, batch {self.state.step}")
+        iterations = int(self.model.optimizer.iterations.numpy())
+        if self.every_steps and iterations // self.every_steps > (
+            self.state.global_step // self.every_steps
         ):
             self._save()
 
+    def on_test_batch_end(self, batch: int, logs=None) -> None:
+        # Validation inside fit, after the epoch's last batch: the weights are final.
+        if self.signal_received and self._epoch_logs is not None:
+            self._save()
+            self._stop(f"during the validation of epoch {self.state.epoch + 1}")
+
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         self.state.epoch, self.state.step = epoch + 1, 0
+        self._epoch_logs = None
         self._save()
+        if self.signal_received:
+            self._stop(f"at the end of epoch {epoch + 1}")
+
+    def _at_epoch_end(self) -> bool:
+        """Whether every batch of the current epoch is done (its end not yet run)."""
+        return bool(self.steps_per_epoch) and self.state.step >= self.steps_per_epoch
+
+    def _stop(self, where: str) -> None:
+        raise Preempted(f"stopped by {self.signal_received} {where}; {resume_hint(self.run_dir)}")
 
     def _save(self) -> None:
+        """Writes a backup of the current position (never "at the end" of an epoch)."""
         self.state.global_step = int(self.model.optimizer.iterations.numpy())
         if self.checkpoint is not None and self.checkpoint.best is not None:
             best = float(self.checkpoint.best)
             self.state.best = best if math.isfinite(best) else None
-        write_backup(self.run_dir, self.model, self.state)
+        position = self.state
+        if self._at_epoch_end():
+            position = replace(
+                self.state,
+                epoch=self.state.epoch + 1,
+                step=0,
+                pending_epoch_end=self._epoch_logs or {},
+            )
+        write_backup(self.run_dir, self.model, position)
+
+
+def _plain_logs(logs: dict | None) -> dict:
+    """Keras logs as JSON-ready floats."""
+    return {str(k): float(v) for k, v in (logs or {}).items()}
 
 
 class NaNGuard(keras.callbacks.Callback):

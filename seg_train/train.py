@@ -7,6 +7,7 @@ and a non-finite loss stops the run before anything is saved (see seg_train/resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,7 +19,17 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from seg_train import checkpoints, devices, distribute, optim, resume, runtime, training
+from seg_train import (
+    checkpoints,
+    devices,
+    distribute,
+    optim,
+    preemption,
+    resume,
+    run_lock,
+    runtime,
+    training,
+)
 from seg_train.data import pipeline
 from seg_train.errors import UserError
 from seg_train.evaluate import evaluate_model, optimized_value
@@ -31,6 +42,17 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> float | None:
     """Trains `cfg.model` on `cfg.data`; returns the best checkpoint's `optimized_metric`."""
     run_dir = Path(cfg.paths.output_dir)
+    preemption.stop_on_signals(run_dir, "start-up")  # SIGTERM/SIGINT: exit 75, resume command
+    # One process per run dir (a second one exits 2 naming us), except the workers of one
+    # multi-worker job, which share it by design.
+    shared = cfg.hardware.get("strategy") == "multi_worker"
+    with contextlib.nullcontext() if shared else run_lock.hold(run_dir):
+        if not shared:
+            resume.remove_stale_temporaries(run_dir)
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     backup = _backup_to_resume(cfg, run_dir)
     state = backup[0] if backup else resume.TrainingState()
     if state.finished:
@@ -67,17 +89,27 @@ def run(cfg: DictConfig) -> float | None:
             cfg.trainer.epochs,
             steps_per_epoch,
         )
-    # A resumed run gets a fresh but deterministic data order for where it restarts.
-    data_seed = cfg.seed + 1000 * state.epoch + state.step
-    train_ds = pipeline.train_dataset(source, cfg.data, data_seed, repeat=True)
-    train_ds = training.shard_by_data(train_ds)
+    # Never "at the end" of an epoch: a backup from after an epoch's last batch runs its end.
+    state = resume.normalise(state, steps_per_epoch)
+
+    def train_stream(start_batch: int) -> tf.data.Dataset:
+        """The run's batches from `start_batch` on: the data order depends on the seed and the
+        position only, so a resumed run sees what the uninterrupted one saw."""
+        if cfg.trainer.overfit_batches:  # the same few batches over and over (debug=overfit)
+            start_batch = 0
+        stream = pipeline.train_dataset(
+            source, cfg.data, cfg.seed, repeat=True, start_batch=start_batch
+        )
+        stream = training.shard_by_data(stream)
+        if cfg.trainer.overfit_batches:
+            stream = stream.take(cfg.trainer.overfit_batches).cache().repeat()
+        return stream
+
     # Resized val batches: fit's validation under trainer.val_protocol=resized, and the
     # TensorBoard prediction images under either protocol.
     val_ds = training.shard_by_data(pipeline.val_dataset(source, cfg.data))
-    if cfg.trainer.overfit_batches:
-        # The same few batches over and over, validated on themselves (debug=overfit).
-        train_ds = train_ds.take(cfg.trainer.overfit_batches).cache().repeat()
-        val_ds = train_ds.take(cfg.trainer.overfit_batches)
+    if cfg.trainer.overfit_batches:  # validated on the batches it trains on
+        val_ds = train_stream(0).take(cfg.trainer.overfit_batches)
     protocol = training.val_protocol(cfg)
     log.info(
         "Validation (selects best.keras): trainer.val_protocol=%s, %s",
@@ -113,7 +145,6 @@ def run(cfg: DictConfig) -> float | None:
     with pipeline.data_errors_as_user_errors():  # a broken file: one line naming it
         training.check_label_sample(pipeline.decoded_dataset(source, "train"), cfg.data)
         val_batch = next(val_ds.as_numpy_iterator()) if chief else None
-        train_ds = training.labels_per_output(train_ds, outputs)
         # Under the original protocol a callback validates; fit's own validation is not run.
         fit_val_ds = training.labels_per_output(val_ds, outputs) if protocol == "resized" else None
         callbacks = [
@@ -132,19 +163,27 @@ def run(cfg: DictConfig) -> float | None:
             if cfg.trainer.backups:
                 callbacks.append(
                     resume.BackupCallback(
-                        run_dir, cfg.trainer.backup_every_steps, checkpoint, state
+                        run_dir, cfg.trainer.backup_every_steps, checkpoint, state, steps_per_epoch
                     )
                 )
         if backup:
             training.restore(train_model, backup[1], state, callbacks)
+        preemption.stop_on_signals(phase="training")
         training.fit_from(
-            train_model, train_ds, fit_val_ds, state, steps_per_epoch, callbacks, cfg
+            train_model,
+            lambda start: training.labels_per_output(train_stream(start), outputs),
+            fit_val_ds,
+            state,
+            steps_per_epoch,
+            callbacks,
+            cfg,
         )
     if not chief:
         log.info("Worker done; the chief writes checkpoints and the report")
         return None
     if cfg.trainer.overfit_batches:
         training.check_overfit(train_model, training.labels_per_output(val_ds, outputs))
+    preemption.stop_on_signals(phase="the final evaluation")
     value = _report_best(model, cfg, run_dir, _selection(cfg, protocol, checkpoint))
     resume.mark_finished(run_dir)
     return value
@@ -162,10 +201,10 @@ def _backup_to_resume(cfg: DictConfig, run_dir: Path) -> tuple | None:
         )
     backup = resume.load_state(run_dir)
     if backup is None:
-        raise UserError(
-            f"run dir {run_dir} has no backup/ to resume from; start a new run "
-            "instead (it was stopped before its first backup)"
-        )
+        # Stopped before its first backup: start it again here, so that a requeue script can
+        # always run the same command. Refused if it finished (trainer.backups=false).
+        ensure_fresh_run_dir(run_dir, ignore=(*RESTARTABLE, "checkpoints"))
+        log.info("Run %s has no backup yet: starting it from the beginning", run_dir)
     return backup
 
 

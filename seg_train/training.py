@@ -176,35 +176,76 @@ def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
 def restore(
     model: keras.Model, weights: Path, state: resume.TrainingState, callbacks: list
 ) -> None:
-    """Loads a backup into a compiled model and its callbacks, and says what was restored."""
+    """Loads a backup into a compiled model and its callbacks, and says what was restored.
+
+    The CSV log keeps the rows of the epochs finished before the backup; rows of later epochs
+    (written after it, before the process died) are dropped, so each epoch appears once.
+    """
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     model.load_weights(weights)
+    first_redone = state.epoch - 1 if state.pending_epoch_end is not None else state.epoch
     for callback in callbacks:
         if isinstance(callback, keras.callbacks.ModelCheckpoint) and state.best is not None:
             callback.best = state.best
         if isinstance(callback, keras.callbacks.CSVLogger):
             callback.append = True  # keep the epochs logged before the interruption
+            drop_csv_rows_from(Path(callback.filename), first_redone)
     log.info(
-        "Resumed from %s: epoch %d, batch %d of it, optimizer step %d, best %s",
+        "Resumed from %s: epoch %d, batch %d of it, optimizer step %d, best %s%s",
         weights.parent,
         state.epoch + 1,
         state.step,
         int(model.optimizer.iterations.numpy()),
         "n/a" if state.best is None else f"{state.best:.5f}",
+        "" if state.pending_epoch_end is None else f"; the end of epoch {state.epoch} first",
     )
+
+
+def drop_csv_rows_from(path: Path, epoch: int) -> None:
+    """Removes the rows of `epoch` and later from a CSVLogger file (0-based epochs, as logged)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines:
+        return
+    kept = [lines[0]] + [
+        line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) < epoch
+    ]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        log.info("history.csv: dropped %d row(s) of epochs redone now", len(lines) - len(kept))
 
 
 def fit_from(
     model: keras.Model,
-    train_ds: tf.data.Dataset,
-    val_ds: tf.data.Dataset,
+    train_data: Callable[[int], tf.data.Dataset],
+    val_ds: tf.data.Dataset | None,
     state: resume.TrainingState,
     steps_per_epoch: int,
     callbacks: list,
     cfg: DictConfig,
 ) -> None:
-    """Runs fit from `state` to `trainer.epochs`: first the rest of a half-done epoch, if any."""
+    """Runs fit from `state` to `trainer.epochs`.
+
+    First the end of an epoch whose batches were all done (validation, checkpoint, CSV row,
+    backup), then the rest of a half-done epoch, then whole epochs.
+
+    Args:
+        model: The compiled training model.
+        train_data: The training batches from a given batch of the run on (each `fit` call
+            needs its own stream starting where the previous one stopped).
+        val_ds: Validation batches for fit, or None (no validation in fit).
+        state: Where the run is.
+        steps_per_epoch: Batches per epoch.
+        callbacks: The callbacks of the run.
+        cfg: The composed config.
+    """
+    state = resume.normalise(state, steps_per_epoch)
+    if state.pending_epoch_end is not None:
+        finish_epoch(model, val_ds, state.epoch - 1, state.pending_epoch_end, callbacks, cfg)
     segments = []
     if state.step:
         segments.append((state.epoch, state.epoch + 1, steps_per_epoch - state.step))
@@ -214,8 +255,9 @@ def fit_from(
     for initial_epoch, epochs, steps in segments:
         if initial_epoch >= epochs:
             continue
+        start_batch = (initial_epoch + 1) * steps_per_epoch - steps
         model.fit(
-            train_ds,
+            train_data(start_batch),
             initial_epoch=initial_epoch,
             epochs=epochs,
             steps_per_epoch=steps,
@@ -224,9 +266,36 @@ def fit_from(
             callbacks=callbacks,
             verbose=cfg.trainer.verbose,
         )
-        for callback in callbacks:  # a later segment continues the same log
-            if isinstance(callback, keras.callbacks.CSVLogger):
-                callback.append = True
+        _continue_csv(callbacks)
+
+
+def finish_epoch(
+    model: keras.Model,
+    val_ds: tf.data.Dataset | None,
+    epoch: int,
+    train_logs: dict,
+    callbacks: list,
+    cfg: DictConfig,
+) -> None:
+    """Runs the end of `epoch` as `fit` would have: validation, then every callback's epoch end
+    (checkpoint, CSV row, TensorBoard, backup) with the epoch's saved training logs."""
+    logs = dict(train_logs)
+    if val_ds is not None and (epoch + 1) % cfg.trainer.validation_freq == 0:
+        results = model.evaluate(val_ds, verbose=0, return_dict=True)
+        logs.update({f"val_{name}": value for name, value in results.items()})
+    hooks = keras.callbacks.CallbackList(callbacks, model=model, epochs=cfg.trainer.epochs)
+    hooks.on_train_begin()
+    hooks.on_epoch_begin(epoch)
+    hooks.on_epoch_end(epoch, logs)
+    hooks.on_train_end(logs)
+    _continue_csv(callbacks)
+
+
+def _continue_csv(callbacks: list) -> None:
+    """A later `fit` call continues the same CSV log."""
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.CSVLogger):
+            callback.append = True
 
 
 def check_overfit(model: keras.Model, batches: tf.data.Dataset) -> None:

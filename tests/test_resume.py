@@ -11,9 +11,13 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+from omegaconf import OmegaConf
 
 import seg_train.losses  # noqa: F401  (registers the loss saved with the model)
-from seg_train import resume
+from seg_train import resume, training
+from seg_train.data import pipeline
+from seg_train.data.base import Pair, Source
 from seg_train.errors import Preempted
 from tests.helpers import cli_command, cli_env, error_lines, run_cli
 
@@ -186,3 +190,140 @@ def test_nan_guard_stops_at_the_first_non_finite_loss():
     with pytest.raises(resume.NonFiniteLoss, match=r"epoch 1, batch 1 \(step 1\).*learning rate"):
         model.fit(x, y, epochs=2, batch_size=4, callbacks=[guard], verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 1
+
+
+# --- A backup is never "at the end" of an epoch; resume runs the pending end once -------------
+
+
+class Died(Exception):
+    """Stands for a kill between an epoch's CSV row and its epoch-end backup."""
+
+
+class DieAtFirstEpochEnd(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise Died
+
+
+def csv_rows(path):
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, line.split(","))) for line in lines[1:]]
+
+
+def test_backup_after_the_last_batch_records_the_next_epoch_and_resume_runs_its_end_once(
+    tmp_path,
+):
+    x = np.arange(48, dtype=np.float32).reshape(12, 4) / 48
+    y = np.ones((12, 2), np.float32)
+    csv = tmp_path / "history.csv"
+    # 12 samples in batches of 4: 3 batches per epoch; a backup every 3 batches falls on the
+    # epoch's last batch, before the CSV row; the process then dies before the epoch-end backup.
+    first = tiny_model()
+    callbacks = [
+        keras.callbacks.CSVLogger(str(csv)),
+        DieAtFirstEpochEnd(),
+        resume.BackupCallback(tmp_path, 3, None, resume.TrainingState(), steps_per_epoch=3),
+    ]
+    with pytest.raises(Died):
+        first.fit(x, y, batch_size=4, epochs=2, callbacks=callbacks, shuffle=False, verbose=0)
+    state, weights = resume.load_state(tmp_path)
+    # Epoch 1 (0-based 0) is trained: the position is epoch 2, batch 0, with epoch 1's end due.
+    assert (state.epoch, state.step, state.global_step) == (1, 0, 3)
+    assert set(state.pending_epoch_end) == {"loss"}
+    (row,) = csv_rows(csv)
+    assert row["epoch"] == "0"
+
+    second = tiny_model()
+    callbacks = [
+        keras.callbacks.CSVLogger(str(csv)),
+        resume.BackupCallback(tmp_path, 3, None, state, steps_per_epoch=3),
+    ]
+    training.restore(second, weights, state, callbacks)
+    cfg = OmegaConf.create({"trainer": {"epochs": 2, "validation_freq": 1, "verbose": 0}})
+    starts = []
+
+    def batches(start_batch):
+        starts.append(start_batch)
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(4).repeat()
+
+    training.fit_from(second, batches, None, state, 3, callbacks, cfg)
+    rows = csv_rows(csv)
+    assert [r["epoch"] for r in rows] == ["0", "1"]  # each epoch once
+    # Epoch 1's row was written again from the saved logs: the first process's numbers.
+    assert rows[0]["loss"] == row["loss"]
+    assert starts == [3]  # the second epoch's data starts after the 3 batches of the first
+    final, _ = resume.load_state(tmp_path)
+    assert (final.epoch, final.step, final.global_step, final.pending_epoch_end) == (2, 0, 6, None)
+
+
+def test_an_old_backup_at_the_end_of_an_epoch_is_read_as_the_next_epoch():
+    # Written by earlier versions at the last of 20 batches: "epoch 1, batch 20 of 20".
+    old = resume.TrainingState(epoch=0, step=20, global_step=20)
+    state = resume.normalise(old, steps_per_epoch=20)
+    assert (state.epoch, state.step, state.pending_epoch_end) == (1, 0, {})
+    assert resume.normalise(resume.TrainingState(0, 19), 20) == resume.TrainingState(0, 19)
+
+
+def test_stale_temporaries_of_any_process_are_removed(tmp_path):
+    keep = [tmp_path / "backup" / "state.json", tmp_path / "checkpoints" / "best.keras"]
+    stale = [
+        tmp_path / ".backup.tmp-4242" / "state.weights.h5",  # killed mid-backup
+        tmp_path / "checkpoints" / ".tmp-4243-best.keras",  # killed mid-checkpoint
+        tmp_path / "backup" / ".state.json.tmp-4244",  # killed in mark_finished
+        tmp_path / ".metrics.json.tmp-4245",  # killed writing metrics.json
+    ]
+    for path in keep + stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    resume.remove_stale_temporaries(tmp_path)
+    assert all(path.exists() for path in keep)
+    assert not any(path.exists() for path in stale)
+    assert not (tmp_path / ".backup.tmp-4242").exists()
+
+
+# --- The data order is a function of (seed, position): a resume continues it ----------------
+
+
+class IndexSource(Source):
+    """Six 8x8 examples; channel 0 holds the example's index, channel 1 a column ramp (so
+    crops and flips show), the mask is index % 3."""
+
+    def records(self, split):
+        names = [str(i) for i in range(6)]
+        return tf.data.Dataset.from_tensor_slices((names, names, names))
+
+    def load(self, name, image, mask):
+        index = int(name)
+        pixels = np.zeros((8, 8, 3), np.uint8)
+        pixels[..., 0] = index
+        pixels[..., 1] = np.arange(8) * 30
+        return Pair(pixels, np.full((8, 8), index % 3, np.uint8), f"{name}.jpg", f"{name}.png")
+
+
+def stream_config(cache):
+    return OmegaConf.create(
+        dict(crop_size=[6, 6], scale_range=[0.8, 1.2], hflip=True, ignore_label=255,
+             batch_size=4, cache=cache, shuffle_buffer=8, num_parallel_calls=None, flip_pairs=[],
+             transform="crop", pad_value=0,
+             jitter=dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0))
+    )
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_stream_started_at_a_batch_is_the_uninterrupted_stream_from_there(cache):
+    data = stream_config(cache)
+
+    def batches(start, count):
+        stream = pipeline.train_dataset(IndexSource(), data, 7, repeat=True, start_batch=start)
+        return [(i.numpy(), m.numpy()) for i, m in stream.take(count)]
+
+    whole = batches(0, 9)
+    # Batch 5 starts at example 20 of the stream: pass 4 (of 6 examples), 2 examples in.
+    for (image, mask), (expected_image, expected_mask) in zip(batches(5, 4), whole[5:]):
+        np.testing.assert_array_equal(image, expected_image)
+        np.testing.assert_array_equal(mask, expected_mask)
+    # Each pass of 6 consecutive examples holds every example once, and the passes differ.
+    order = np.concatenate([image[:, 0, 0, 0] for image, _ in whole]).astype(int)
+    passes = [order[k : k + 6] for k in range(0, 36, 6)]
+    assert all(sorted(p) == list(range(6)) for p in passes)
+    assert len({tuple(p) for p in passes}) > 1

@@ -12,8 +12,9 @@ resized nearest-neighbour, so augmentation never invents a class. Images leave a
 cannot disagree about preprocessing. Evaluation reads `decoded_dataset` directly: no
 augmentation, and labels at their original resolution.
 
-Random choices use stateless ops seeded per element from `tf.data.Dataset.random`, so a run is
-reproducible under parallel `map` and differs from epoch to epoch.
+Random choices use stateless ops seeded per element from (seed, position in the stream), so a
+run is reproducible under parallel `map`, differs from epoch to epoch, and a resumed run continues
+the same order (`train_dataset(start_batch=...)`).
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ def _decode_op(source: Source):
 
 
 def decoded_dataset(source: Source, split: str, num_parallel_calls: int | None = None,
-                    shuffle_buffer: int | None = None, seed: int | None = None
-                    ) -> tf.data.Dataset:
+                    shuffle_buffer: int | None = None, seed: int | None = None,
+                    records: tf.data.Dataset | None = None) -> tf.data.Dataset:
     """Decodes a split: (uint8 image [H, W, 3], uint8 mask [H, W]) per element.
 
     The cardinality is known (the split's size) unless the source skips broken examples
@@ -154,9 +155,11 @@ def decoded_dataset(source: Source, split: str, num_parallel_calls: int | None =
         shuffle_buffer: If set, records are shuffled (cheaply, before decoding) with this
             buffer, anew each epoch; otherwise elements come in the split's order.
         seed: Shuffle seed.
+        records: The split's records in the order to decode them (e.g. already shuffled and
+            repeated); None = `source.records(split)`.
     """
     source.check_listing(split)
-    records = source.records(split)
+    records = source.records(split) if records is None else records
     if shuffle_buffer:
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     decoded = records.map(_decode_op(source), num_parallel_calls=num_parallel_calls or AUTOTUNE)
@@ -450,22 +453,60 @@ def _total_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = False
-                  ) -> tf.data.Dataset:
-    """Shuffled, augmented, batched training data: (float32 [B, H, W, 3], uint8 [B, H, W])."""
+def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = False,
+                  start_batch: int = 0) -> tf.data.Dataset:
+    """Shuffled, augmented, batched training data: (float32 [B, H, W, 3], uint8 [B, H, W]).
+
+    The stream is a function of `seed` and the position in it only: pass k over the split is
+    shuffled with a seed made from (seed, k), and example i of the stream is augmented with the
+    stateless seed (seed, i). So a resumed run that starts at `start_batch` sees exactly the
+    batches an uninterrupted run sees from there on; the skipped part of the resumed pass is
+    skipped as records, before decoding (or as cached examples), never as decoded batches.
+    Under `data.on_error=skip` the positions count records, broken ones included.
+
+    Args:
+        source: The dataset.
+        data: The data config.
+        seed: The run's seed.
+        repeat: Endless passes (training); otherwise the one pass holding `start_batch`.
+        start_batch: Batches already consumed (epoch * steps_per_epoch + step of a resume).
+    """
     parallel = data.num_parallel_calls or AUTOTUNE
+    first = start_batch * data.batch_size
+    first_pass, offset = divmod(first, _split_size(source, "train"))
+    passes = tf.data.Dataset.range(first_pass, _ENDLESS if repeat else first_pass + 1)
+
+    def pass_seed(k: tf.Tensor) -> tf.Tensor:
+        return tf.constant(seed, tf.int64) * 1_000_003 + k
+
     if should_cache(source, "train", data.cache):
-        # Shuffle after the cache, or every epoch would replay the first epoch's order.
-        examples = decoded_dataset(source, "train", parallel).cache()
-        examples = examples.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        # Shuffle after the cache (shared by all passes), or every pass would replay the first.
+        cached = decoded_dataset(source, "train", parallel).cache()
+        examples = passes.flat_map(
+            lambda k: cached.shuffle(data.shuffle_buffer, seed=pass_seed(k))).skip(offset)
     else:
-        examples = decoded_dataset(source, "train", parallel, data.shuffle_buffer, seed)
-    if repeat:
-        examples = examples.repeat()
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        # Shuffle the records (names and paths), cheaply, before decoding.
+        records = source.records("train")
+        ordered = passes.flat_map(
+            lambda k: records.shuffle(data.shuffle_buffer, seed=pass_seed(k))).skip(offset)
+        examples = decoded_dataset(source, "train", parallel, records=ordered)
+    seeds = tf.data.Dataset.range(first, _ENDLESS).map(
+        lambda i: tf.stack([tf.constant(seed, tf.int64), i]))
     pairs = tf.data.Dataset.zip((examples, seeds))
     batches = pairs.map(lambda pair, s: augment(*pair, s, data), num_parallel_calls=parallel)
     return batches.batch(data.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+# The end of an endless `Dataset.range`.
+_ENDLESS = 2**62
+
+
+def _split_size(source: Source, split: str) -> int:
+    """Records in a split (counted when the source cannot say, e.g. a filtered TFDS split)."""
+    size = source.num_examples(split)
+    if size <= 0:
+        size = int(source.records(split).reduce(0, lambda count, _: count + 1))
+    return max(size, 1)
 
 
 def val_dataset(source: Source, data: DictConfig, split: str = "val") -> tf.data.Dataset:
