@@ -8,6 +8,8 @@ http://home.bharathh.info/pubs/codes/SBD/download.html), whose `dataset/` folder
 
     SegmentationClassAug/<id>.png          class-id palette PNGs (VOC colours)
     ImageSets/Segmentation/train_aug.txt   (VOC train + SBD train + SBD val) - VOC val
+    ImageSets/Segmentation/train_sbd.txt   SBD train as released (8,498 ids): the FCN
+                                           reference's training set (data.train_list=train_sbd)
 
 Where VOC has its own mask (SegmentationClass, the official label with 255 on object borders)
 that mask is copied; SBD's mask is used for the rest. VOC val is removed from the training list
@@ -34,6 +36,7 @@ from PIL import Image
 from seg_train.viz import voc_palette
 
 EXPECTED_TRAIN_AUG = 10_582
+EXPECTED_TRAIN_SBD = 8_498
 AUG_MASKS = "SegmentationClassAug"
 SPLITS = Path("ImageSets") / "Segmentation"
 
@@ -59,6 +62,13 @@ def save_ids(path: Path, ids: np.ndarray, palette: bytes) -> None:
     image.putpalette(palette)  # mode L -> P with the same values
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_list(path: Path, ids: list[str]) -> None:
+    """Writes one id per line, atomically (an interrupted run leaves no partial list)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(ids) + "\n")
     os.replace(tmp, path)
 
 
@@ -109,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(exist_ok=True)
     palette = voc_palette(256).tobytes()
     jobs, missing = [], []
-    for image_id in sorted(set(train_aug) | excluded):
+    # SBD train overlaps VOC val (which is why FCN validates on seg11valid); every id of both
+    # lists gets a mask: VOC's own where it has one, SBD's otherwise.
+    for image_id in sorted(set(train_aug) | excluded | set(sbd_train)):
         target = out_dir / f"{image_id}.png"
         if target.is_file() and not args.overwrite:
             continue
@@ -129,10 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         origins = list(pool.map(convert_one, jobs, chunksize=64))
 
+    write_list(voc_root / SPLITS / "train_sbd.txt", sorted(set(sbd_train)))
     list_path = voc_root / SPLITS / "train_aug.txt"
-    tmp = list_path.with_name(f".{list_path.name}.tmp")
-    tmp.write_text("\n".join(train_aug) + "\n")
-    os.replace(tmp, list_path)
+    write_list(list_path, train_aug)
     print(f"{list_path}: {len(train_aug):,} ids = (VOC train {len(voc_train):,} + SBD train "
           f"{len(sbd_train):,} + SBD val {len(sbd_val):,}) - VOC val {len(voc_val):,}; masks "
           f"written: {origins.count('voc'):,} from VOC, {origins.count('sbd'):,} from SBD")
@@ -140,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare_voc_aug: warning: train_aug has {len(train_aug):,} ids, not the "
               f"{EXPECTED_TRAIN_AUG:,} of the full VOC 2012 + SBD releases; fine for a subset, "
               "otherwise check that both releases are complete", file=sys.stderr)
+    print(f"{voc_root / SPLITS / 'train_sbd.txt'}: {len(set(sbd_train)):,} ids (SBD train, "
+          f"expected {EXPECTED_TRAIN_SBD:,} for the full release)")
     return 0
 
 

@@ -6,7 +6,8 @@ Every loss here:
   (label 255) contribute nothing to the loss or its gradient;
 - computes in float32 even when the logits arrive as float16 (mixed precision);
 - accepts logits smaller than the labels (DeepLab v2 at output stride 8, or its multi-scale
-  outputs): the labels are then resized to the logits with nearest neighbour, never bilinearly,
+  outputs): the labels are then shrunk to the logits with nearest neighbour (TF1's
+  `resize_nearest_neighbor` rule, as DrSleep's DeepLab v2 `prepare_label`), never bilinearly,
   which would invent labels between classes;
 - is registered for `.keras` (de)serialisation.
 
@@ -97,14 +98,33 @@ class _SegmentationLoss(keras.losses.Loss):
                 "class_weights": self.class_weights}
 
 
+def _nearest_indices(in_size, out_size: int):
+    """Source rows (or columns) of a nearest-neighbour shrink from `in_size` to `out_size`.
+
+    `floor(i * in_size / out_size)` in float32 for output index i: the rule of TF1's
+    `tf.image.resize_nearest_neighbor(align_corners=False)` (before `half_pixel_centers`
+    existed), which DrSleep's DeepLab v2 `prepare_label` uses to shrink labels to each score
+    map. Output cell i then takes the label at input pixel ~ i * stride, the top-left-aligned
+    position a `same`-padded strided network samples; TF2's half-pixel rule (what
+    `ops.image.resize(..., "nearest")` does) would shift it by about half a stride.
+    """
+    scale = ops.cast(in_size, "float32") / float(out_size)
+    index = ops.floor(ops.arange(out_size, dtype="float32") * scale)
+    return ops.minimum(ops.cast(index, "int32"), ops.cast(in_size, "int32") - 1)
+
+
 def _resize_labels(labels, size):
-    """Nearest-neighbour resize of [B, H, W] labels to `size` when the static sizes differ."""
+    """Nearest-neighbour resize of [B, H, W] labels to `size` when the static sizes differ.
+
+    Uses TF1's `resize_nearest_neighbor` rule (see `_nearest_indices`), by gathering rows and
+    columns, so label values (255 included) are copied, never interpolated.
+    """
     height, width = size
     if height is None or width is None or tuple(labels.shape[1:3]) == (height, width):
         return labels
-    resized = ops.image.resize(ops.cast(labels[..., None], "float32"), (height, width),
-                               interpolation="nearest")
-    return ops.cast(resized[..., 0], "int32")
+    shape = ops.shape(labels)
+    labels = ops.take(labels, _nearest_indices(shape[1], height), axis=1)
+    return ops.take(labels, _nearest_indices(shape[2], width), axis=2)
 
 
 @keras.saving.register_keras_serializable(package="seg_train")

@@ -78,8 +78,10 @@ def compile_model(
     )
     loss = instantiate(losses.resolve_class_weights(cfg.loss, auto_class_weights))
     metrics = [mean_iou]
-    if names := output_names(model):  # the same loss on every output; mIoU on the fused one
-        loss = {name: loss for name in names}
+    if names := output_names(model):
+        # The loss on every score map (labels shrunk to each); mIoU on the input-size fused
+        # logits, which carry no loss (DeepLab v2 MSC, see deeplabv2.msc_training_model).
+        loss = {name: None if name == FUSED else loss for name in names}
         metrics = {FUSED: metrics}
     model.compile(
         optimizer=optimizer,

@@ -1,10 +1,10 @@
-"""The dense-CRF wrapper against pydensecrf called directly, serial vs parallel."""
+"""The dense CRF: seed 002's defaults and its dense_crf (on pydensecrf), serial vs parallel."""
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_softmax
 
-from seg_train.postprocess.crf import CRFParams, CRFRunner, dense_crf
+from seg_train.postprocess.crf import CRFParams, CRFRunner, dense_crf, runner_from_config
+from tests.helpers import compose_config
 
 
 def make_case(seed, height=24, width=31, classes=3):
@@ -15,23 +15,53 @@ def make_case(seed, height=24, width=31, classes=3):
     return image, probs
 
 
-def test_wrapper_equals_pydensecrf_called_directly():
-    image, probs = make_case(0)
-    params = CRFParams(
-        iterations=5,
-        gaussian_sxy=3,
-        gaussian_compat=2,
-        bilateral_sxy=20,
-        bilateral_srgb=7,
-        bilateral_compat=6,
-    )
-    height, width, classes = probs.shape
-    crf = dcrf.DenseCRF2D(width, height, classes)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.transpose(2, 0, 1))))
-    crf.addPairwiseGaussian(sxy=3, compat=2)
-    crf.addPairwiseBilateral(sxy=20, srgb=7, rgbim=np.ascontiguousarray(image), compat=6)
-    expected = np.array(crf.inference(5)).reshape(classes, height, width).transpose(1, 2, 0)
-    np.testing.assert_allclose(dense_crf(image, probs, params), expected, atol=1e-5)
+# Seed 002 (seeds/002_5319f1dc62a162e8.txt, DrSleep's crf branch deeplab_resnet/utils.py):
+#   def dense_crf(probs, img=None, n_iters=10, sxy_gaussian=(1, 1), compat_gaussian=4,
+#                 kernel_gaussian=DIAG_KERNEL, normalisation_gaussian=NORMALIZE_SYMMETRIC,
+#                 sxy_bilateral=(49, 49), compat_bilateral=5, srgb_bilateral=(13, 13, 13),
+#                 kernel_bilateral=DIAG_KERNEL, normalisation_bilateral=NORMALIZE_SYMMETRIC)
+# (1, 1) / (49, 49) are the x and y standard deviations in pixels, (13, 13, 13) the R, G, B ones
+# of the bilateral kernel; the compat numbers are Potts weights.
+SEED_002 = {"iterations": 10, "gaussian_sxy": 1, "gaussian_compat": 4, "bilateral_sxy": 49,
+            "bilateral_srgb": 13, "bilateral_compat": 5}
+
+
+def seed_002_dense_crf(probs, img):
+    """The seed's `dense_crf`, written as it is there (one image, no batch axis)."""
+    h, w, n_classes = probs.shape
+    probs = probs.transpose(2, 0, 1).copy(order="C")
+    # The seed calls DenseCRF2D(h, w, n); pydensecrf's order is (width, height), so the seed's
+    # call only agrees with ours on square images - the test below uses one.
+    d = dcrf.DenseCRF2D(h, w, n_classes)
+    d.setUnaryEnergy(np.ascontiguousarray((-np.log(probs)).reshape((n_classes, -1))))
+    d.addPairwiseGaussian(sxy=(1, 1), compat=4, kernel=dcrf.DIAG_KERNEL,
+                          normalization=dcrf.NORMALIZE_SYMMETRIC)
+    d.addPairwiseBilateral(sxy=(49, 49), compat=5, kernel=dcrf.DIAG_KERNEL,
+                           normalization=dcrf.NORMALIZE_SYMMETRIC, srgb=(13, 13, 13),
+                           rgbim=np.ascontiguousarray(img))
+    q = d.inference(10)
+    return np.array(q, dtype=np.float32).reshape((n_classes, h, w)).transpose(1, 2, 0)
+
+
+def test_defaults_are_seed_002s():
+    cfg = compose_config(["postprocess=crf"]).postprocess
+    assert {"iterations": cfg.iterations, "gaussian_sxy": cfg.gaussian.sxy,
+            "gaussian_compat": cfg.gaussian.compat, "bilateral_sxy": cfg.bilateral.sxy,
+            "bilateral_srgb": cfg.bilateral.srgb, "bilateral_compat": cfg.bilateral.compat
+            } == SEED_002
+    defaults = CRFParams()
+    assert {k: getattr(defaults, k) for k in SEED_002} == SEED_002
+    assert runner_from_config(cfg).params == CRFParams(**SEED_002)
+
+
+def test_default_crf_equals_seed_002s_dense_crf():
+    # Square, so the seed's (h, w) argument order does not matter; probabilities >= ~1e-3, so
+    # pydensecrf's unary_from_softmax clipping at 1e-5 (ours) does not either.
+    image, probs = make_case(0, height=23, width=23)
+    cfg = compose_config(["postprocess=crf", "postprocess.workers=1"]).postprocess
+    params = runner_from_config(cfg).params
+    np.testing.assert_allclose(dense_crf(image, probs, params), seed_002_dense_crf(probs, image),
+                               atol=1e-5)
 
 
 def test_crf_smooths_noisy_labels_towards_image_regions():

@@ -8,11 +8,15 @@
       ImageSets/Segmentation/{train,val,trainval}.txt
       SegmentationClassAug/<id>.png     with data.aug=true (scripts/prepare_voc_aug.py)
       ImageSets/Segmentation/train_aug.txt
+      ImageSets/Segmentation/train_sbd.txt  SBD train (8,498 ids), data.train_list=train_sbd
 
 The masks are read as palette *indices* (by Pillow, or in the graph by `graph_decode.py`);
 decoding them through RGB would give colours, not ids. With `data.aug=true` the train split
 becomes the 10,582 images of `train_aug.txt` = (VOC train + SBD train + SBD val) - VOC val with
 their SegmentationClassAug masks, as in DeepLab; val stays the official 1,449 images.
+`data.train_list` names another training list in ImageSets/Segmentation: `train_sbd` is the
+8,498 ids of SBD's own train.txt that the FCN reference trains on (also written by
+scripts/prepare_voc_aug.py; its masks come from SegmentationClassAug, so it needs data.aug).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ LAYOUT = ("VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
           "ImageSets/Segmentation/{train,val,trainval}.txt}")
 AUG_MASKS = "SegmentationClassAug"
 AUG_LIST = "ImageSets/Segmentation/train_aug.txt"
+SPLIT_DIR = "ImageSets/Segmentation"
 
 
 class VOCSource(FileSource):
@@ -51,6 +56,8 @@ class VOCSource(FileSource):
     Args:
         root: The `VOC2012` folder.
         aug: Train on `train_aug.txt` with `SegmentationClassAug/` masks.
+        train_list: Another training list in ImageSets/Segmentation (file stem, e.g.
+            "train_sbd"); None = train.txt, or train_aug.txt with `aug`.
         num_classes: `data.num_classes`; must be 21.
         ignore_label: `data.ignore_label`.
         on_error: `data.on_error`: raise or skip on broken examples.
@@ -62,8 +69,10 @@ class VOCSource(FileSource):
     dataset_num_classes = NUM_CLASSES
 
     def __init__(self, root: str, aug: bool = False, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise",
+                 train_list: str | None = None):
         self.aug = aug
+        self.train_list = train_list
         super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
                          on_error=on_error)
 
@@ -77,6 +86,12 @@ class VOCSource(FileSource):
             raise UserError(f"data.aug=true needs {self.root / AUG_MASKS}/ and "
                             f"{self.root / AUG_LIST}; build them from the SBD release with "
                             "scripts/prepare_voc_aug.py, or set data.aug=false")
+        if self.train_list is not None:
+            listed = self.root / SPLIT_DIR / f"{self.train_list}.txt"
+            if not self.aug or not listed.is_file():
+                raise UserError(f"data.train_list={self.train_list} needs {listed} and data.aug="
+                                "true (its masks are in SegmentationClassAug/); build them with "
+                                "scripts/prepare_voc_aug.py, or set data.train_list=null")
 
     def check_split(self, split: str) -> None:
         # Any list in ImageSets/Segmentation is a split (trainval, or seg11valid for FCN's
@@ -87,6 +102,8 @@ class VOCSource(FileSource):
                             f"{', '.join(self.splits)}, or any list in ImageSets/Segmentation)")
 
     def _split_file_and_masks(self, split: str):
+        if split == "train" and self.train_list is not None:
+            return self.root / SPLIT_DIR / f"{self.train_list}.txt", self.root / AUG_MASKS
         if split == "train" and self.aug:
             return self.root / AUG_LIST, self.root / AUG_MASKS
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"

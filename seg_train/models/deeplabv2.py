@@ -7,9 +7,10 @@ upsampled bilinearly to the input size.
 
 Multi-scale inputs (`msc_scales`, e.g. [1.0, 0.75, 0.5]): the same network (shared weights) runs
 on each rescaled image, every score map is resized to the full-scale one and the maps are fused
-by an element-wise max. The built model returns only the fused logits (what eval, infer and
-checkpoints use); `msc_training_model` exposes each scale's logits as well, because DeepLab v2
-trains with a loss on every scale and on the fused output.
+by an element-wise max. The built model returns only the fused logits upsampled to the input
+size (what eval, infer and checkpoints use); `msc_training_model` exposes each scale's own
+score map and the fused score map as well, because DeepLab v2 (DrSleep's `train_msc.py`) puts
+a loss on each of them against labels shrunk by nearest neighbour to that map's size.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ BACKBONES = ("resnet101", "resnet50", "mobilenetv2")
 OUTPUT_STRIDE = 8
 FUSED_LAYER = "msc_fused"
 SCALE_LOGITS_PREFIX = "msc_logits_"
+# Outputs of the training view (`msc_training_model`): the input-size logits that metrics
+# follow (no loss), and the max-fused score map (a loss, like each scale's own map).
+METRIC_OUTPUT = "fused"
+FUSED_SCORES = "fused_scores"
 
 
 def scale_tag(scale: float) -> str:
@@ -153,20 +158,27 @@ def _check_scales(msc_scales: Sequence[float] | None) -> list[float] | None:
 
 
 def msc_training_model(model: keras.Model) -> keras.Model:
-    """The training view of a multi-scale DeepLab v2: fused and per-scale logits.
+    """The training view of a multi-scale DeepLab v2: its score maps and the fused logits.
 
     The returned model shares every layer (and so every weight) with `model`; train it, and
     save / evaluate `model`. It works on a freshly built model and on one loaded from a
     `.keras` checkpoint.
 
+    As in DrSleep's `train_msc.py`, the maps a loss applies to are not upsampled: each scale's
+    own output stride-8 score map (41, 31 and 21 px for a 321 px input and scales 1 / 0.75 /
+    0.5) and the max-fused map at the full-scale map's size (41 px). The segmentation losses
+    shrink the labels to each map by nearest neighbour (`seg_train.losses`), so the losses on
+    these four outputs are the four cross-entropy terms of DrSleep's `reduced_loss`.
+
     Args:
         model: A model from `build_deeplabv2(..., msc_scales=[...])`.
 
     Returns:
-        A model whose output is a dict of float32 logits [B, H, W, num_classes], all at input
-        resolution: "fused" (the max-fused output, identical to `model`'s) and "scale_<tag>"
-        for each input scale (tag = percent, e.g. "scale_100", "scale_075", "scale_050"), in
-        `msc_scales` order. Apply the segmentation loss to each output (DeepLab v2 sums them).
+        A model whose output is a dict of float32 logits [B, h, w, num_classes]:
+        "fused" (`model`'s own output at input resolution, for metrics: no loss goes on it),
+        "fused_scores" (the max-fused score map) and "scale_<tag>" for each input scale
+        (tag = percent, e.g. "scale_100", "scale_075", "scale_050"; that scale's own score
+        map), in `msc_scales` order. Put the loss on every output but "fused" and sum them.
 
     Raises:
         ValueError: if `model` was built without `msc_scales`.
@@ -177,9 +189,16 @@ def msc_training_model(model: keras.Model) -> keras.Model:
             f"model {model.name} has no multi-scale outputs; build it with "
             "msc_scales, e.g. [1.0, 0.75, 0.5]"
         )
-    outputs = {"fused": model.output}
+    outputs = {
+        METRIC_OUTPUT: model.output,
+        FUSED_SCORES: backbones.logits_float32(
+            model.get_layer(FUSED_LAYER).output, name=FUSED_SCORES
+        ),
+    }
     for layer in scale_layers:
         tag = layer.name.removeprefix(SCALE_LOGITS_PREFIX)
-        logits = ResizeLike(name=f"msc_upsample_{tag}")([layer.output, model.input])
-        outputs[f"scale_{tag}"] = backbones.logits_float32(logits, name=f"scale_{tag}")
+        # The scale-1 layer is an Identity on its map; the others resize [own map, scale-1
+        # map] to the fused size: their first input is the scale's own map.
+        own = layer.input[0] if isinstance(layer.input, (list, tuple)) else layer.input
+        outputs[f"scale_{tag}"] = backbones.logits_float32(own, name=f"scale_{tag}")
     return keras.Model(model.input, outputs, name=f"{model.name}_msc_train")

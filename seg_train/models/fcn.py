@@ -6,6 +6,10 @@ stride-32 score map keeps one cell per 32x32 input block instead of being croppe
 gives class scores. FCN-32s upsamples them x32 with a trainable transposed convolution whose
 kernel starts as the bilinear filter of size `2 * f - f % 2`. FCN-16s / FCN-8s first fuse (sum)
 the x2-upsampled scores with zero-initialised 1x1 scores of pool4 / pool3, as in the paper.
+FCN-8s is the authors' "at-once" variant (voc-fcn8s-atonce/net.py in
+shelhamer/fcn.berkeleyvision.org): trained in one stage, with the pool4 and pool3 features
+multiplied by fixed constants 0.01 and 0.0001 (Caffe `Scale` layers with lr_mult 0) before their
+score layers, so the skips' contributions start small next to the stride-32 scores.
 
 Because every convolution pads `same` and the input size is a multiple of 32, the upsampled
 maps line up exactly with the skips, so the paper's 100-px input padding and crop layers are
@@ -24,6 +28,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
+from seg_train.errors import UserError
 from seg_train.models import backbones
 from seg_train.models.layers import BilinearUpsampling
 
@@ -34,6 +39,8 @@ VGG_TOP_INPUT = (224, 224, 3)
 # Skips fused by each variant, coarse to fine, with the upsampling factor that follows them.
 VARIANTS = {32: ((), 32), 16: (("P4",), 16), 8: (("P4", "P3"), 8)}
 SKIP_NAMES = {"P4": "pool4", "P3": "pool3"}
+# FCN-8s at-once: the fixed factors on pool4 / pool3 before their score layers.
+AT_ONCE_SKIP_SCALES = (0.01, 0.0001)
 
 
 def _upsample(x, num_classes: int, factor: int, name: str):
@@ -77,8 +84,10 @@ def _build_fcn(
     dropout: float,
     backbone_weights: str | None,
     name: str,
+    skip_scales: Sequence[float] | None = None,
 ) -> keras.Model:
     skips, final_factor = VARIANTS[stride]
+    scales = _check_skip_scales(skip_scales, len(skips), name)
     shape = backbones.check_input_shape(input_shape, multiple=32, model=f"model={name}")
     load_fc = backbone_weights == "imagenet" and fc_filters == VGG_FC_FILTERS
     features = backbones.build_backbone(
@@ -96,10 +105,13 @@ def _build_fcn(
     x = layers.Conv2D(fc_filters, 1, activation="relu", name="fc7")(x)
     x = layers.Dropout(dropout, name="drop7")(x)
     x = _score(x, num_classes, "score_fr")
-    for tap in skips:
+    for tap, factor in zip(skips, scales, strict=True):
         skip = SKIP_NAMES[tap]
         x = _upsample(x, num_classes, 2, name=f"upscore_{skip}")
-        x = layers.Add(name=f"fuse_{skip}")([x, _score(taps[tap], num_classes, f"score_{skip}")])
+        features_in = taps[tap]
+        if factor != 1.0:
+            features_in = layers.Rescaling(factor, name=f"scale_{skip}")(features_in)
+        x = layers.Add(name=f"fuse_{skip}")([x, _score(features_in, num_classes, f"score_{skip}")])
     x = _upsample(x, num_classes, final_factor, name=f"upscore{final_factor}")
     logits = backbones.logits_float32(x)
     model = keras.Model(inputs, logits, name=name)
@@ -107,6 +119,21 @@ def _build_fcn(
         model.get_layer("fc6").set_weights(fc_weights[0])
         model.get_layer("fc7").set_weights(fc_weights[1])
     return model
+
+
+def _check_skip_scales(skip_scales: Sequence[float] | None, count: int, name: str) -> list[float]:
+    """`skip_scales` as one float per skip (coarse to fine); None = 1 for every skip."""
+    if skip_scales is None:
+        return [1.0] * count
+    scales = list(skip_scales)
+    if len(scales) != count or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in scales
+    ):
+        raise UserError(
+            f"model.skip_scales of {name} must be {count} positive factors (pool4, pool3), got "
+            f"{scales!r}; e.g. model.skip_scales=[0.01,0.0001] (at-once) or null"
+        )
+    return [float(v) for v in scales]
 
 
 def build_fcn32s(
@@ -173,6 +200,7 @@ def build_fcn8s(
     dropout: float = 0.5,
     backbone_weights: str | None = "imagenet",
     name: str = "fcn8s",
+    skip_scales: Sequence[float] | None = AT_ONCE_SKIP_SCALES,
 ) -> keras.Model:
     """Builds FCN-8s: FCN-16s' fused scores upsampled x2 and summed with pool3 scores, then x8.
 
@@ -186,9 +214,14 @@ def build_fcn8s(
         backbone_weights: "imagenet", None (random init) or a path to a VGG16 no-top
             weights file.
         name: Model name.
+        skip_scales: Fixed factors on the pool4 and pool3 features before their score
+            layers: (0.01, 0.0001) is the authors' at-once FCN-8s; None = no scaling (the
+            staged FCN-8s, which starts from a trained FCN-16s).
 
     Returns:
         An uncompiled model mapping float32 0..255 RGB images [B, H, W, 3] to float32
         logits [B, H, W, num_classes].
     """
-    return _build_fcn(8, num_classes, input_shape, fc_filters, dropout, backbone_weights, name)
+    return _build_fcn(
+        8, num_classes, input_shape, fc_filters, dropout, backbone_weights, name, skip_scales
+    )
