@@ -9,15 +9,23 @@ github.com/DrSleep/tensorflow-deeplab-resnet commit 066023c033624e6c8154340e06e8
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from hydra.utils import instantiate
+from PIL import Image
 
 from seg_train import losses
+from seg_train.data import pipeline
+from seg_train.data.voc import VOCSource
+from seg_train.errors import UserError
 from seg_train.models import deeplabv2, fcn
-from tests.helpers import compose_config
+from tests.helpers import REPO, compose_config
+from tests.test_data_layouts import write_sbd, write_voc
 
 # --- FCN reference solver (voc-fcn32s/solver.prototxt, net.py) --------------------------------
 REF_BASE_LR = 1e-10  # base_lr, "lr for unnormalized softmax"
@@ -63,6 +71,38 @@ def test_fcn_recipes_compose_to_the_reference_solver(experiment):
     assert data.aug is True and data.train_list == SBD_TRAIN
     assert data.source.train_list == SBD_TRAIN
     assert cfg.trainer.epochs * cfg.trainer.steps_per_epoch == FCN_STEPS[experiment]
+
+
+def test_sbd_train_split_is_sbds_own_train_list(tmp_path):
+    voc = tmp_path / "VOC2012"
+    voc_train, voc_val = ["2007_000032", "2007_000039"], ["2007_000033"]
+    voc_masks = write_voc(voc, voc_train, voc_val)
+    # SBD train: one VOC train id, one VOC val id (SBD train overlaps VOC val, hence FCN's
+    # seg11valid) and one new image; SBD val: one more image, which SBD train leaves out.
+    sbd_train, sbd_val = [voc_train[1], voc_val[0], "2008_000002"], ["2008_000003"]
+    sbd_masks = write_sbd(tmp_path / "sbd", sbd_train, sbd_val)
+    for image_id in ("2008_000002", "2008_000003"):
+        blank = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
+        blank.save(voc / "JPEGImages" / f"{image_id}.jpg")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "prepare_voc_aug.py"), "--voc-root", str(voc),
+         "--sbd-root", str(tmp_path / "sbd"), "--workers", "1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    listed = (voc / "ImageSets" / "Segmentation" / f"{SBD_TRAIN}.txt").read_text().split()
+    assert listed == sorted(sbd_train)
+
+    source = VOCSource(str(voc), aug=True, num_classes=21, train_list=SBD_TRAIN)
+    decoded = dict(zip(listed, (m for _, m in pipeline.decoded_dataset(source, "train")
+                               .as_numpy_iterator())))
+    assert sorted(decoded) == sorted(sbd_train)
+    np.testing.assert_array_equal(decoded["2008_000002"], sbd_masks["2008_000002"])
+    # Where VOC has its own mask it is used (listed under the recipe's Differs).
+    np.testing.assert_array_equal(decoded[voc_val[0]], voc_masks[voc_val[0]])
+    assert source.describe_split("val").endswith("val.txt")
+    with pytest.raises(UserError, match="data.train_list"):
+        VOCSource(str(voc), aug=False, train_list=SBD_TRAIN)
 
 
 def test_fcn8s_recipe_is_the_at_once_net():
