@@ -49,13 +49,13 @@ MODELS = {
         {"alpha": 0.35, "decoder_filters": [32, 16, 16, 8]},
     ),
     "unet": (unet.build_unet, {"base_filters": 4, "depth": 3}),
-}
     # Seed 003's variant: no BatchNorm, 3x3 up-conv + ReLU, 0..1 inputs, PyTorch init.
     "unet_seed003": (
         unet.build_unet,
         {"base_filters": 4, "depth": 3, "batch_norm": False, "up_conv": "transpose3x3_relu",
          "input_scaling": "unit", "initializer": "pytorch"},
     ),
+}
 
 
 def build(name: str, input_shape=(SIZE, SIZE, 3), **overrides) -> keras.Model:
@@ -180,10 +180,11 @@ def test_deeplabv2_321_input_gives_41x41_score_map():
     model = deeplabv2.build_deeplabv2(21, [321, 321, 3], backbone_weights=None)
     assert model.get_layer("aspp_sum").output.shape == (None, 41, 41, 21)
     assert model.output_shape == (None, 321, 321, 21)
-    # The MSC inputs follow Caffe's Interp sizes: 241 px at 0.75, 161 px at 0.5.
+    # The MSC inputs follow DrSleep's train_msc.py, int(321 * 0.75) = 240, int(321 * 0.5) = 160.
     layer = deeplabv2.ResizeByScale(0.75)
-    assert layer.compute_output_shape((None, 321, 321, 3)) == (None, 241, 241, 3)
-    assert deeplabv2.ResizeByScale(0.5).compute_output_shape((None, 321, 321, 3))[1] == 161
+    assert layer.compute_output_shape((None, 321, 321, 3)) == (None, 240, 240, 3)
+    assert deeplabv2.ResizeByScale(0.5).compute_output_shape((None, 321, 321, 3))[1] == 160
+    assert tuple(layer(np.zeros((1, 321, 321, 3), "float32")).shape) == (1, 240, 240, 3)
 
 
 def test_deeplabv2_msc_training_model_shares_weights():

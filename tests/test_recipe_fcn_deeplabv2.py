@@ -228,13 +228,12 @@ def msc_view():
 
 def test_msc_training_view_outputs_each_scales_own_map(msc_view):
     model, image, outputs = msc_view
-    # Caffe Interp sizes of the scaled inputs: floor((321 - 1) * s) + 1 = 241 (0.75), 161 (0.5);
-    # stride 8 (as 321 -> 41 above): 241 -> 121 -> 61 -> 31, 161 -> 81 -> 41 -> 21.
-    # (DrSleep's train_msc.py feeds int(321 * s) = 240 / 160 px -> 30 / 20: see the recipe.)
+    # DrSleep's train_msc.py feeds int(321 * 0.75) = 240 and int(321 * 0.5) = 160 px; at stride
+    # 8 (as 321 -> 41 above): 240 -> 120 -> 60 -> 30, 160 -> 80 -> 40 -> 20.
     shapes = {k: v.shape for k, v in outputs.items()}
     assert shapes == {"fused": (1, 321, 321, 4), "fused_scores": (1, 41, 41, 4),
-                      "scale_100": (1, 41, 41, 4), "scale_075": (1, 31, 31, 4),
-                      "scale_050": (1, 21, 21, 4)}
+                      "scale_100": (1, 41, 41, 4), "scale_075": (1, 30, 30, 4),
+                      "scale_050": (1, 20, 20, 4)}
     # The saved (inference) model still outputs input-size logits, the view's "fused".
     np.testing.assert_allclose(outputs["fused"], np.asarray(model(image, training=False)),
                                atol=1e-5)
@@ -273,7 +272,7 @@ def test_tf1_nearest_rule_by_hand():
     np.testing.assert_array_equal(np.asarray(tf1)[0, :, 0, 0], rows)
 
 
-@pytest.mark.parametrize("size", [41, 31, 21])
+@pytest.mark.parametrize("size", [41, 30, 20])
 def test_loss_on_a_score_map_uses_nearest_shrunk_labels(size):
     rng = np.random.default_rng(size)
     labels = rng.integers(0, 4, (2, 321, 321)).astype("int32")

@@ -133,10 +133,11 @@ class ResizeLike(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ResizeByScale(keras.layers.Layer):
-    """Bilinearly rescales images by `scale`, to `floor((size - 1) * scale) + 1` pixels.
+    """Bilinearly rescales images by `scale`, to `floor(size * scale)` pixels.
 
-    The size rule is the one of Caffe's Interp layer used by DeepLab v2's multi-scale inputs
-    (321 px -> 241 px at 0.75 and 161 px at 0.5), which keeps the corner pixels aligned.
+    The size rule is DrSleep's tensorflow-deeplab-resnet (train_msc.py / evaluate_msc.py:
+    `int(h * 0.75)`), the source of the DeepLab v2 MSC recipes: 321 px -> 240 px at 0.75 and
+    160 px at 0.5, whose stride-8 score maps are 30x30 and 20x20.
     """
 
     def __init__(self, scale: float, interpolation: str = "bilinear", **kwargs):
@@ -146,11 +147,11 @@ class ResizeByScale(keras.layers.Layer):
 
     def _scaled(self, size):
         if isinstance(size, int):
-            return math.floor((size - 1) * self.scale) + 1
+            return max(1, math.floor(size * self.scale))
         if size is None:
             return None
-        scaled = ops.floor(ops.cast(size - 1, "float32") * self.scale)
-        return ops.cast(scaled, "int32") + 1
+        scaled = ops.floor(ops.cast(size, "float32") * self.scale)
+        return ops.maximum(ops.cast(scaled, "int32"), 1)
 
     def call(self, images):
         height, width = ops.shape(images)[1:3]
