@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seg_train import checkpoints, runtime
 from seg_train.config_checks import boolean, check_config
-from seg_train.data.pipeline import decoded_dataset
+from seg_train.data.pipeline import decoded_dataset, pad_image
 from seg_train.errors import UserError
 from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
 from seg_train.predict import Predictor
@@ -80,8 +80,10 @@ def whole_logits(predictor: Predictor, pixels: tf.Tensor) -> tf.Tensor:
         logits = net(resized, training=False)
         return tf.image.resize(logits, tf.stack([height, width]), method="bilinear")
     divisor = predictor.size_divisor
-    # Zeros bottom/right as in Predictor: the top-left pixels then see the same receptive field.
-    padded = tf.pad(pixels, [[0, 0], [0, (-height) % divisor], [0, (-width) % divisor], [0, 0]])
+    # Bottom/right with the pad colour (data.pad_value) as in Predictor: the top-left pixels
+    # then see the same receptive field.
+    padded = pad_image(pixels, [[0, (-height) % divisor], [0, (-width) % divisor]],
+                       predictor.pad_colour)
     return net(padded, training=False)[:, :height, :width]
 
 
@@ -319,7 +321,8 @@ def _metadata(cfg: DictConfig, checkpoint: Path, predictor: Predictor, input_siz
         "preprocessing": (
             f"resized bilinearly to the model's input size {list(predictor.fixed_size)}"
             if predictor.resize_to_fixed
-            else f"zero-padded bottom/right to a multiple of {predictor.size_divisor}"
+            else f"padded bottom/right with RGB {predictor.pad_colour} to a multiple of "
+            f"{predictor.size_divisor}"
         ),
         "checkpoint": str(checkpoint.resolve()),
         "dataset": cfg.data.name,
@@ -343,7 +346,8 @@ def run(cfg: DictConfig) -> float | None:
     runtime.seed_everything(cfg.seed)
     model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
     # Whole mode without TTA: the one prediction a single forward graph can reproduce.
-    predictor = Predictor(model, size_divisor=cfg.eval.size_divisor)
+    predictor = Predictor(model, size_divisor=cfg.eval.size_divisor,
+                          pad_value=cfg.data.get("pad_value", 0))
     fmt = options.format
     # TFLite needs a static input; a size-agnostic model gets the training crop size.
     input_size = (predictor.fixed_size or tuple(cfg.data.crop_size)) if fmt == "tflite" else None

@@ -249,3 +249,18 @@ def test_selection_metric_equals_the_final_report_and_mode_eval(cache_dir, tmp_p
     again = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert abs(again["mean_iou"] - max(history)) < 1e-6
     assert (run_dir / "training_curves.png").is_file()
+
+
+def test_saved_model_pads_with_pad_value(tmp_path):
+    import tensorflow as tf
+
+    from seg_train.export import write_saved_model
+
+    predictor = Predictor(mean_colour_model(), size_divisor=32, pad_value=[10, 20, 30])
+    write_saved_model(predictor, tmp_path / "sm", with_probabilities=True)
+    serve = tf.saved_model.load(str(tmp_path / "sm")).signatures["serving_default"]
+    probs = serve(images=tf.fill([1, 20, 20, 3], tf.constant(100, tf.uint8)))["probabilities"]
+    # As in the Predictor test: 20x20 padded to 32x32, logits = the padded image's mean colour.
+    logits = np.array([(400 * 100 + 624 * fill) / 1024 for fill in (10, 20, 30)])
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(probs.numpy()[0, 0, 0], expected, rtol=1e-4, atol=1e-7)
