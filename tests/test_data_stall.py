@@ -127,3 +127,35 @@ def test_xla_is_reported_not_measured(tmp_path, caplog, jit):
         monitor = _fit(_cached_dataset(), tmp_path, epochs=1, steps=2, jit_compile=jit)
     assert monitor.history == []
     assert any("not measured" in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def op_determinism():
+    """Op determinism for one test (TensorFlow has no public way to turn it off again)."""
+    from tensorflow.python.framework import config as tf_config
+
+    yield tf.config.experimental.enable_op_determinism
+    tf_config.disable_op_determinism()
+
+
+def test_op_determinism_trains_and_says_the_stall_is_not_measured(
+    tmp_path, caplog, op_determinism
+):
+    # tf.timestamp inside the step used to fail the first step under op determinism.
+    op_determinism()
+    with caplog.at_level(logging.INFO, logger="seg_train.callbacks"):
+        monitor = _fit(_cached_dataset(), tmp_path, epochs=1, steps=2)
+    assert monitor.history == []
+    assert any(
+        "not measured" in r.getMessage() and "deterministic" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_a_model_measured_before_determinism_still_trains_under_it(op_determinism):
+    model = _model()
+    monitor = DataStallMonitor()
+    model.fit(_cached_dataset(), epochs=1, steps_per_epoch=2, callbacks=[monitor], verbose=0)
+    op_determinism()
+    model.fit(_cached_dataset(), epochs=1, steps_per_epoch=2, callbacks=[monitor], verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 4
