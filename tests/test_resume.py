@@ -15,7 +15,7 @@ import tensorflow as tf
 from omegaconf import OmegaConf
 
 import seg_train.losses  # noqa: F401  (registers the loss saved with the model)
-from seg_train import resume, training
+from seg_train import preemption, resume, training
 from seg_train.data import pipeline
 from seg_train.data.base import Pair, Source
 from seg_train.errors import Preempted
@@ -327,3 +327,78 @@ def test_a_stream_started_at_a_batch_is_the_uninterrupted_stream_from_there(cach
     passes = [order[k : k + 6] for k in range(0, 36, 6)]
     assert all(sorted(p) == list(range(6)) for p in passes)
     assert len({tuple(p) for p in passes}) > 1
+
+
+# --- SIGTERM / SIGINT at every phase: a backup where one is due, then Preempted (exit 75) ----
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """Puts the test process's SIGTERM/SIGINT handlers back (a Preempted fit leaves ours)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+class SigtermAt(keras.callbacks.Callback):
+    """Sends this process SIGTERM at the first call of the named hook."""
+
+    def __init__(self, hook):
+        super().__init__()
+        self.sent = False
+        setattr(self, hook, self._send)
+
+    def _send(self, *args, **kwargs):
+        if not self.sent:
+            self.sent = True
+            signal.raise_signal(signal.SIGTERM)
+
+
+def fit_until_preempted(tmp_path, hook, **fit_args):
+    x = np.ones((12, 4), np.float32)
+    y = np.ones((12, 2), np.float32)
+    model = tiny_model()
+    callbacks = [
+        SigtermAt(hook),
+        resume.BackupCallback(tmp_path, 0, None, resume.TrainingState(), steps_per_epoch=3),
+    ]
+    with pytest.raises(Preempted) as stopped:
+        model.fit(x, y, batch_size=4, epochs=2, callbacks=callbacks, verbose=0, **fit_args)
+    return str(stopped.value), resume.load_state(tmp_path)[0]
+
+
+def test_sigterm_in_an_epoch_end_callback_stops_after_the_epoch_end_backup(
+    tmp_path, own_signal_handlers
+):
+    # e.g. the original-resolution validation, the checkpoint or the CSV row of the last epoch
+    message, state = fit_until_preempted(tmp_path, "on_epoch_end")
+    assert "stopped by SIGTERM at the end of epoch 1" in message
+    assert f"trainer.resume={tmp_path}" in message
+    assert (state.epoch, state.step, state.pending_epoch_end) == (1, 0, None)
+
+
+def test_sigterm_during_fit_validation_stops_at_once_with_the_epoch_end_pending(
+    tmp_path, own_signal_handlers
+):
+    x = np.ones((4, 4), np.float32)
+    y = np.ones((4, 2), np.float32)
+    message, state = fit_until_preempted(
+        tmp_path, "on_test_batch_begin", validation_data=(x, y), validation_batch_size=1
+    )
+    assert "stopped by SIGTERM during the validation of epoch 1" in message
+    assert (state.epoch, state.step, state.global_step) == (1, 0, 3)
+    assert "loss" in state.pending_epoch_end
+
+
+def test_sigterm_outside_training_stops_at_once_with_the_resume_command(
+    tmp_path, own_signal_handlers
+):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("[]\n")
+    preemption.stop_on_signals(tmp_path, "the final evaluation")
+    with pytest.raises(Preempted) as stopped:
+        signal.raise_signal(signal.SIGTERM)
+    message = str(stopped.value)
+    assert message.startswith("stopped by SIGTERM during the final evaluation")
+    assert message.endswith(f"continue with: seg-train trainer.resume={tmp_path}")
