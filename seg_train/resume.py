@@ -318,6 +318,14 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     model_to_save: keras.Model | None = None
 
+    def _should_save_model(self, epoch, batch, logs, filepath):
+        # Keras saves whenever the monitored value is missing, e.g. after an epoch that was not
+        # validated (trainer.validation_freq > 1): that would replace the best checkpoint with
+        # unvalidated weights. Keep the best one instead.
+        if self.save_best_only and (logs or {}).get(self.monitor) is None:
+            return False
+        return super()._should_save_model(epoch, batch, logs, filepath)
+
     def _save_model(self, epoch, batch, logs):
         final = Path(self._get_file_path(epoch, batch, logs))
         temporary = final.with_name(f".tmp-{os.getpid()}-{final.name}")

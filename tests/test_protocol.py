@@ -264,3 +264,21 @@ def test_saved_model_pads_with_pad_value(tmp_path):
     logits = np.array([(400 * 100 + 624 * fill) / 1024 for fill in (10, 20, 30)])
     expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
     np.testing.assert_allclose(probs.numpy()[0, 0, 0], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_an_epoch_without_validation_keeps_the_best_checkpoint(tmp_path):
+    """trainer.validation_freq > 1: epochs without val_mean_iou must not replace best.keras."""
+    from seg_train.resume import AtomicModelCheckpoint
+
+    model = fixed_only_model()
+    path = tmp_path / "best.keras"
+    checkpoint = AtomicModelCheckpoint(str(path), monitor="val_mean_iou", mode="max",
+                                       save_best_only=True)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"loss": 1.0, "val_mean_iou": 0.5})
+    saved = path.read_bytes()
+    model.set_weights([w + 1 for w in model.get_weights()])  # a save would now differ
+    checkpoint.on_epoch_end(1, {"loss": 0.9})  # not validated
+    assert path.read_bytes() == saved
+    checkpoint.on_epoch_end(2, {"loss": 0.8, "val_mean_iou": 0.4})  # validated, worse
+    assert path.read_bytes() == saved and checkpoint.best == 0.5
