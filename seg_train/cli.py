@@ -155,14 +155,20 @@ def prepare_args(args: list[str]) -> list[str]:
     global _resume_changes
     values = dict(_key_value(a) for a in args if "=" in a)
     resume_dir = values.get("trainer.resume")
-    keep = [f"trainer.resume={resume_dir}", "hydra.output_subdir=null"]
     if resume_dir and resume_dir != "null":
         run_path = Path(resume_dir).expanduser()
         saved = _saved_overrides(run_path)
         given = [a for a in args if _key_value(a)[0] not in ("trainer.resume", "hydra.run.dir")]
         _resume_changes = _changes_on_resume(run_path, saved, given)
         flags = [a for a in given if not _is_override(a)]
-        return [*flags, *saved, *_resume_changes, f"hydra.run.dir={resume_dir}", *keep]
+        return [
+            *flags,
+            *saved,
+            *_resume_changes,
+            f"hydra.run.dir={resume_dir}",
+            f"trainer.resume={resume_dir}",
+            "hydra.output_subdir=null",  # the run's .hydra/ stays as it was
+        ]
     run_dir = values.get("hydra.run.dir")
     if run_dir and "-m" not in args and "--multirun" not in args:
         run_path = Path(run_dir).expanduser()

@@ -244,3 +244,20 @@ def test_a_live_holder_keeps_the_lock_until_it_dies(tmp_path):
     assert (tmp_path / run_lock.LOCK_NAME).exists()
     assert run_lock.acquire(tmp_path)
     run_lock.release(tmp_path)
+
+
+def test_a_resume_may_change_the_epochs_and_records_the_change(tmp_path):
+    from omegaconf import OmegaConf
+
+    from seg_train import cli
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- trainer.epochs=3\n- seed=5\n")
+    args = cli.prepare_args([f"trainer.resume={tmp_path}", "trainer.epochs=30", "seed=5"])
+    # The run's own overrides, the change after them (it wins), and .hydra/ left alone.
+    assert args.index("trainer.epochs=30") > args.index("trainer.epochs=3")
+    assert args.count("seed=5") == 1 and "hydra.output_subdir=null" in args
+    cli._record_resume(tmp_path, cli._resume_changes)
+    cli._record_resume(tmp_path, [])
+    log = OmegaConf.load(tmp_path / cli.RESUME_LOG)
+    assert [list(entry.overrides) for entry in log] == [["trainer.epochs=30"], []]
