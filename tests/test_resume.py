@@ -96,7 +96,8 @@ def test_kill_9_at_a_random_moment_then_resume(seed, uninterrupted, cache_dir, t
     process.send_signal(signal.SIGKILL)
     process.communicate()
     finish(run_dir, cache_dir, tmp_path)
-    # Tiny runs vary with the data order after a resume; they must still learn comparably.
+    # The data order continues across a resume, but without trainer.deterministic the float
+    # results may drift; test_resume_kills.py compares deterministic runs exactly.
     assert assert_completed(run_dir) == pytest.approx(uninterrupted, abs=0.2)
 
 
