@@ -63,7 +63,8 @@ def whole_logits(predictor: Predictor, pixels: tf.Tensor) -> tf.Tensor:
     """`Predictor`'s whole-mode logits for a float32 batch, with shapes known only at run time.
 
     `Predictor._run` reads sizes from static shapes; a serving graph must accept any size, so
-    the same steps are written here with `tf.shape`.
+    the same steps are written here with `tf.shape`. `eval.mode=resize` is exported as such
+    (resize to `eval.crop_size`, logits resized back).
 
     Args:
         predictor: Supplies the network (the dynamic twin when there is one), the fixed-size
@@ -75,8 +76,8 @@ def whole_logits(predictor: Predictor, pixels: tf.Tensor) -> tf.Tensor:
     """
     net = predictor.model
     height, width = tf.shape(pixels)[1], tf.shape(pixels)[2]
-    if predictor.resize_to_fixed:
-        resized = tf.image.resize(pixels, predictor.fixed_size, method="bilinear")
+    if predictor.resize_to is not None:  # eval.mode=resize, or a fixed-size model
+        resized = tf.image.resize(pixels, predictor.resize_to, method="bilinear")
         logits = net(resized, training=False)
         return tf.image.resize(logits, tf.stack([height, width]), method="bilinear")
     divisor = predictor.size_divisor
@@ -113,7 +114,7 @@ def write_saved_model(
     """Writes a SavedModel whose `serving_default` signature runs `serving_function`.
 
     Args:
-        predictor: The in-framework predictor whose whole mode is exported.
+        predictor: The in-framework predictor whose whole (or resize) mode is exported.
         path: Directory to create.
         with_probabilities: Also output softmax probabilities.
         input_size: [H, W] to fix the input size (for TFLite); None = any size.
@@ -294,9 +295,10 @@ def _check_export_config(cfg: DictConfig) -> None:
 
 def _warn_about_ignored_eval_options(cfg: DictConfig) -> None:
     tta = cfg.eval.tta
-    if cfg.eval.mode != "whole" or list(tta.scales) != [1.0] or tta.flip:
+    if cfg.eval.mode not in ("whole", "resize") or list(tta.scales) != [1.0] or tta.flip:
         log.warning(
-            "The export reproduces whole-image prediction without test-time augmentation; "
+            "The export reproduces whole-image (or eval.mode=resize) prediction without "
+            "test-time augmentation; "
             "eval.mode=%s and eval.tta are not part of it",
             cfg.eval.mode,
         )
@@ -345,8 +347,11 @@ def run(cfg: DictConfig) -> float | None:
     _warn_about_ignored_eval_options(cfg)
     runtime.seed_everything(cfg.seed)
     model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
-    # Whole mode without TTA: the one prediction a single forward graph can reproduce.
-    predictor = Predictor(model, size_divisor=cfg.eval.size_divisor,
+    # Whole (or resize) mode without TTA: what a single forward graph can reproduce.
+    resize = cfg.eval.mode == "resize"
+    predictor = Predictor(model, mode="resize" if resize else "whole",
+                          crop_size=cfg.eval.crop_size if resize else None,
+                          size_divisor=cfg.eval.size_divisor,
                           pad_value=cfg.data.get("pad_value", 0))
     fmt = options.format
     # TFLite needs a static input; a size-agnostic model gets the training crop size.
@@ -377,7 +382,8 @@ def run(cfg: DictConfig) -> float | None:
                 format=fmt,
                 artefact=ARTEFACT_NAMES[fmt],
                 input_size=list(input_size) if input_size else "original",
-                reference=f"Predictor whole mode, no TTA, size_divisor={predictor.size_divisor}",
+                reference=f"Predictor {predictor.mode} mode, no TTA, "
+                f"size_divisor={predictor.size_divisor}",
                 checkpoint=str(checkpoint.resolve()),
             )
             write_json_atomic(staging / PARITY_FILE, report)

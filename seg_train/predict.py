@@ -11,6 +11,10 @@ class scores at that size:
   it (evaluation records it in metrics.json).
 * **slide** mode tiles the (padded) image with `crop_size` windows every `stride` pixels and
   averages the overlapping logits, as mmsegmentation's slide inference does.
+* **resize** mode resizes the whole image to `crop_size` (bilinear), runs it, and resizes the
+  logits back to the image size (bilinear): the protocol of recipes trained on whole images
+  resized to a fixed size (`data.transform=resize`, the tutorials), which would otherwise see
+  objects at another scale than in training.
 * **test-time augmentation** repeats either mode for each scale in `scales` (and mirrored if
   `flip`), resizes each view's logits bilinearly back to the original size, and fuses them:
   `mean_prob` averages softmax probabilities (returned as log-probabilities), `max_logit` takes
@@ -33,7 +37,7 @@ from seg_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MODES = ("whole", "slide")
+MODES = ("whole", "slide", "resize")
 FUSIONS = ("mean_prob", "max_logit")
 
 
@@ -79,8 +83,9 @@ class Predictor:
 
     Args:
         model: A model mapping float32 [B, H, W, 3] images (0..255) to logits [B, H, W, C].
-        mode: "whole" or "slide".
-        crop_size: [h, w] window of slide mode (defaults to the model's input size).
+        mode: "whole", "slide" or "resize".
+        crop_size: [h, w] window of slide mode, or the size resize mode resizes every image to
+            (defaults to the model's input size).
         stride: [h, w] step of slide mode (defaults to two thirds of crop_size).
         scales: TTA scales; [1.0] = no multi-scale.
         flip: Also predict the mirrored image (TTA).
@@ -116,23 +121,31 @@ class Predictor:
         if not scales or any(s <= 0 for s in scales):
             raise UserError(f"eval.tta.scales must be positive numbers, got {list(scales)}")
         self.fixed_size = tuple(model.input_shape[1:3]) if model.input_shape[1] else None
+        self.mode = mode
+        self.crop_size = tuple(crop_size or self.fixed_size or (512, 512))
+        self.stride = tuple(stride or (max(1, c * 2 // 3) for c in self.crop_size))
         twin, reason = _twin_or_reason(model)
         self.source_model = model
         self.model = twin or model
         self.resize_to_fixed = twin is None and self.fixed_size is not None
+        if mode in ("slide", "resize") and self.resize_to_fixed and (
+            self.crop_size != self.fixed_size
+        ):
+            raise UserError(
+                f"eval.crop_size {list(self.crop_size)} must equal the model's fixed input size "
+                f"{list(self.fixed_size)} for eval.mode={mode}"
+            )
+        # Resize mode asks for what a fixed-size model would get anyway: no protocol change.
         self.protocol_change = (
-            resize_protocol_change(model, reason) if self.resize_to_fixed else None
+            resize_protocol_change(model, reason)
+            if self.resize_to_fixed and mode != "resize"
+            else None
         )
         if self.protocol_change:
             log.warning("Protocol change: %s", self.protocol_change)
-        self.mode = mode
-        self.crop_size = tuple(crop_size or self.fixed_size or (512, 512))
-        self.stride = tuple(stride or (max(1, c * 2 // 3) for c in self.crop_size))
-        if mode == "slide" and self.resize_to_fixed and self.crop_size != self.fixed_size:
-            raise UserError(
-                f"eval.crop_size {list(self.crop_size)} must equal the model's fixed input size "
-                f"{list(self.fixed_size)} for slide mode"
-            )
+        self.resize_to = self.crop_size if mode == "resize" else (
+            self.fixed_size if self.resize_to_fixed else None
+        )
         self.scales = [float(s) for s in scales]
         self.flip = flip
         self.fusion = fusion
@@ -154,8 +167,8 @@ class Predictor:
     def _run(self, batch: tf.Tensor) -> tf.Tensor:
         """Logits for a float32 batch at the batch's own size."""
         size = tf.shape(batch)[1:3]
-        if self.resize_to_fixed:
-            logits = self._net(tf.image.resize(batch, self.fixed_size, method="bilinear"))
+        if self.resize_to is not None:
+            logits = self._net(tf.image.resize(batch, self.resize_to, method="bilinear"))
             return tf.image.resize(logits, size, method="bilinear")
         divisor = self.size_divisor
         pad_h = (-batch.shape[1]) % divisor

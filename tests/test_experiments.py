@@ -77,3 +77,22 @@ def test_debug_overfit_reaches_its_check(cache_dir, tmp_path):
     result = run_cli(args, cache_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Overfit check PASSED" in result.stdout + result.stderr
+
+
+# The tutorials resize every image whole, for training and for prediction: keras-io DeepLabV3+
+# (read_image: tf.image.resize to IMAGE_SIZE 512), the TF segmentation tutorial (128x128),
+# seed 003's portrait U-Net (transforms.Resize((256, 256))).
+RESIZE_RECIPES = {
+    "cihp_deeplabv3plus": [512, 512],
+    "pets_unet_mobilenetv2": [128, 128],
+    "portrait_unet": [256, 256],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESIZE_RECIPES))
+def test_tutorial_recipes_train_and_evaluate_on_whole_resized_images(name):
+    cfg = compose_config([f"experiment={name}", "data.root=/nonexistent"])
+    size = RESIZE_RECIPES[name]
+    assert cfg.data.transform == "resize" and list(cfg.data.crop_size) == size
+    assert cfg.eval.mode == "resize" and list(cfg.eval.crop_size) == size
+    assert cfg.trainer.val_protocol == "original"  # best.keras chosen on the reported number

@@ -116,3 +116,27 @@ def test_bad_options_are_user_errors(unet):
         Predictor(unet, fusion="vote")
     with pytest.raises(UserError, match="eval.tta.scales"):
         Predictor(unet, scales=[0.0])
+
+
+def test_resize_mode_runs_the_image_at_crop_size_and_resizes_logits_back():
+    # The protocol of recipes trained on whole images resized to a fixed size (the tutorials).
+    model = pointwise_model()
+    image = random_image((45, 70, 3))
+    small = tf.image.resize(image.astype(np.float32), (16, 24), method="bilinear")
+    expected = tf.image.resize(model(small[None])[0], (45, 70), method="bilinear").numpy()
+    got = Predictor(model, mode="resize", crop_size=[16, 24]).logits(image)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_resize_mode_of_a_fixed_size_model_is_no_protocol_change():
+    # Reshapes pin the size: no size-agnostic twin exists, so whole mode would have to resize.
+    inputs = keras.Input((16, 24, 3))
+    x = keras.layers.Conv2D(3, 1)(keras.layers.Rescaling(1 / 255)(inputs))
+    x = keras.layers.Reshape((16, 24, 3))(keras.layers.Reshape((16 * 24, 3))(x))
+    fixed = keras.Model(inputs, x)
+    assert Predictor(fixed).protocol_change is not None
+    predictor = Predictor(fixed, mode="resize", crop_size=[16, 24])
+    assert predictor.protocol_change is None
+    assert predictor.logits(random_image((30, 50, 3))).shape == (30, 50, 3)
+    with pytest.raises(UserError, match=r"eval.crop_size \[8, 8\] must equal"):
+        Predictor(fixed, mode="resize", crop_size=[8, 8])
