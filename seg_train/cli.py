@@ -44,6 +44,11 @@ RESUME_SAFE_GROUPS = ("hardware",)
 # Every resume of a run is appended here (time, PID, the overrides it changed); the run's own
 # .hydra/ is never rewritten by a resume.
 RESUME_LOG = "resume_overrides.yaml"
+# `seg-train VERB ...` is `seg-train mode=VERB ...` (configs/mode/ holds one file per verb).
+VERBS = ("train", "eval", "infer", "export", "check")
+# Hydra's flags that take the next argument as their value (so it is not read as a verb).
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
 log = logging.getLogger("seg_train")
 # Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1); set by main().
 _show_tracebacks = False
@@ -88,7 +93,10 @@ def main() -> None:
     global _show_tracebacks
     _show_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    args = sys.argv[1:]
+    try:
+        args = expand_verb(sys.argv[1:])
+    except UserError as exc:
+        _exit_with_one_line(exc)
     if _trains(args):
         preemption.stop_on_signals()  # SIGTERM/SIGINT from here on: one line, exit 75
     try:
@@ -107,6 +115,31 @@ def main() -> None:
         _exit_with_one_line(exc)
     finally:
         run_lock.release_all()
+
+
+def expand_verb(args: list[str]) -> list[str]:
+    """Turns a leading verb (`seg-train eval ckpt_path=RUN`) into `mode=eval`.
+
+    The verb is the first argument that is neither a flag, a flag's value nor an override; it
+    may follow flags such as `-m`. Without a verb the arguments are returned unchanged.
+
+    Raises:
+        UserError: for a word that is not a verb, listing the verbs.
+    """
+    for index, arg in enumerate(args):
+        if arg.startswith("-") or _is_override(arg):
+            continue
+        if index and args[index - 1] in _VALUE_FLAGS:
+            continue  # e.g. the `job` of `--cfg job`
+        if arg not in VERBS:
+            raise UserError(
+                f"unknown command '{arg}'; the verbs are {', '.join(VERBS)} "
+                "(e.g. seg-train eval ckpt_path=RUN_DIR), and overrides are key=value"
+            )
+        if any(_key_value(a)[0] == "mode" for a in args if _is_override(a)):
+            raise UserError(f"'{arg}' and a mode= override both choose the mode; give one")
+        return [*args[:index], f"mode={arg}", *args[index + 1 :]]
+    return args
 
 
 def _trains(args: list[str]) -> bool:
@@ -141,8 +174,10 @@ def _multi_worker_process() -> bool:
 
 
 def prepare_args(args: list[str]) -> list[str]:
-    """Turns resume requests into plain Hydra arguments and protects used run dirs.
+    """Turns verbs and resume requests into plain Hydra arguments and protects used run dirs.
 
+    * A leading verb becomes its mode: `seg-train eval ...` is `seg-train mode=eval ...`
+      (`expand_verb`).
     * `trainer.resume=RUN_DIR` replays that run's saved overrides into RUN_DIR. Overrides
       given now may only change `RESUME_SAFE_KEYS` (anything else is refused with one line);
       the changes are appended to RUN_DIR/resume_overrides.yaml, and the run's `.hydra/` is
@@ -153,6 +188,7 @@ def prepare_args(args: list[str]) -> list[str]:
       `.hydra/` into it, so that run's saved config and outputs stay intact.
     """
     global _resume_changes
+    args = expand_verb(args)
     values = dict(_key_value(a) for a in args if "=" in a)
     resume_dir = values.get("trainer.resume")
     if resume_dir and resume_dir != "null":
@@ -211,6 +247,8 @@ def _changes_on_resume(run_dir: Path, saved: list[str], given: list[str]) -> lis
         key = _key_value(override)[0]
         if own.get(key) == override:
             continue  # the run's own setting, given again (e.g. by a requeue script)
+        if override == "mode=train" and key not in own:
+            continue  # `seg-train train trainer.resume=RUN`: train is every run's default mode
         safe = (
             key in RESUME_SAFE_KEYS
             or key.startswith(RESUME_SAFE_PREFIXES)
