@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,3 +82,8 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [
         line for line in result.stderr.splitlines() if line.strip() and not line.startswith(noise)
     ]
+
+
+def trainable_count(model) -> int:
+    """Trainable parameters of a Keras model (its `count_params()` counts all of them)."""
+    return sum(math.prod(weight.shape) for weight in model.trainable_weights)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from seg_train.models import backbones, deeplabv2, deeplabv3plus, fcn, unet, unet_mobilenetv2
+from tests.helpers import trainable_count
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +49,6 @@ FULL_SIZE = {
 def fresh_session():
     yield
     keras.backend.clear_session()
-
-
-def trainable_count(model: keras.Model) -> int:
-    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
 @pytest.mark.parametrize("name", FULL_SIZE)

@@ -21,7 +21,7 @@ import pytest
 from hydra.utils import instantiate
 
 from seg_train.models import deeplabv3plus
-from tests.helpers import compose_config
+from tests.helpers import compose_config, trainable_count
 
 # keras-io's model.summary() for IMAGE_SIZE 512, NUM_CLASSES 20 (the md file's table).
 KERAS_IO_TOTAL_PARAMS = 11_857_236
@@ -58,10 +58,6 @@ def keras_io_model():
     model = instantiate(cfg.model, _convert_="all")
     yield model
     keras.backend.clear_session()
-
-
-def trainable_count(model: keras.Model) -> int:
-    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
 def test_keras_io_model_has_the_example_summary_counts(keras_io_model):

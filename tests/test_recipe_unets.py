@@ -13,17 +13,13 @@ import pytest
 from hydra.utils import instantiate
 
 from seg_train.models import unet
-from tests.helpers import compose_config
+from tests.helpers import compose_config, trainable_count
 
 
 @pytest.fixture(autouse=True)
 def fresh_session():
     yield
     keras.backend.clear_session()
-
-
-def trainable_count(model: keras.Model) -> int:
-    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -476,19 +476,23 @@ def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = Fa
     first_pass, offset = divmod(first, _split_size(source, "train"))
     passes = tf.data.Dataset.range(first_pass, _ENDLESS if repeat else first_pass + 1)
 
-    def pass_seed(k: tf.Tensor) -> tf.Tensor:
-        return tf.constant(seed, tf.int64) * 1_000_003 + k
+    def shuffled_pass(dataset: tf.data.Dataset, k: tf.Tensor) -> tf.data.Dataset:
+        """Pass k over `dataset`, shuffled with a seed made from (seed, k) only."""
+        # tf.data compares (global seed, op seed) with (0, 0) in Python; with a tensor op seed
+        # and a global seed of 0 (`seed=0` in the config) that comparison fails while tracing.
+        # This pass's op seed alone fixes its order, so the traced graph drops the global one.
+        tf.compat.v1.get_default_graph().seed = None
+        pass_seed = tf.constant(seed, tf.int64) * 1_000_003 + k
+        return dataset.shuffle(data.shuffle_buffer, seed=pass_seed)
 
     if should_cache(source, "train", data.cache):
         # Shuffle after the cache (shared by all passes), or every pass would replay the first.
         cached = decoded_dataset(source, "train", parallel).cache()
-        examples = passes.flat_map(
-            lambda k: cached.shuffle(data.shuffle_buffer, seed=pass_seed(k))).skip(offset)
+        examples = passes.flat_map(lambda k: shuffled_pass(cached, k)).skip(offset)
     else:
         # Shuffle the records (names and paths), cheaply, before decoding.
         records = source.records("train")
-        ordered = passes.flat_map(
-            lambda k: records.shuffle(data.shuffle_buffer, seed=pass_seed(k))).skip(offset)
+        ordered = passes.flat_map(lambda k: shuffled_pass(records, k)).skip(offset)
         examples = decoded_dataset(source, "train", parallel, records=ordered)
     seeds = tf.data.Dataset.range(first, _ENDLESS).map(
         lambda i: tf.stack([tf.constant(seed, tf.int64), i]))
