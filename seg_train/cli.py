@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
@@ -58,9 +59,13 @@ _show_tracebacks = False
 def _run_task(cfg: DictConfig) -> float | None:
     """Checks the composed config, prepares the process, and runs `cfg.mode.task`."""
     from seg_train import devices, runtime
-    from seg_train.config_checks import check_config
+    from seg_train.config_checks import check_config, check_user_config_files
 
     try:
+        hydra_cfg = HydraConfig.get()
+        check_user_config_files(
+            "config", [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task], CONFIG_DIR
+        )
         check_config(cfg)
         if _is_training(cfg):
             preemption.stop_on_signals(Path(cfg.paths.output_dir))
@@ -109,6 +114,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print("seg-train: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except yaml.YAMLError as exc:  # a user config file that is not valid YAML
+        _exit_with_one_line(UserError(describe_yaml_error(exc)))
     except (UserError, HydraException, OmegaConfBaseException, OSError) as exc:
         if _is_unexpected_os_error(exc):
             raise
@@ -327,6 +334,22 @@ def describe_error(exc: BaseException) -> str:
             "(hydra.run.dir, infer.output_dir, export.output_dir) or fix its permissions"
         )
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """`FILE:LINE:COLUMN: problem` for a YAML syntax error (PyYAML's marks count from 0)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return f"a config file is not valid YAML: {' '.join(str(exc).split())}"
+    problem = getattr(exc, "problem", None) or "syntax error"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and start.line != mark.line:
+        context = f"{context} opened at line {start.line + 1}"
+    what = f"{problem} ({context})" if context else problem
+    return (
+        f"{mark.name}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {what}; "
+        "fix this config file"
+    )
 
 
 def _describe_unknown_key(error: OmegaConfBaseException) -> str:

@@ -186,7 +186,12 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
     return found
 
 
+# Masks are uint8: class ids 0..254 and one ignore value; 256 values in all.
+MAX_CLASSES = 255
+
+
 def _check_classes(data: DictConfig) -> None:
+    _check_label_space(data)
     names = data.class_names
     if not OmegaConf.is_list(names) or len(names) != data.num_classes:
         count = len(names) if OmegaConf.is_list(names) else "not a list"
@@ -194,6 +199,35 @@ def _check_classes(data: DictConfig) -> None:
             f"data.class_names must list data.num_classes={data.num_classes} names, got {count}; "
             "fix one of the two"
         )
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        if str(name) in seen:
+            # metrics.json and per_class.csv are keyed by name: one class would hide the other.
+            raise UserError(
+                f"data.class_names has '{name}' twice (class {index} and an earlier one); "
+                "give every class its own name"
+            )
+        seen.add(str(name))
+    _check_palette(data)
+
+
+def _check_label_space(data: DictConfig) -> None:
+    """Class ids 0..num_classes-1 fit uint8 masks and never include the ignore label."""
+    num_classes, ignore = data.num_classes, data.get("ignore_label")
+    if num_classes > MAX_CLASSES:
+        raise UserError(
+            f"data.num_classes={num_classes} does not fit the uint8 masks (class ids 0..254, "
+            "255 = ignore); at most data.num_classes=255"
+        )
+    if ignore is not None and ignore < num_classes:
+        raise UserError(
+            f"data.ignore_label={ignore} is also class id {ignore} of data.num_classes="
+            f"{num_classes} (ids 0..{num_classes - 1}); use data.ignore_label=255, "
+            "or renumber the masks so the ignored value is above the class ids"
+        )
+
+
+def _check_palette(data: DictConfig) -> None:
     palette = data.get("palette")
     if palette is not None and (
         not OmegaConf.is_list(palette)
@@ -204,6 +238,12 @@ def _check_classes(data: DictConfig) -> None:
             "data.palette must be null or one [r, g, b] per class "
             f"({data.num_classes} classes); fix data.palette"
         )
+    for index, colour in enumerate(palette or []):
+        if not all(_is_int(c) and 0 <= c <= 255 for c in colour):
+            raise UserError(
+                f"data.palette[{index}] is {list(colour)}: colour values must be integers in "
+                "0..255; fix data.palette"
+            )
 
 
 def _check_mode(cfg: DictConfig) -> None:
@@ -223,3 +263,87 @@ def _check_mode(cfg: DictConfig) -> None:
         raise UserError(
             "mode=infer needs infer.input=FILE|DIR|GLOB, e.g. infer.input='photos/*.jpg'"
         )
+
+
+def check_user_config_files(config_name: str, overrides: list[str], packaged: Path) -> None:
+    """Refuses keys that user config files (`--config-dir`, `hydra.searchpath`) misspell.
+
+    Hydra closes the config (struct mode) only after merging every file, so a typo such as
+    `trainer: {epoch: 3}` in an experiment file would silently add a new, unused key, while the
+    same typo on the command line is refused. This replays Hydra's composition and checks each
+    user file's keys against the config merged before it, with Hydra's own loader (call it from
+    inside the running app). A user file that defines a node nothing before it has (a new
+    dataset option without a parent, say) and nodes that set their own `_target_` may hold any
+    keys.
+
+    Args:
+        config_name: The primary config's name ("config").
+        overrides: The run's Hydra and task overrides, as given on the command line.
+        packaged: seg-train's own config dir (its files are not checked).
+
+    Raises:
+        UserError: Naming the first unknown key, its file and the keys known there.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    loader = GlobalHydra.instance().config_loader()
+    user_sources = [
+        s
+        for s in loader.get_sources()
+        if s.scheme() == "file" and Path(s.path).resolve() != packaged.resolve()
+    ]
+    if not user_sources:
+        return
+    from hydra._internal.config_repository import CachingConfigRepository
+
+    repo = CachingConfigRepository(loader.repository)
+    defaults = loader.compute_defaults_list(config_name, overrides, RunMode.RUN).defaults
+    merged = OmegaConf.create()
+    for default in defaults:
+        loaded = loader._load_single_config(default=default, repo=repo)
+        scheme, _, path = loaded.path.partition("://")
+        source = Path(path).resolve() if scheme == "file" else None
+        if (
+            not default.primary
+            and source is not None
+            and source != packaged.resolve()
+            and isinstance(loaded.config, DictConfig)
+        ):
+            file = source / f"{default.config_path}.yaml"
+            _check_keys_known(loaded.config, merged, file, default.package or "")
+        merged.merge_with(loaded.config)
+
+
+def _check_keys_known(new: DictConfig, merged: DictConfig, file: Path, package: str) -> None:
+    """Raises `UserError` for the first key of `new` that `merged` does not have."""
+    if package and package != "_global_":
+        node = OmegaConf.select(merged, package, default=None)
+        if not isinstance(node, DictConfig):
+            return  # the file defines this node afresh (e.g. a new group option)
+    _compare(new, merged, "", file)
+
+
+def _compare(new: DictConfig, known: DictConfig, prefix: str, file: Path) -> None:
+    if "_target_" in new and prefix:
+        return  # a new object: its keys are its builder's arguments
+    for key in new:
+        key = str(key)
+        if (not prefix and key in ("hydra", "defaults")) or key == "_target_":
+            continue
+        full_key = f"{prefix}{key}"
+        if key not in known:
+            section = prefix.rstrip(".")
+            where = f" under '{section}'" if section else ""
+            names = ", ".join(sorted(str(k) for k in known))
+            raise UserError(
+                f"unknown config key '{full_key}' in {file} (known keys{where}: {names}); "
+                "fix the spelling in that file"
+            )
+        child, old = new._get_node(key), known._get_node(key)
+        if (
+            isinstance(child, DictConfig)
+            and isinstance(old, DictConfig)
+            and not (old._is_none() or old._is_missing() or old._is_interpolation())
+        ):
+            _compare(child, old, f"{full_key}.", file)

@@ -109,6 +109,13 @@ def world(tmp_path_factory, cache_dir) -> World:
     binary = folder_dataset(root / "binary_0_255", {"a": mask * 255, "b": mask * 255})
     assert binary.is_dir()
     (root / "empty_images").mkdir()
+    user_configs = root / "user_configs" / "experiment"
+    user_configs.mkdir(parents=True)
+    (user_configs / "typo.yaml").write_text("# @package _global_\ntrainer:\n  epoch: 3\n")
+    (user_configs / "nested_typo.yaml").write_text(
+        "# @package _global_\ndata:\n  source:\n    num_trian: 3\n"
+    )
+    (user_configs / "broken.yaml").write_text("# @package _global_\ntrainer:\n  epochs: [3\n")
     return World(root, run, photos)
 
 
@@ -169,6 +176,39 @@ CASES: list[tuple[str, Args, list[str]]] = [
         "wrong class count",
         lambda w: ["mode=eval", f"ckpt_path={w.root / 'three_classes.keras'}"],
         ["3 classes", "data.num_classes is 4"],
+    ),
+    # Rules for what can never work: classes, labels and colours that uint8 masks cannot hold.
+    (
+        "duplicate class names",
+        lambda w: ["data.class_names=[bg,bg,square,triangle]"],
+        ["data.class_names", "'bg' twice"],
+    ),
+    ("more classes than uint8", lambda w: ["data.num_classes=300"], ["num_classes=300", "255"]),
+    (
+        "ignore label is a class id",
+        lambda w: ["data.ignore_label=1"],
+        ["data.ignore_label=1", "num_classes=4"],
+    ),
+    (
+        "palette value above 255",
+        lambda w: ["data.palette=[[0,0,0],[300,0,0],[0,1,0],[0,0,1]]"],
+        ["data.palette[1]", "0..255"],
+    ),
+    # User config files (--config-dir): the command line's refusals, naming file and line.
+    (
+        "typo in an experiment file",
+        lambda w: ["--config-dir", str(w.root / "user_configs"), "experiment=typo"],
+        ["trainer.epoch", "typo.yaml", "epochs"],
+    ),
+    (
+        "nested typo in an experiment file",
+        lambda w: ["--config-dir", str(w.root / "user_configs"), "experiment=nested_typo"],
+        ["data.source.num_trian", "nested_typo.yaml", "num_train"],
+    ),
+    (
+        "YAML syntax error in a config file",
+        lambda w: ["--config-dir", str(w.root / "user_configs"), "experiment=broken"],
+        ["broken.yaml:4:1", "YAML", "line 3"],
     ),
     (
         "run dir without checkpoint",
