@@ -14,8 +14,10 @@ log = logging.getLogger(__name__)
 
 BEST_CHECKPOINT = Path("checkpoints") / "best.keras"
 SAVED_CONFIG = Path(".hydra") / "config.yaml"
-# Sections taken from the training run when evaluating or predicting with its checkpoint.
-RUN_SECTIONS = ("data", "model")
+# Sections taken from the training run when evaluating or predicting with its checkpoint: its
+# data and model, and how it was evaluated (eval.mode=resize for the resize-trained recipes,
+# TTA, CRF), so `mode=eval ckpt_path=RUN` reproduces the run's report unless told otherwise.
+RUN_SECTIONS = ("data", "model", "eval", "postprocess")
 
 
 def resolve_checkpoint(ckpt_path: str) -> tuple[Path, Path | None]:
@@ -46,10 +48,11 @@ def _overridden(section: str) -> tuple[bool, list[str]]:
 
 
 def adopt_run_config(cfg: DictConfig, run_dir: Path | None) -> None:
-    """Replaces cfg.data / cfg.model by the training run's, except where the command line set them.
+    """Replaces cfg.data / model / eval / postprocess by the training run's, except where the
+    command line set them.
 
-    A `data=...` choice keeps this command's section whole; `data.key=value` overrides are
-    re-applied on top of the run's section.
+    A `data=...` (or `postprocess=...`) choice keeps this command's section whole;
+    `data.key=value` overrides are re-applied on top of the run's section.
     """
     if run_dir is None:
         return

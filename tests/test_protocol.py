@@ -282,3 +282,19 @@ def test_an_epoch_without_validation_keeps_the_best_checkpoint(tmp_path):
     assert path.read_bytes() == saved
     checkpoint.on_epoch_end(2, {"loss": 0.8, "val_mean_iou": 0.4})  # validated, worse
     assert path.read_bytes() == saved and checkpoint.best == 0.5
+
+
+def test_eval_of_a_run_dir_uses_the_runs_own_eval_protocol(tmp_path):
+    # A run trained on resized whole images was reported with eval.mode=resize and a CRF;
+    # `mode=eval ckpt_path=RUN` must score it the same way unless told otherwise.
+    from seg_train import checkpoints
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    saved = compose_config(["experiment=pets_unet_mobilenetv2", "postprocess=crf"])
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    cfg = compose_config(["mode=eval"])
+    assert cfg.eval.mode == "whole" and cfg.postprocess.get("iterations") is None
+    checkpoints.adopt_run_config(cfg, run)
+    assert cfg.eval.mode == "resize" and list(cfg.eval.crop_size) == [128, 128]
+    assert cfg.postprocess.iterations == 10
