@@ -112,8 +112,10 @@ class SplitEvaluator:
             "postprocess": self.cfg.postprocess.name,
             "resolution": "original",
         }
-        if self.predictor.protocol_change:
+        if self.predictor.resize_change:
             protocol["resolution"] = f"resized to {list(self.predictor.fixed_size)}"
+        if self.predictor.slide_switches:
+            protocol["mode"] = f"{eval_cfg.mode}, slide above eval.max_whole_pixels"
         return protocol
 
 

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from seg_train import checkpoints, runtime
 from seg_train.config_checks import check_config
+from seg_train.data.base import displayed
 from seg_train.data.folder import IMAGE_SUFFIXES
 from seg_train.errors import UserError
 from seg_train.postprocess.crf import CRFRunner, runner_from_config
@@ -44,10 +45,11 @@ def find_images(pattern: str, recursive: bool = False) -> list[Path]:
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """Reads any Pillow-readable image as uint8 RGB (grayscale and RGBA converted)."""
+    """Reads any Pillow-readable image as uint8 RGB (grayscale and RGBA converted), turned as
+    its EXIF orientation says, as training saw it (outputs follow the displayed image)."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(displayed(image, str(path)).convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"cannot read image {path} ({exc}); remove it from infer.input") from exc
 

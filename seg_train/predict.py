@@ -10,7 +10,11 @@ class scores at that size:
   its input size instead: a different protocol, so it is a WARNING and `protocol_change` says
   it (evaluation records it in metrics.json).
 * **slide** mode tiles the (padded) image with `crop_size` windows every `stride` pixels and
-  averages the overlapping logits, as mmsegmentation's slide inference does.
+  averages the overlapping logits, as mmsegmentation's slide inference does. The windows run
+  `batch_size` at a time, so memory does not grow with the image beyond its logits.
+* **whole** mode above `max_whole_pixels` (an image's height x width) would need memory in
+  proportion to the image for every layer's activations, so such images are predicted in slide
+  mode instead: a WARNING and `protocol_change` say so (evaluation records it).
 * **resize** mode resizes the whole image to `crop_size` (bilinear), runs it, and resizes the
   logits back to the image size (bilinear): the protocol of recipes trained on whole images
   resized to a fixed size (`data.transform=resize`, the tutorials), which would otherwise see
@@ -38,6 +42,12 @@ from seg_train.errors import UserError
 log = logging.getLogger(__name__)
 
 MODES = ("whole", "slide", "resize")
+# Whole-mode images above this many pixels are predicted in slide mode. Measured: a whole-mode
+# prediction of a 6000x4000 image with a 0.5M-parameter U-Net peaks at 7.6 GB of RAM (~320
+# bytes per pixel, more for wider networks); 2048x2048 keeps that model near 1.3 GB while
+# Cityscapes-size frames (2048x1024) still run whole.
+MAX_WHOLE_PIXELS = 2048 * 2048
+EVAL_BATCH_SIZE = 4
 FUSIONS = ("mean_prob", "max_logit")
 
 
@@ -93,12 +103,18 @@ class Predictor:
         flip_pairs: [[a, b], ...] classes that swap under a horizontal flip (left/right arm),
             so a mirrored view's scores are mapped back to the right classes.
         size_divisor: whole-mode images are padded to a multiple of this (the network stride).
+        batch_size: Slide windows run through the network this many at a time.
+        max_whole_pixels: Whole-mode images with more pixels (height x width, per TTA view)
+            are predicted in slide mode with `crop_size` windows; 0 or None = no limit.
         pad_value: Image fill of that padding and of slide windows beyond the image: 0 or an
             [r, g, b] colour in 0..255 (`data.pad_value`, e.g. the backbone's mean colour).
 
     Attributes:
-        protocol_change: None, or the line saying that images are resized to a fixed-size
-            model's input size because no size-agnostic twin could be built.
+        protocol_change: None, or the line(s) saying that images are resized to a fixed-size
+            model's input size because no size-agnostic twin could be built, and/or that
+            images above `max_whole_pixels` were predicted in slide mode.
+        resize_change: The first of those lines alone (None when images keep their size).
+        slide_switches: How many views whole mode handed to slide mode.
     """
 
     def __init__(
@@ -113,6 +129,8 @@ class Predictor:
         flip_pairs: Sequence[Sequence[int]] | None = None,
         size_divisor: int = 32,
         pad_value: float | Sequence[float] = 0,
+        batch_size: int = EVAL_BATCH_SIZE,
+        max_whole_pixels: int | None = MAX_WHOLE_PIXELS,
     ):
         if mode not in MODES:
             raise UserError(f"eval.mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -120,6 +138,14 @@ class Predictor:
             raise UserError(f"eval.tta.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         if not scales or any(s <= 0 for s in scales):
             raise UserError(f"eval.tta.scales must be positive numbers, got {list(scales)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"eval.batch_size must be a positive integer (slide windows per "
+                            f"network call), got {batch_size!r}")
+        if max_whole_pixels is not None and (
+            not isinstance(max_whole_pixels, int) or max_whole_pixels < 0
+        ):
+            raise UserError("eval.max_whole_pixels must be a pixel count (e.g. 4194304 for "
+                            f"2048x2048) or 0 for no limit, got {max_whole_pixels!r}")
         self.fixed_size = tuple(model.input_shape[1:3]) if model.input_shape[1] else None
         self.mode = mode
         self.crop_size = tuple(crop_size or self.fixed_size or (512, 512))
@@ -136,13 +162,13 @@ class Predictor:
                 f"{list(self.fixed_size)} for eval.mode={mode}"
             )
         # Resize mode asks for what a fixed-size model would get anyway: no protocol change.
-        self.protocol_change = (
+        self.resize_change = (
             resize_protocol_change(model, reason)
             if self.resize_to_fixed and mode != "resize"
             else None
         )
-        if self.protocol_change:
-            log.warning("Protocol change: %s", self.protocol_change)
+        if self.resize_change:
+            log.warning("Protocol change: %s", self.resize_change)
         self.resize_to = self.crop_size if mode == "resize" else (
             self.fixed_size if self.resize_to_fixed else None
         )
@@ -150,9 +176,26 @@ class Predictor:
         self.flip = flip
         self.fusion = fusion
         self.size_divisor = size_divisor
+        self.batch_size = batch_size
+        self.max_whole_pixels = max_whole_pixels or None
+        self.slide_switches = 0
         self.pad_colour = pad_colour(pad_value)
         self.channel_order = _flip_permutation(model.output_shape[-1], flip_pairs)
         self._net = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+
+    @property
+    def protocol_change(self) -> str | None:
+        """What differs from the configured protocol, in words; None when nothing does."""
+        lines = [self.resize_change] if self.resize_change else []
+        if self.slide_switches:
+            lines.append(self._slide_switch_line())
+        return "; ".join(lines) or None
+
+    def _slide_switch_line(self) -> str:
+        return (f"{self.slide_switches} image view(s) above eval.max_whole_pixels="
+                f"{self.max_whole_pixels} were predicted in slide mode ({list(self.crop_size)} "
+                f"windows every {list(self.stride)} pixels) instead of whole mode, to bound "
+                "memory; raise eval.max_whole_pixels (0 = no limit) to predict them whole")
 
     def sync_weights(self) -> None:
         """Copies the source model's current weights into its dynamic twin (if it has one).
@@ -187,18 +230,39 @@ class Predictor:
         tops = _window_starts(pad_height, crop_h, stride_h)
         lefts = _window_starts(pad_width, crop_w, stride_w)
         windows = [(top, left) for top in tops for left in lefts]
-        crops = tf.stack([padded[t : t + crop_h, x : x + crop_w] for t, x in windows])
-        logits = self._run(crops).numpy()
-        total = np.zeros((pad_height, pad_width, logits.shape[-1]), np.float32)
-        count = np.zeros((pad_height, pad_width, 1), np.float32)
-        for (t, x), window_logits in zip(windows, logits):
-            total[t : t + crop_h, x : x + crop_w] += window_logits
-            count[t : t + crop_h, x : x + crop_w] += 1
+        total = count = None
+        # A batch at a time, so memory holds batch_size windows' activations, not all of them.
+        for start in range(0, len(windows), self.batch_size):
+            batch = windows[start : start + self.batch_size]
+            crops = tf.stack([padded[t : t + crop_h, x : x + crop_w] for t, x in batch])
+            logits = self._run(crops).numpy()
+            if total is None:
+                total = np.zeros((pad_height, pad_width, logits.shape[-1]), np.float32)
+                count = np.zeros((pad_height, pad_width, 1), np.float32)
+            for (t, x), window_logits in zip(batch, logits):
+                total[t : t + crop_h, x : x + crop_w] += window_logits
+                count[t : t + crop_h, x : x + crop_w] += 1
         return tf.constant(total[:height, :width] / count[:height, :width])
+
+    def _too_large_for_whole(self, image: tf.Tensor) -> bool:
+        """True when whole mode would run a view above `max_whole_pixels` at its own size."""
+        pixels = int(image.shape[0]) * int(image.shape[1])
+        return (self.mode == "whole" and self.resize_to is None
+                and self.max_whole_pixels is not None and pixels > self.max_whole_pixels)
 
     def _view(self, image: tf.Tensor) -> tf.Tensor:
         """Logits [H, W, C] for a float32 image [H, W, 3] in the configured mode."""
         if self.mode == "slide":
+            return self._slide(image)
+        if self._too_large_for_whole(image):
+            self.slide_switches += 1
+            if self.slide_switches == 1:
+                log.warning("Protocol change: a %dx%d image is above eval.max_whole_pixels=%d: "
+                            "predicting it (and any other such image) in slide mode with %s "
+                            "windows every %s pixels, to bound memory; raise "
+                            "eval.max_whole_pixels (0 = no limit) to predict it whole",
+                            image.shape[1], image.shape[0], self.max_whole_pixels,
+                            list(self.crop_size), list(self.stride))
             return self._slide(image)
         return self._run(image[None])[0]
 
@@ -268,4 +332,6 @@ def predictor_from_config(model: keras.Model, cfg) -> Predictor:
         flip_pairs=cfg.data.get("flip_pairs"),
         size_divisor=options.size_divisor,
         pad_value=cfg.data.get("pad_value", 0),
+        batch_size=options.get("batch_size", EVAL_BATCH_SIZE),
+        max_whole_pixels=options.get("max_whole_pixels", MAX_WHOLE_PIXELS),
     )

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageOps
 
 from seg_train.errors import UserError
 
@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 
 IGNORE_LABEL = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+MASK_SUFFIXES = (".png",)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The EXIF orientation tag (0x0112): 1 = stored as displayed; 2..8 = mirrored and/or rotated.
+EXIF_ORIENTATION = 0x0112
+_ROTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped vertically", 5: "transposed",
+              6: "rotated 90° clockwise", 7: "transversed", 8: "rotated 90° anticlockwise"}
+_warned_orientation: set[str] = set()
 ON_ERROR_CHOICES = ("raise", "skip")
 # Pillow's complaints about a broken file: unreadable/truncated data (OSError, including
 # UnidentifiedImageError), bad headers (SyntaxError, ValueError), absurd sizes.
@@ -86,8 +93,42 @@ def _open(source: str | bytes | Path, name: str | None = None) -> Image.Image:
     return Image.open(source.decode() if isinstance(source, bytes) else source)
 
 
+def orientation_of(image: Image.Image) -> int:
+    """The EXIF orientation tag of an open image: 1 (as stored) when absent or invalid."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except PIL_ERRORS:
+        return 1
+    return value if value in _ROTATIONS else 1
+
+
+def file_orientation(path: str | Path) -> int:
+    """The EXIF orientation tag of an image file (1 when absent or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            return orientation_of(image)
+    except PIL_ERRORS:
+        return 1
+
+
+def displayed(image: Image.Image, label: str) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation applied, with a WARNING (once per file).
+
+    Training, evaluation and inference all see images this way, so a photo taken sideways is
+    learnt and predicted upright, and its mask must match the displayed size.
+    """
+    orientation = orientation_of(image)
+    if orientation == 1:
+        return image
+    if label not in _warned_orientation:
+        _warned_orientation.add(label)
+        log.warning("%s: EXIF orientation %d: using the image %s, as viewers show it (its mask "
+                    "must match that orientation)", label, orientation, _ROTATIONS[orientation])
+    return ImageOps.exif_transpose(image)
+
+
 def read_image(source: str | bytes | Path, name: str | None = None) -> np.ndarray:
-    """Reads an image file (or encoded bytes) as uint8 RGB [H, W, 3].
+    """Reads an image file (or encoded bytes) as uint8 RGB [H, W, 3], EXIF orientation applied.
 
     Grey, palette, CMYK and RGBA images are converted, as the Oxford-IIIT Pet release holds a
     few of each under `.jpg` names.
@@ -98,7 +139,7 @@ def read_image(source: str | bytes | Path, name: str | None = None) -> np.ndarra
     label = name or (source.decode() if isinstance(source, bytes) else str(source))
     try:
         with _open(source, name) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(displayed(image, label).convert("RGB"))
     except FileNotFoundError:
         raise DataError(label, "image file is missing") from None
     except PIL_ERRORS as exc:
@@ -114,6 +155,12 @@ def read_mask(source: str | bytes | Path, name: str | None = None) -> np.ndarray
     label = name or (source.decode() if isinstance(source, bytes) else str(source))
     try:
         with _open(source, name) as mask:
+            if mask.format != "PNG":
+                # JPEG's lossy compression changes label values at every edge (even creating
+                # ids of no class), so a mask must be a PNG whatever its name says.
+                raise DataError(label, f"mask is a {mask.format or 'non-PNG'} file, not a PNG "
+                                "(no PNG signature); lossy formats change class ids: save "
+                                "it as an 8-bit grey or palette PNG from the original labels")
             if mask.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
                 raise DataError(label, f"mask is an {mask.mode} colour image, not class ids; save "
                                 "one 8-bit grey or palette PNG whose pixel values are the ids")
@@ -132,12 +179,16 @@ def label_counts(mask: np.ndarray) -> np.ndarray:
     return np.bincount(mask.ravel(), minlength=256)
 
 
-def read_id_list(path: Path, what: str) -> list[str]:
-    """Reads a split file: the first token of each line, skipping blanks and `#` comments.
+def read_id_list(path: Path, what: str, whole_line: bool = False) -> list[str]:
+    """Reads a split file: one id per line, skipping blanks and `#` comments.
+
+    A UTF-8 byte-order mark (Windows editors write one) is not part of the first id.
 
     Args:
         path: The split file.
         what: How to name the split in messages, e.g. "split 'train'".
+        whole_line: The id is the whole (stripped) line, spaces included; otherwise its
+            first word (release lists with more columns).
 
     Raises:
         UserError: if the file is missing or lists nothing.
@@ -146,13 +197,53 @@ def read_id_list(path: Path, what: str) -> list[str]:
         raise UserError(f"split file {path} for {what} is missing; restore it from the dataset "
                         "release (one id per line)")
     ids = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            ids.append(line.split()[0])
+            ids.append(line if whole_line else line.split()[0])
     if not ids:
         raise UserError(f"split file {path} for {what} lists no ids; add one id per line")
     return ids
+
+
+def missing_file_hint(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
+    """Why no `folder/<stem><suffix>` exists when a near match does, as '; <hint>', else ''.
+
+    Catches the usual slips of hand-made split files: a suffix in the listed id, a case
+    mismatch (file systems that tell case apart), a file in an unsupported format, and spaces.
+    """
+    names = _folder_names(folder)
+    stem_path = Path(stem)
+    if stem_path.suffix.lower() in (*IMAGE_SUFFIXES, *MASK_SUFFIXES, ".webp", ".tif", ".tiff"):
+        return (f"; '{stem}' is listed with its suffix: list the stem "
+                f"'{stem_path.stem}' instead")
+    wanted = {f"{stem}{suffix}".lower() for suffix in suffixes}
+    cased = sorted(n for n in names if n.lower() in wanted)
+    if cased:
+        return (f"; {folder / cased[0]} differs only in letter case from '{stem}' (file names "
+                f"are case-sensitive): list '{Path(cased[0]).stem}' or rename the file")
+    other = sorted(n for n in names if Path(n).stem == stem)
+    if other:
+        return (f"; {folder / other[0]} has the unsupported suffix {Path(other[0]).suffix} "
+                f"(supported: {', '.join(suffixes)}): convert it")
+    if any(c.isspace() for c in stem):
+        return f"; the listed stem '{stem}' holds spaces: check the line in the split file"
+    if not stem.isprintable():
+        return f"; the listed stem {stem!r} holds invisible characters: retype that line"
+    return ""
+
+
+_FOLDER_NAMES: dict[Path, list[str]] = {}
+
+
+def _folder_names(folder: Path) -> list[str]:
+    """The file names in a folder, listed once per process (only asked when files are missing)."""
+    if folder not in _FOLDER_NAMES:
+        try:
+            _FOLDER_NAMES[folder] = [p.name for p in folder.iterdir()]
+        except OSError:
+            _FOLDER_NAMES[folder] = []
+    return _FOLDER_NAMES[folder]
 
 
 def pair_ids(ids: Iterable[str], listed_in: str, image_dir: Path, mask_dir: Path
@@ -173,9 +264,11 @@ def pair_ids(ids: Iterable[str], listed_in: str, image_dir: Path, mask_dir: Path
         image = image_dir / f"{image_id}.jpg"
         mask = mask_dir / f"{image_id}.png"
         if not image.is_file():
-            problems.append(DataError(image, f"missing ({listed_in})"))
+            hint = missing_file_hint(image_dir, image_id, (".jpg",))
+            problems.append(DataError(image, f"missing ({listed_in}){hint}"))
         elif not mask.is_file():
-            problems.append(DataError(mask, f"missing ({listed_in})"))
+            hint = missing_file_hint(mask_dir, image_id, MASK_SUFFIXES)
+            problems.append(DataError(mask, f"missing ({listed_in}){hint}"))
         else:
             examples.append(Example(str(image), str(mask)))
     return examples, problems
@@ -314,8 +407,9 @@ class Source:
         if pair.mask.shape != pair.image.shape[:2]:
             (mh, mw), (ih, iw) = pair.mask.shape, pair.image.shape[:2]
             found.append(DataError(pair.mask_file, f"mask is {mw}x{mh} but its image "
-                                   f"{pair.image_file} is {iw}x{ih}; masks must match their "
-                                   "images"))
+                                   f"{pair.image_file} is {iw}x{ih}"
+                                   f"{_orientation_cause(pair.image_file)}; masks must match "
+                                   "their images"))
         if self.num_classes is not None:
             present = np.flatnonzero(label_counts(pair.mask))
             bad = [int(v) for v in present if v >= self.num_classes and v != self.ignore_label]
@@ -421,3 +515,15 @@ class FileSource(Source):
 def _short_list(values: Sequence[int], limit: int = 8) -> str:
     shown = ", ".join(str(v) for v in values[:limit])
     return shown + (f", ... ({len(values)} values)" if len(values) > limit else "")
+
+
+def _orientation_cause(image_file: str) -> str:
+    """' as displayed (...)' when the image's EXIF orientation explains a size mismatch."""
+    if not Path(image_file).is_file():
+        return ""
+    orientation = file_orientation(image_file)
+    if orientation == 1:
+        return ""
+    return (f" as displayed (its EXIF orientation {orientation}: {_ROTATIONS[orientation]}, "
+            "which training, evaluation and inference apply); rotate the mask the same way, or "
+            "remove the tag if the mask was drawn on the stored pixels (exiftool -Orientation=)")

@@ -3,7 +3,9 @@
     root/
       images/<stem>.jpg|.jpeg|.png|.bmp   RGB (grayscale / RGBA are converted)
       masks/<stem>.png                    class ids, 255 = ignore (8-bit grey or palette PNG)
-      splits/train.txt, splits/val.txt   one <stem> per line
+      splits/train.txt, splits/val.txt   one <stem> per line (the whole line: spaces allowed)
+
+Images in other formats (.webp, .tif) and masks in any format but PNG are refused by name.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from pathlib import Path
 from seg_train.data.base import (
     IGNORE_LABEL,
     IMAGE_SUFFIXES,
+    MASK_SUFFIXES,
     DataError,
     Example,
     FileSource,
+    missing_file_hint,
     read_id_list,
     read_mask,
 )
@@ -60,14 +64,17 @@ class FolderSource(FileSource):
             raise UserError(f"split file {split_file} is missing; write one image stem per line "
                             f"for the '{split}' split")
         examples, problems = [], []
-        for stem in read_id_list(split_file, f"split '{split}'"):
+        images, masks = self.root / "images", self.root / "masks"
+        for stem in read_id_list(split_file, f"split '{split}'", whole_line=True):
             image = self._find_image(stem)
-            mask = self.root / "masks" / f"{stem}.png"
+            mask = masks / f"{stem}.png"
             if image is None:
-                problems.append(DataError(self.root / "images" / f"{stem}.*", "no image for stem "
-                                          f"'{stem}' listed in {split_file}"))
+                hint = missing_file_hint(images, stem, IMAGE_SUFFIXES)
+                problems.append(DataError(images / f"{stem}.*", f"no image for stem '{stem}' "
+                                          f"listed in {split_file}{hint}"))
             elif not mask.is_file():
-                problems.append(DataError(mask, f"no mask for image {image}"))
+                hint = missing_file_hint(masks, stem, MASK_SUFFIXES)
+                problems.append(DataError(mask, f"no mask for image {image}{hint}"))
             else:
                 examples.append(Example(str(image), str(mask)))
         return examples, problems

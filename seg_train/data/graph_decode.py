@@ -38,6 +38,13 @@ _GREY, _PALETTE = 0, 3
 # Palette PNGs written by common tools put PLTE within the first few chunks after IHDR;
 # a file that does not is decoded by Pillow.
 _MAX_CHUNKS_BEFORE_PLTE = 16
+# A JPEG's EXIF: an APP1 segment holding "Exif\0\0" then a TIFF header and IFD0, whose entries
+# (12 bytes: tag, type, count, value) may hold the orientation tag. Camera files put APP1 first
+# or after JFIF's APP0; IFD0 rarely holds more than a dozen entries.
+EXIF_HEADER = b"Exif\x00\x00"
+EXIF_ORIENTATION_TAG = 0x0112
+_MAX_SEGMENTS_BEFORE_EXIF = 16
+_MAX_IFD_ENTRIES = 64
 
 
 def _ramp_palette_chunk() -> bytes:
@@ -54,9 +61,11 @@ def _tail(contents: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def is_plain_jpeg(contents: tf.Tensor) -> tf.Tensor:
-    """True for a JPEG that starts with SOI and ends with EOI (truncated files do not)."""
-    return tf.logical_and(tf.equal(tf.strings.substr(contents, 0, 3), JPEG_START),
-                          tf.equal(_tail(contents, 2), JPEG_END))
+    """True for a JPEG that starts with SOI and ends with EOI (truncated files do not) and is
+    stored as displayed (no EXIF orientation other than 1, which only Pillow applies)."""
+    complete = tf.logical_and(tf.equal(tf.strings.substr(contents, 0, 3), JPEG_START),
+                              tf.equal(_tail(contents, 2), JPEG_END))
+    return tf.logical_and(complete, tf.equal(jpeg_orientation(contents), 1))
 
 
 def _bytes_at(contents: tf.Tensor, offset, size: int) -> tf.Tensor:
@@ -64,6 +73,57 @@ def _bytes_at(contents: tf.Tensor, offset, size: int) -> tf.Tensor:
     padded = tf.strings.substr(tf.strings.join([contents, b"\0" * size]),
                                tf.minimum(offset, tf.strings.length(contents)), size)
     return tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int32)
+
+
+def _find_exif(contents: tf.Tensor) -> tf.Tensor:
+    """Offset of the JPEG's first APP1 "Exif" segment, or -1 (markers before the scan only)."""
+    length = tf.strings.length(contents)
+
+    def keep_looking(step, offset, found):
+        marker = _bytes_at(contents, offset, 2)
+        # 0xDA starts the scan: no metadata segment comes after it.
+        is_segment = tf.logical_and(tf.equal(marker[0], 0xFF), tf.not_equal(marker[1], 0xDA))
+        return tf.logical_and(tf.logical_and(step < _MAX_SEGMENTS_BEFORE_EXIF, found < 0),
+                              tf.logical_and(offset + 4 <= length, is_segment))
+
+    def next_segment(step, offset, found):
+        header = _bytes_at(contents, offset, 10)
+        is_exif = tf.logical_and(tf.equal(header[1], 0xE1),
+                                 tf.reduce_all(tf.equal(header[4:], list(EXIF_HEADER))))
+        return (step + 1, offset + 2 + header[2] * 256 + header[3],
+                tf.where(is_exif, offset, found))
+
+    _, _, found = tf.while_loop(keep_looking, next_segment,
+                                (tf.constant(0), tf.constant(2), tf.constant(-1)))
+    return found
+
+
+def jpeg_orientation(contents: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation tag of a JPEG as Pillow reads it: int32, 1 when absent or invalid.
+
+    Reads IFD0 of the first APP1 Exif segment in either byte order; a file whose IFD0 holds
+    more entries than are looked at gives 0 (doubtful: not 1, so Pillow decides).
+    """
+    exif = _find_exif(contents)
+    tiff = exif + 10
+    order = _bytes_at(contents, tiff, 8)
+    little = tf.logical_and(tf.equal(order[0], ord("I")), tf.equal(order[1], ord("I")))
+
+    def number(b):  # unsigned integer of the bytes on the last axis, in the file's byte order
+        weights = 256 ** tf.range(tf.shape(b)[-1])
+        return tf.reduce_sum(b * tf.where(little, weights, tf.reverse(weights, [0])), axis=-1)
+
+    ifd = tf.maximum(tiff + number(order[4:8]), 0)  # int32 wraps for absurd offsets
+    count = number(_bytes_at(contents, ifd, 2))
+    entries = tf.reshape(_bytes_at(contents, ifd + 2, 12 * _MAX_IFD_ENTRIES),
+                         [_MAX_IFD_ENTRIES, 12])
+    is_tag = tf.logical_and(tf.range(_MAX_IFD_ENTRIES) < count,
+                            tf.equal(number(entries[:, :2]), EXIF_ORIENTATION_TAG))
+    value = tf.reduce_max(tf.where(is_tag, number(entries[:, 8:10]), 0))
+    valid = tf.logical_and(tf.reduce_any(is_tag), tf.logical_and(value >= 1, value <= 8))
+    orientation = tf.where(valid, value, 1)
+    doubtful = tf.logical_and(count > _MAX_IFD_ENTRIES, tf.logical_not(tf.reduce_any(is_tag)))
+    return tf.where(exif < 0, 1, tf.where(doubtful, 0, orientation))
 
 
 def _find_palette(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
