@@ -352,7 +352,9 @@ def run(cfg: DictConfig) -> float | None:
     predictor = Predictor(model, mode="resize" if resize else "whole",
                           crop_size=cfg.eval.crop_size if resize else None,
                           size_divisor=cfg.eval.size_divisor,
-                          pad_value=cfg.data.get("pad_value", 0))
+                          pad_value=cfg.data.get("pad_value", 0),
+                          # The export runs every image whole: compare like with like.
+                          max_whole_pixels=None)
     fmt = options.format
     # TFLite needs a static input; a size-agnostic model gets the training crop size.
     input_size = (predictor.fixed_size or tuple(cfg.data.crop_size)) if fmt == "tflite" else None

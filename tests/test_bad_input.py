@@ -116,7 +116,27 @@ def world(tmp_path_factory, cache_dir) -> World:
         "# @package _global_\ndata:\n  source:\n    num_trian: 3\n"
     )
     (user_configs / "broken.yaml").write_text("# @package _global_\ntrainer:\n  epochs: [3\n")
+    lying_data(root, mask)
     return World(root, run, photos)
+
+
+def lying_data(root: Path, mask: np.ndarray) -> None:
+    """Datasets whose files say one thing and are another (issue 19, item 6)."""
+    jpeg_masks = folder_dataset(root / "jpeg_mask", {"a": mask, "b": mask})
+    Image.fromarray(mask).save(jpeg_masks / "masks" / "b.png", format="JPEG")
+    suffixed = folder_dataset(root / "suffix_in_split", {"a": mask, "b": mask})
+    (suffixed / "splits" / "train.txt").write_text("a.png\nb.png\n")
+    webp = folder_dataset(root / "webp_image", {"a": mask, "b": mask})
+    (webp / "images" / "b.png").rename(webp / "images" / "b.webp")
+    turned = folder_dataset(
+        root / "exif_turned", {"a": good_mask((32, 48)), "b": mask}, size=(32, 48)
+    )
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees: 32x48 displayed, the mask is 48x32
+    Image.fromarray(np.full((32, 48, 3), 90, np.uint8)).save(
+        turned / "images" / "a.jpg", exif=exif.tobytes()
+    )
+    (turned / "images" / "a.png").unlink()
 
 
 Args = Callable[[World], list[str]]
@@ -295,6 +315,32 @@ CASES: list[tuple[str, Args, list[str]]] = [
     ("labels out of range", lambda w: [*FOLDER, f"data.root={w.root / 'out_of_range'}"], ["7"]),
     ("RGB colour mask", lambda w: [*FOLDER, f"data.root={w.root / 'rgb_mask'}"], ["b.png"]),
     ("0/255 binary mask", lambda w: [*FOLDER, f"data.root={w.root / 'binary_0_255'}"], ["255"]),
+    # --- data that lies (file contents, split files) and large-image settings -----------------
+    (
+        "JPEG mask named .png",
+        lambda w: [*FOLDER, f"data.root={w.root / 'jpeg_mask'}"],
+        ["masks/b.png", "JPEG"],
+    ),
+    (
+        "suffix in split file",
+        lambda w: [*FOLDER, f"data.root={w.root / 'suffix_in_split'}"],
+        ["'a.png' is listed with its suffix", "'a'"],
+    ),
+    (
+        "unsupported image suffix",
+        lambda w: [*FOLDER, f"data.root={w.root / 'webp_image'}"],
+        ["b.webp", ".jpg, .jpeg, .png, .bmp"],
+    ),
+    (
+        "EXIF-turned photo",
+        lambda w: [*FOLDER, f"data.root={w.root / 'exif_turned'}"],
+        ["masks/a.png", "EXIF orientation 6"],
+    ),
+    (
+        "slide batch of zero",
+        lambda w: ["mode=eval", f"ckpt_path={w.run}", "eval.batch_size=0"],
+        ["eval.batch_size"],
+    ),
 ]
 
 
