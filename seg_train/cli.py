@@ -28,7 +28,7 @@ from omegaconf.errors import (
 
 from seg_train import preemption, run_lock
 from seg_train.errors import Preempted, UserError
-from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir
+from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir, is_no_space
 
 # The configs live beside the package in a source checkout (the README installs it editable);
 # SEG_TRAIN_CONFIG_DIR points elsewhere, e.g. for a copy of the configs you edit.
@@ -111,8 +111,9 @@ def main() -> None:
     except Preempted as exc:
         print(f"seg-train: {exc}", file=sys.stderr)
         sys.exit(Preempted.exit_code)
-    except KeyboardInterrupt:
-        print("seg-train: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C outside training (eval, infer, start-up)
+        detail = f": {exc}" if str(exc) else ""  # e.g. how to continue an interrupted infer
+        print(f"seg-train: interrupted{detail}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except yaml.YAMLError as exc:  # a user config file that is not valid YAML
         _exit_with_one_line(UserError(describe_yaml_error(exc)))
@@ -304,7 +305,12 @@ def _exit_with_one_line(exc: BaseException) -> None:
 
 def _is_unexpected_os_error(exc: BaseException) -> bool:
     """An OSError that is not about a path (Hydra's config errors are OSErrors too)."""
-    return isinstance(exc, OSError) and not isinstance(exc, HydraException) and not exc.filename
+    return (
+        isinstance(exc, OSError)
+        and not isinstance(exc, HydraException)
+        and not exc.filename
+        and not is_no_space(exc)  # a full disk: one line (describe_error), not a traceback
+    )
 
 
 def describe_error(exc: BaseException) -> str:
@@ -328,6 +334,12 @@ def describe_error(exc: BaseException) -> str:
         )
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return f"config key '{cause.full_key}': {first_line}"
+    if is_no_space(exc):  # a write site without its own DiskFull check (e.g. a CSV row)
+        where = exc.filename or "a file of the run dir"
+        return (
+            f"cannot write {where}: {os.strerror(exc.errno)}; free some space or choose "
+            "another location (hydra.run.dir, infer.output_dir), then run again"
+        )
     if isinstance(exc, OSError) and exc.filename:  # e.g. a run dir that cannot be written
         return (
             f"cannot use {exc.filename}: {exc.strerror}; choose a writable location "

@@ -126,6 +126,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "trainer.steps_per_execution": positive_int,
     "eval.num_samples": lambda k, v: v == 0 or positive_int(k, v),
     "infer.overwrite": boolean,
+    "infer.resume": boolean,
     "infer.recursive": boolean,
     "trainer.deterministic": boolean,
     "trainer.backups": boolean,

@@ -220,7 +220,14 @@ def run(cfg: DictConfig) -> float | None:
     check_config(cfg)
     runtime.seed_everything(cfg.seed)
     model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
-    report = evaluate_model(model, cfg, cfg.eval.split, out_dir, checkpoint)
+    try:
+        report = evaluate_model(model, cfg, cfg.eval.split, out_dir, checkpoint)
+    except KeyboardInterrupt:
+        # metrics.json is written once, after the last image: nothing partial to clean up.
+        raise KeyboardInterrupt(
+            f"mode=eval stopped before the end of split {cfg.eval.split}; no metrics were "
+            f"written to {out_dir}; run the command again to evaluate"
+        ) from None
     log.info(
         "mIoU %.4f on %s (%d images); report in %s",
         report["mean_iou"] or 0.0,

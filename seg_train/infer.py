@@ -19,6 +19,7 @@ from seg_train.config_checks import check_config
 from seg_train.data.base import displayed
 from seg_train.data.folder import IMAGE_SUFFIXES
 from seg_train.errors import UserError
+from seg_train.io_utils import write_atomic
 from seg_train.postprocess.crf import CRFRunner, runner_from_config
 from seg_train.predict import Predictor, predictor_from_config
 from seg_train.viz import full_palette, overlay, save_id_png
@@ -54,14 +55,27 @@ def load_rgb(path: Path) -> np.ndarray:
         raise UserError(f"cannot read image {path} ({exc}); remove it from infer.input") from exc
 
 
+Outputs = tuple[Path, Path, Path | None]
+
+
 def plan_outputs(
-    images: list[Path], out_dir: Path, overwrite: bool, with_probs: bool = False
-) -> list[tuple[Path, Path, Path | None]]:
+    images: list[Path],
+    out_dir: Path,
+    overwrite: bool,
+    with_probs: bool = False,
+    resume: bool = False,
+) -> list[Outputs]:
     """Returns (mask PNG, overlay JPEG, probabilities .npy or None) paths per image.
 
-    Refuses name clashes, writing into an input directory and (unless `overwrite`) replacing
-    existing files, before anything is written.
+    Refuses name clashes, writing into an input directory and (unless `overwrite` or `resume`)
+    replacing existing files, before anything is written. With `resume`, existing outputs are
+    an interrupted run's finished work: `pending` tells which images still need predicting.
     """
+    if resume and overwrite:
+        raise UserError(
+            "infer.resume=true keeps finished outputs and infer.overwrite=true replaces them; "
+            "pass only one of them"
+        )
     stems = [p.stem for p in images]
     clashes = sorted({s for s in stems if stems.count(s) > 1})
     if clashes:
@@ -89,14 +103,71 @@ def plan_outputs(
             f"infer.output_dir {out_dir} cannot be created or written ({blocker} is "
             "not a writable directory); choose another infer.output_dir"
         )
-    if not overwrite:
+    if not (overwrite or resume):
         existing = [p for paths in outputs for p in paths if p is not None and p.exists()]
         if existing:
             raise UserError(
                 f"{existing[0]} already exists ({len(existing)} outputs would be "
-                "replaced); pass infer.overwrite=true or another infer.output_dir"
+                "replaced); pass infer.resume=true to continue an interrupted run, "
+                "infer.overwrite=true to replace them, or another infer.output_dir"
             )
     return outputs
+
+
+def pending(images: list[Path], outputs: list[Outputs]) -> list[tuple[Path, Outputs]]:
+    """The images whose outputs are not all there (outputs appear whole, by renames)."""
+    return [
+        (image, paths)
+        for image, paths in zip(images, outputs)
+        if not all(p.is_file() for p in paths if p is not None)
+    ]
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Removes the half-written outputs of killed infer processes (`.tmp-PID-NAME` files)."""
+    for path in out_dir.glob(".tmp-*-*"):
+        pid = path.name.split("-")[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            log.info("Removed %s, left half-written by an interrupted run", path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_outputs(
+    paths: Outputs,
+    image: np.ndarray,
+    ids: np.ndarray,
+    probs: np.ndarray | None,
+    palette: np.ndarray,
+    alpha: float,
+) -> None:
+    """Writes one image's outputs under temporary names, then renames them into place.
+
+    The mask PNG is renamed last: a run interrupted (or out of disk space) at any moment never
+    leaves a partial file under an output's name, and `infer.resume` counts an image as done
+    only when all its outputs are there.
+    """
+    mask_png, overlay_jpg, probs_npy = paths
+    writers = [
+        (
+            overlay_jpg,
+            lambda f: Image.fromarray(overlay(image, ids, palette, alpha)).save(f, quality=90),
+        ),
+        (mask_png, lambda f: save_id_png(f, ids, palette)),
+    ]
+    if probs_npy is not None:
+        writers.insert(0, (probs_npy, lambda f: np.save(f, probs.astype(np.float16))))
+    for final, write in writers:
+        write_atomic(final, write)
 
 
 def predictions(
@@ -124,11 +195,23 @@ def run(cfg: DictConfig) -> None:
     check_config(cfg)
     images = find_images(str(cfg.infer.input), cfg.infer.recursive)
     out_dir = Path(cfg.infer.output_dir or Path(cfg.paths.output_dir) / "predictions")
-    outputs = plan_outputs(images, out_dir, cfg.infer.overwrite, cfg.infer.save_probs)
+    resume = bool(cfg.infer.get("resume", False))
+    outputs = plan_outputs(images, out_dir, cfg.infer.overwrite, cfg.infer.save_probs, resume)
+    if out_dir.is_dir():
+        remove_stale_temporaries(out_dir)
+    todo = pending(images, outputs)
+    if resume:
+        log.info(
+            "infer.resume: %d of %d images already have their outputs in %s; predicting %d",
+            len(images) - len(todo),
+            len(images),
+            out_dir,
+            len(todo),
+        )
     runtime.seed_everything(cfg.seed)
     model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
     stream = predictions(
-        images,
+        [image for image, _ in todo],
         predictor_from_config(model, cfg),
         runner_from_config(cfg.postprocess),
         cfg.infer.save_probs,
@@ -136,6 +219,21 @@ def run(cfg: DictConfig) -> None:
     palette = full_palette(cfg.data.palette)
     pixel_counts = np.zeros(cfg.data.num_classes, dtype=np.int64)
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_all(stream, [paths for _, paths in todo], palette, pixel_counts, cfg)
+    except KeyboardInterrupt:
+        done = len(images) - len(pending(images, outputs))
+        raise KeyboardInterrupt(
+            f"mode=infer stopped after {done} of {len(images)} images (outputs in {out_dir}, "
+            "each one whole); continue with the same command plus infer.resume=true "
+            f"infer.output_dir={out_dir}"
+        ) from None
+    _print_class_shares(cfg.data.class_names, pixel_counts)
+    log.info("Wrote %d predictions to %s", len(todo), out_dir)
+
+
+def _write_all(stream, outputs: list[Outputs], palette, pixel_counts, cfg: DictConfig) -> None:
+    """Writes each prediction of `stream` to its outputs, with a progress bar."""
     columns = (
         TextColumn("Predicting"),
         BarColumn(),
@@ -144,19 +242,13 @@ def run(cfg: DictConfig) -> None:
         TextColumn("{task.fields[rate]}"),
     )
     with Progress(*columns) as progress:
-        task = progress.add_task("infer", total=len(images), rate="")
-        for (image, ids, probs), (mask_png, overlay_jpg, probs_npy) in zip(stream, outputs):
-            save_id_png(mask_png, ids, palette)
-            blended = overlay(image, ids, palette, cfg.infer.overlay_alpha)
-            Image.fromarray(blended).save(overlay_jpg, quality=90)
-            if probs_npy is not None:
-                np.save(probs_npy, probs.astype(np.float16))
+        task = progress.add_task("infer", total=len(outputs), rate="")
+        for (image, ids, probs), paths in zip(stream, outputs):
+            write_outputs(paths, image, ids, probs, palette, cfg.infer.overlay_alpha)
             pixel_counts += np.bincount(ids.ravel(), minlength=cfg.data.num_classes)
             progress.advance(task)
             speed = progress.tasks[0].speed
             progress.update(task, rate=f"{speed:.1f} images/s" if speed else "")
-    _print_class_shares(cfg.data.class_names, pixel_counts)
-    log.info("Wrote %d predictions to %s", len(images), out_dir)
 
 
 def _print_class_shares(class_names, pixel_counts: np.ndarray) -> None:

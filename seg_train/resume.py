@@ -30,8 +30,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from seg_train.errors import Preempted, UserError
+from seg_train.io_utils import ensure_free_space, no_partial_files
 from seg_train.preemption import resume_hint
 
 log = logging.getLogger(__name__)
@@ -131,13 +133,43 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
+def variables_bytes(model: keras.Model, with_optimizer: bool = True) -> int:
+    """Bytes of the model's variables (and its optimizer's): what a weights file holds."""
+    variables = list(model.weights)
+    optimizer = getattr(model, "optimizer", None)
+    if with_optimizer and optimizer is not None:
+        variables += list(optimizer.variables)
+    return sum(
+        math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+        for v in variables
+    )
+
+
+def _expected_backup_bytes(run_dir: Path, model: keras.Model) -> int:
+    """The size a new backup will have: the last one's, or the variables' when there is none."""
+    sizes = [
+        (run_dir / name / WEIGHTS).stat().st_size
+        for name in (BACKUP, PREVIOUS)
+        if (run_dir / name / WEIGHTS).is_file()
+    ]
+    return max([variables_bytes(model), *sizes])
+
+
 def write_backup(run_dir: Path, model: keras.Model, state: TrainingState) -> None:
-    """Writes a backup next to the current one, then swaps it into place by renames."""
+    """Writes a backup next to the current one, then swaps it into place by renames.
+
+    The free space is checked first against the expected size (the last backup's): h5py,
+    out of space mid-write, raises and then crashes the process, so a full disk stops the
+    run with `DiskFull` (one line, exit 2) before the write, keeping the last good backup.
+    """
     staging = run_dir / f".{BACKUP}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_weights(staging / WEIGHTS)
-    (staging / STATE).write_text(json.dumps(asdict(state)))
+    kept = "the last good backup was kept" if load_state(run_dir) else ""
+    ensure_free_space(staging, _expected_backup_bytes(run_dir, model), kept)
+    with no_partial_files(staging / WEIGHTS, staging, kept=kept):
+        staging.mkdir(parents=True)
+        model.save_weights(staging / WEIGHTS)
+        (staging / STATE).write_text(json.dumps(asdict(state)))
     current, previous = run_dir / BACKUP, run_dir / PREVIOUS
     if current.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -155,8 +187,9 @@ def mark_finished(run_dir: Path) -> None:
     state.finished = True
     path = run_dir / BACKUP / STATE
     tmp = path.with_name(f".{STATE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(state)))
-    os.replace(tmp, path)
+    with no_partial_files(path, tmp):
+        tmp.write_text(json.dumps(asdict(state)))
+        os.replace(tmp, path)
 
 
 class BackupCallback(keras.callbacks.Callback):
@@ -333,13 +366,19 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         fitted = self._model
         if self.model_to_save is not None:
             self._model = self.model_to_save  # Keras' _save_model saves self.model
+        kept = "the previous checkpoint was kept" if final.exists() else ""
         try:
-            super()._save_model(epoch, batch, logs)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+            # h5py crashes the process after an out-of-space error: check before writing.
+            ensure_free_space(temporary, self._expected_bytes(final), kept)
+            with no_partial_files(final, temporary, kept=kept):
+                super()._save_model(epoch, batch, logs)
         finally:
             self.filepath = template
             self._model = fitted
         if temporary.exists():
             os.replace(temporary, final)
+
+    def _expected_bytes(self, final: Path) -> int:
+        """The checkpoint's expected size: the previous one's, or the variables' bytes."""
+        estimate = variables_bytes(self.model, with_optimizer=not self.save_weights_only)
+        return max(estimate, final.stat().st_size if final.is_file() else 0)
