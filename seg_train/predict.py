@@ -45,7 +45,9 @@ MODES = ("whole", "slide", "resize")
 # Whole-mode images above this many pixels are predicted in slide mode. Measured: a whole-mode
 # prediction of a 6000x4000 image with a 0.5M-parameter U-Net peaks at 7.6 GB of RAM (~320
 # bytes per pixel, more for wider networks); 2048x2048 keeps that model near 1.3 GB while
-# Cityscapes-size frames (2048x1024) still run whole.
+# Cityscapes-size frames (2048x1024) still run whole. Measured again on 2 CPUs, `mode=infer` of
+# one 3000x2000 image with a `model.base_filters=8` U-Net peaks at 2.45 GB whole and 1.39 GB
+# switched to 512x512 windows (the process alone, TensorFlow loaded, is most of the latter).
 MAX_WHOLE_PIXELS = 2048 * 2048
 EVAL_BATCH_SIZE = 4
 FUSIONS = ("mean_prob", "max_logit")
