@@ -47,7 +47,7 @@ MODES = ("whole", "slide", "resize")
 # bytes per pixel, more for wider networks); 2048x2048 keeps that model near 1.3 GB while
 # Cityscapes-size frames (2048x1024) still run whole. Measured again on 2 CPUs, `mode=infer` of
 # one 3000x2000 image with a `model.base_filters=8` U-Net peaks at 2.45 GB whole and 1.39 GB
-# switched to 512x512 windows (the process alone, TensorFlow loaded, is most of the latter).
+# switched to 512x512 windows (0.77 GB for a 64x64 image: the process with TensorFlow loaded).
 MAX_WHOLE_PIXELS = 2048 * 2048
 EVAL_BATCH_SIZE = 4
 FUSIONS = ("mean_prob", "max_logit")
