@@ -3,6 +3,7 @@ above eval.max_whole_pixels. Expected logits are computed here window by window.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import keras
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 
 from seg_train.errors import UserError
+from seg_train.evaluate import evaluate_model
 from seg_train.models.unet import build_unet
 from seg_train.predict import Predictor, predictor_from_config
-from tests.helpers import compose_config
+from tests.helpers import TINY_TRAIN, compose_config
 
 
 def pointwise_model(num_classes: int = 3) -> keras.Model:
@@ -99,3 +101,17 @@ def test_no_limit_and_config_defaults():
 def test_bad_limits_are_user_errors(key, value):
     with pytest.raises(UserError, match=f"eval.{key}"):
         Predictor(pointwise_model(), **{key: value})
+
+
+def test_evaluation_records_the_switch_in_metrics_json(tmp_path):
+    keras.utils.set_random_seed(2)
+    model = build_unet(4, (None, None, 3), base_filters=4, depth=3)
+    cfg = compose_config(
+        [*TINY_TRAIN, "eval.max_whole_pixels=100", "eval.crop_size=[16,16]", "eval.num_samples=0"]
+    )
+    report = evaluate_model(model, cfg, "val", tmp_path, tmp_path / "model.keras")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    # 8 synthetic 32x32 val images, each above 100 pixels.
+    assert "8 image view(s) above eval.max_whole_pixels=100" in saved["protocol_change"]
+    assert saved["protocol"]["mode"] == "whole, slide above eval.max_whole_pixels"
+    assert report["protocol_change"] == saved["protocol_change"]
