@@ -77,7 +77,8 @@ def ensure_free_space(path: Path, needed: int, kept: str = "") -> None:
     process while freeing its handles, so the weights files are checked beforehand.
     """
     if free_bytes(path) < needed + SPACE_MARGIN:
-        raise disk_full(path, "not enough free disk space", needed, kept)
+        # The figure quoted includes the head room, so "free" is always below "needed".
+        raise disk_full(path, "not enough free disk space", needed + SPACE_MARGIN, kept)
 
 
 @contextmanager

@@ -165,8 +165,9 @@ def write_backup(run_dir: Path, model: keras.Model, state: TrainingState) -> Non
     staging = run_dir / f".{BACKUP}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     kept = "the last good backup was kept" if load_state(run_dir) else ""
-    ensure_free_space(staging, _expected_backup_bytes(run_dir, model), kept)
-    with no_partial_files(staging / WEIGHTS, staging, kept=kept):
+    target = run_dir / BACKUP  # what the message names (the staging folder is internal)
+    ensure_free_space(target, _expected_backup_bytes(run_dir, model), kept)
+    with no_partial_files(target, staging, kept=kept):
         staging.mkdir(parents=True)
         model.save_weights(staging / WEIGHTS)
         (staging / STATE).write_text(json.dumps(asdict(state)))
@@ -369,7 +370,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         kept = "the previous checkpoint was kept" if final.exists() else ""
         try:
             # h5py crashes the process after an out-of-space error: check before writing.
-            ensure_free_space(temporary, self._expected_bytes(final), kept)
+            ensure_free_space(final, self._expected_bytes(final), kept)
             with no_partial_files(final, temporary, kept=kept):
                 super()._save_model(epoch, batch, logs)
         finally:

@@ -264,7 +264,19 @@ CASES: list[tuple[str, Args, list[str]]] = [
             f"infer.input={w.photos}",
             f"infer.output_dir={w.root / 'preds'}",
         ],
-        ["already exists", "infer.overwrite"],
+        ["already exists", "infer.overwrite", "infer.resume=true"],
+    ),
+    (
+        "infer resume and overwrite",
+        lambda w: [
+            "mode=infer",
+            f"ckpt_path={w.run}",
+            f"infer.input={w.photos}",
+            f"infer.output_dir={w.root / 'preds'}",
+            "infer.resume=true",
+            "infer.overwrite=true",
+        ],
+        ["infer.resume=true", "infer.overwrite=true", "only one"],
     ),
     (
         "infer into its input dir",
