@@ -287,6 +287,8 @@ def test_an_epoch_without_validation_keeps_the_best_checkpoint(tmp_path):
 def test_eval_of_a_run_dir_uses_the_runs_own_eval_protocol(tmp_path):
     # A run trained on resized whole images was reported with eval.mode=resize and a CRF;
     # `mode=eval ckpt_path=RUN` must score it the same way unless told otherwise.
+    from hydra.core.hydra_config import HydraConfig
+
     from seg_train import checkpoints
 
     run = tmp_path / "run"
@@ -294,6 +296,8 @@ def test_eval_of_a_run_dir_uses_the_runs_own_eval_protocol(tmp_path):
     saved = compose_config(["experiment=pets_unet_mobilenetv2", "postprocess=crf"])
     (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
     cfg = compose_config(["mode=eval"])
+    # The command line this "process" was given (adopt_run_config re-applies its overrides).
+    HydraConfig.instance().set_config(cfg)
     assert cfg.eval.mode == "whole" and cfg.postprocess.get("iterations") is None
     checkpoints.adopt_run_config(cfg, run)
     assert cfg.eval.mode == "resize" and list(cfg.eval.crop_size) == [128, 128]
