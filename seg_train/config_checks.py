@@ -160,14 +160,25 @@ def check_config(cfg: DictConfig) -> None:
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra", None)  # Hydra's own node (present when composed by tests)
     missing = _missing_keys(container)
+    if not missing and _needs_root(container.get("data", {})):
+        missing = ["data.root"]  # e.g. data=oxford_pets data.format=raw without data.root
     if missing:
         key = missing[0]
+        hint = container.get("data", {}).get("root_hint") if key == "data.root" else None
+        if hint:  # where the dataset comes from, its layout and the prepare_data.sh command
+            raise UserError(f"data={container['data'].get('name')} needs data.root: {hint}")
         raise UserError(f"config key {key} is required but has no value; set it, e.g. {key}=...")
     for key, rule in RULES.items():
         if OmegaConf.select(cfg, key, default="<absent>") != "<absent>":
             rule(key, OmegaConf.select(cfg, key))
     _check_classes(cfg.data)
     _check_mode(cfg)
+
+
+def _needs_root(data: dict) -> bool:
+    """A dataset of files (not read through TFDS) whose data.root is null."""
+    reads_root = "root" in data.get("source", {}) and data.get("format") != "tfds"
+    return reads_root and "root" in data and data["root"] is None
 
 
 def _missing_keys(node: Any, prefix: str = "") -> list[str]:

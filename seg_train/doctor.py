@@ -1,12 +1,13 @@
 """`seg-train mode=check`: the dataset doctor.
 
 Reads every pair of the selected splits through the dataset's own decoder (so it sees exactly
-what training would see, label mapping included) and reports missing or unpaired files,
-unreadable files, image/mask size mismatches, colour masks where ids are expected, label values
-outside {0..num_classes-1, ignore}, 0/255 masks where 0/1 ids are expected, the label
-histogram and the per-class pixel frequencies with median-frequency class weights
-(Eigen & Fergus 2015, https://arxiv.org/abs/1411.4734). The report is printed, written to
-`check.json` in the run dir, and any problem makes the command exit with status 1.
+what training would see, the dataset's label mapping and data.label_map included) and reports
+missing or unpaired files, unreadable files, image/mask size mismatches, colour masks where ids
+are expected, label values outside {0..num_classes-1, ignore}, 0/255 masks where 0/1 ids are
+expected, the label histogram and the per-class pixel frequencies with median-frequency class
+weights (Eigen & Fergus 2015, https://arxiv.org/abs/1411.4734; only for data without problems).
+The report is printed, written to `check.json` in the run dir, and any problem makes the
+command exit with status 1.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from seg_train.data.base import DataError, Source, label_counts
+from seg_train.data.base import DataError, Source, build_source, label_counts
 from seg_train.errors import UserError
 from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
 from seg_train.losses import median_frequency_weights
@@ -79,7 +79,7 @@ def check_record(source: Source, record: tuple[bytes, bytes, bytes]
     """Decodes one record and lists its problems; returns (its label counts or None, problems)."""
     name, image, mask = record
     try:
-        pair = source.load(name.decode(), image, mask)
+        pair = source.decode(name.decode(), image, mask)
     except DataError as error:
         return None, [error]
     problems = source.problems(pair)
@@ -89,7 +89,8 @@ def check_record(source: Source, record: tuple[bytes, bytes, bytes]
     if source.num_classes == 2 and ignore in present and present <= {0, ignore}:
         problems.append(DataError(pair.mask_file, f"0/{ignore} binary mask where class ids 0/1 "
                                   f"are expected: {ignore} is the ignore label, so the foreground "
-                                  "would be ignored; save the foreground as 1"))
+                                  "would be ignored; remap it with "
+                                  f"'data.label_map={{{ignore}:1}}' (or save the foreground as 1)"))
     return counts, problems
 
 
@@ -151,7 +152,12 @@ def check_dataset(source: Source, data: DictConfig, splits: list[str] | None = N
     report["num_errors"] = len(report["errors"])
     _dataset_level_checks(report, tally, source.ignore_label, data.num_classes)
     report["label_histogram"] = {str(v): int(n) for v, n in enumerate(tally.histogram) if n}
-    weights = tally.class_weights()
+    # Weights computed from data just called broken would only mislead (e.g. [1, 0] for 0/255
+    # masks, which trains nothing): none are suggested until the check passes.
+    weights = None if report["errors"] else tally.class_weights()
+    if report["errors"]:
+        report["notes"].append("no class weights suggested while the data has problems; fix "
+                               "them and run the check again")
     report["class_pixels"] = dict(zip(class_names, tally.class_pixels.tolist()))
     report["class_frequency"] = dict(zip(class_names, _nan_to_none(tally.class_frequency())))
     report["class_weights"] = (None if weights is None
@@ -170,7 +176,9 @@ def _dataset_level_checks(report: dict, tally: Tally, ignore: int, num_classes: 
     present = set(np.flatnonzero(tally.histogram).tolist())
     if num_classes > 2 and ignore in present and present <= {0, ignore}:
         problem = (f"every mask holds only 0 and {ignore}: these look like 0/{ignore} binary "
-                   f"masks, but {ignore} is the ignore label; save the foreground as class ids")
+                   f"masks, but {ignore} is the ignore label; for two classes use "
+                   f"'data.label_map={{{ignore}:1}}' data.num_classes=2 with two "
+                   "data.class_names (or save the foreground as class ids)")
         report["errors"].append({"split": "*", "file": str(report["root"]), "problem": problem})
         report["num_errors"] += 1
     labelled = tally.class_pixels.sum()
@@ -246,7 +254,7 @@ def run(cfg: DictConfig) -> None:
     if (out_dir / REPORT_NAME).exists():
         raise UserError(f"run dir {out_dir} already holds a {REPORT_NAME}; pick a new "
                         "hydra.run.dir instead of overwriting it")
-    source = instantiate(cfg.data.source)
+    source = build_source(cfg.data)
     check = cfg.get("check") or {}
     splits = list(check.get("splits") or []) or None
     report = check_dataset(source, cfg.data, splits, cfg.data.num_parallel_calls)

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from rich.console import Console
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from seg_train import checkpoints, runtime
 from seg_train.config_checks import check_config
+from seg_train.data.base import build_source
 from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
 from seg_train.errors import UserError
 from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
@@ -65,7 +65,7 @@ class SplitEvaluator:
     def __init__(self, model, cfg: DictConfig, split: str, cache: bool = False):
         self.cfg = cfg
         self.split = split
-        self.source = instantiate(cfg.data.source)
+        self.source = build_source(cfg.data)
         examples = decoded_dataset(self.source, split, cfg.data.num_parallel_calls)
         self.examples = examples.cache() if cache else examples
         self.predictor = predictor_from_config(model, cfg)
@@ -120,17 +120,18 @@ class SplitEvaluator:
 
 
 def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint: Path,
-                   extra: dict | None = None) -> dict:
+                   extra: dict | None = None, evaluator: SplitEvaluator | None = None) -> dict:
     """Evaluates `model` on a split image by image at original resolution.
 
     Writes `metrics.json`, `per_class.csv`, `confusion_matrix.{csv,png}` and `samples/` (image |
     truth | prediction) into `out_dir`, prints a per-class table and returns the report. A model
     that cannot run at the images' own sizes is evaluated on resized images: its report says so
     in `protocol_change`. `extra` entries (e.g. how a training run selected the checkpoint) are
-    added to the report.
+    added to the report. `evaluator` reuses a `SplitEvaluator` of `model` (e.g. the one that
+    validated during training: its predictor is traced and its split decoded already).
     """
     data = cfg.data
-    evaluator = SplitEvaluator(model, cfg, split)
+    evaluator = evaluator or SplitEvaluator(model, cfg, split)
     palette = full_palette(data.palette)
 
     def save_sample(index, image, mask, prediction):

@@ -35,11 +35,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seg_train import checkpoints, runtime
 from seg_train.config_checks import boolean, check_config
+from seg_train.data.base import build_source
 from seg_train.data.pipeline import decoded_dataset, pad_image
 from seg_train.errors import UserError
 from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
@@ -160,7 +160,7 @@ def resize_uint8(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 def val_images(cfg: DictConfig, count: int) -> list[np.ndarray]:
     """The first `count` val images (uint8 [H, W, 3]) of the run's dataset."""
-    examples = decoded_dataset(instantiate(cfg.data.source), "val")
+    examples = decoded_dataset(build_source(cfg.data), "val")
     images = [image for image, _ in examples.take(count).as_numpy_iterator()]
     if not images:
         raise UserError(

@@ -352,13 +352,35 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     model_to_save: keras.Model | None = None
 
+    def __init__(self, *args, verbose: int = 0, **kwargs):
+        # Keras' own messages name the temporary file being written; `_should_save_model`
+        # says the same with the checkpoint's own name.
+        super().__init__(*args, verbose=0, **kwargs)
+        self.report = verbose
+
     def _should_save_model(self, epoch, batch, logs, filepath):
         # Keras saves whenever the monitored value is missing, e.g. after an epoch that was not
         # validated (trainer.validation_freq > 1): that would replace the best checkpoint with
         # unvalidated weights. Keep the best one instead.
         if self.save_best_only and (logs or {}).get(self.monitor) is None:
             return False
-        return super()._should_save_model(epoch, batch, logs, filepath)
+        previous = self.best
+        save = super()._should_save_model(epoch, batch, logs, filepath)
+        if self.report > 0:
+            final = Path(filepath)  # the temporary name `_save_model` writes to first
+            final = final.with_name(final.name.removeprefix(f".tmp-{os.getpid()}-"))
+            log.info("Epoch %d: %s", epoch + 1, self._describe(previous, logs, save, final))
+        return save
+
+    def _describe(self, previous, logs, save: bool, final: Path) -> str:
+        """What the checkpoint did this epoch, naming the file as it will be found."""
+        if not self.save_best_only:
+            return f"saving {final}"
+        was = "none" if previous is None or not math.isfinite(previous) else f"{previous:.5f}"
+        if save:
+            now = float(logs[self.monitor])
+            return f"{self.monitor} improved from {was} to {now:.5f}; saving {final}"
+        return f"{self.monitor} did not improve from {was}; {final.name} kept"
 
     def _save_model(self, epoch, batch, logs):
         final = Path(self._get_file_path(epoch, batch, logs))

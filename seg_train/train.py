@@ -30,9 +30,11 @@ from seg_train import (
     runtime,
     training,
 )
+from seg_train.callbacks import OriginalResolutionValidation
 from seg_train.data import pipeline
+from seg_train.data.base import build_source
 from seg_train.errors import UserError
-from seg_train.evaluate import evaluate_model, optimized_value
+from seg_train.evaluate import SplitEvaluator, evaluate_model, optimized_value
 from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir
 from seg_train.viz import plot_history
 
@@ -78,7 +80,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         cfg.trainer.precision,
     )
 
-    source = instantiate(cfg.data.source)
+    source = build_source(cfg.data)
     num_train = source.num_examples("train")
     steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // cfg.data.batch_size)
     if cfg.trainer.total_steps:
@@ -184,7 +186,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if cfg.trainer.overfit_batches:
         training.check_overfit(train_model, training.labels_per_output(val_ds, outputs))
     preemption.stop_on_signals(phase="the final evaluation")
-    value = _report_best(model, cfg, run_dir, _selection(cfg, protocol, checkpoint))
+    validation = next((c for c in callbacks if isinstance(c, OriginalResolutionValidation)), None)
+    value = _report_best(
+        model,
+        cfg,
+        run_dir,
+        _selection(cfg, protocol, checkpoint),
+        validation.evaluator if validation is not None else None,
+    )
     resume.mark_finished(run_dir)
     return value
 
@@ -226,15 +235,20 @@ def _selection(cfg: DictConfig, protocol: str, checkpoint) -> dict:
 
 
 def _report_best(
-    model: keras.Model, cfg: DictConfig, run_dir: Path, selection: dict
+    model: keras.Model,
+    cfg: DictConfig,
+    run_dir: Path,
+    selection: dict,
+    evaluator: SplitEvaluator | None = None,
 ) -> float | None:
-    """Plots the curves and evaluates the best checkpoint at original resolution.
+    """Evaluates the best checkpoint at original resolution, then plots the curves.
 
-    `selection` (how the checkpoint was chosen) goes into metrics.json.
+    `selection` (how the checkpoint was chosen) goes into metrics.json. `evaluator` is the
+    in-training validation's (trainer.val_protocol=original): the best weights are loaded into
+    `model` behind it, whose predictor is traced and val split decoded already. Rebuilding the
+    model from the file, tracing and decoding anew took most of the pause between the last
+    epoch and the report.
     """
-    history_csv = run_dir / "history.csv"
-    if history_csv.is_file():
-        plot_history(history_csv, run_dir / "training_curves.png")
     best = run_dir / checkpoints.BEST_CHECKPOINT
     if not best.is_file():
         log.warning("No %s (is callbacks.model_checkpoint off?); evaluating the last weights", best)
@@ -242,8 +256,22 @@ def _report_best(
         best.parent.mkdir(parents=True, exist_ok=True)
         model.save(best)
         selection = {**selection, "metric": None, "value": None, "note": "last weights"}
-    best_model = checkpoints.load_model(best, cfg.data.num_classes)
-    report = evaluate_model(best_model, cfg, "val", run_dir, best, {"selection": selection})
+    if evaluator is not None:
+        with warnings.catch_warnings():
+            # best.keras holds the model without its optimizer, which evaluation does not use.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(best)  # the checkpoint's weights, into the validated model
+        evaluator.predictor.sync_weights()
+        log.info("Loaded the weights of %s", best)
+        best_model = model
+    else:
+        best_model = checkpoints.load_model(best, cfg.data.num_classes)
+    report = evaluate_model(
+        best_model, cfg, "val", run_dir, best, {"selection": selection}, evaluator=evaluator
+    )
+    history_csv = run_dir / "history.csv"
+    if history_csv.is_file():  # after the report, which is what the user waits for
+        plot_history(history_csv, run_dir / "training_curves.png")
     log.info(
         "Best checkpoint %s (selected on %s under trainer.val_protocol=%s: %s): val mIoU %.4f",
         best,

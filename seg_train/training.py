@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -266,9 +267,20 @@ def fit_from(
             validation_data=val_ds,
             validation_freq=cfg.trainer.validation_freq,
             callbacks=callbacks,
-            verbose=cfg.trainer.verbose,
+            verbose=progress_verbosity(cfg.trainer.verbose),
         )
         _continue_csv(callbacks)
+
+
+def progress_verbosity(setting: int | str) -> int | str:
+    """Keras' `fit` verbosity for `trainer.verbose`.
+
+    auto: a progress bar on a terminal; one line per epoch otherwise (a log file, a Slurm job,
+    `| tee`), where the bar's carriage-return updates would fill the log.
+    """
+    if setting == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return setting
 
 
 def finish_epoch(
@@ -356,6 +368,7 @@ def check_label_sample(dataset: tf.data.Dataset, data: DictConfig) -> None:
         raise UserError(
             f"the first train masks of data.root={data.get('root')} hold only 0 and "
             f"{data.ignore_label} ({100 * ignored:.0f}% of pixels): {data.ignore_label} is the "
-            "ignore label, so these look like 0/255 binary masks; save the foreground as 1 "
-            "(see seg-train mode=check)"
+            f"ignore label, so these look like 0/{data.ignore_label} binary masks; add "
+            f"'data.label_map={{{data.ignore_label}:1}}' to train on them as 0/1 (or save the "
+            "foreground as 1; see seg-train check)"
         )

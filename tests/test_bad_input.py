@@ -326,7 +326,37 @@ CASES: list[tuple[str, Args, list[str]]] = [
     ("mask size mismatch", lambda w: [*FOLDER, f"data.root={w.root / 'size_mismatch'}"], ["b.png"]),
     ("labels out of range", lambda w: [*FOLDER, f"data.root={w.root / 'out_of_range'}"], ["7"]),
     ("RGB colour mask", lambda w: [*FOLDER, f"data.root={w.root / 'rgb_mask'}"], ["b.png"]),
-    ("0/255 binary mask", lambda w: [*FOLDER, f"data.root={w.root / 'binary_0_255'}"], ["255"]),
+    (
+        "0/255 binary mask",
+        lambda w: [*FOLDER, f"data.root={w.root / 'binary_0_255'}"],
+        ["255", "'data.label_map={255:1}'"],
+    ),
+    (
+        "label map out of range",
+        lambda w: [*FOLDER, f"data.root={w.root / 'binary_0_255'}", "data.label_map={256:1}"],
+        ["data.label_map must map mask values 0..255"],
+    ),
+    (
+        "mask threshold out of range",
+        lambda w: [*FOLDER, f"data.root={w.root / 'binary_0_255'}", "data.mask_threshold=300"],
+        ["data.mask_threshold", "0..254"],
+    ),
+    # --- a dataset group without data.root: where it comes from and how to prepare it -------
+    (
+        "cihp without root",
+        lambda w: ["model=deeplabv3plus", "data=cihp"],
+        ["data=cihp needs data.root", "lip.sysuhcp.com", "Training/", "prepare_data.sh cihp DIR"],
+    ),
+    (
+        "voc without root",
+        lambda w: ["data=voc"],
+        ["VOCtrainval_11-May-2012.tar", "JPEGImages/", "prepare_data.sh voc DIR"],
+    ),
+    (
+        "pets raw without root",
+        lambda w: ["data=oxford_pets", "data.format=raw"],
+        ["annotations/trimaps/", "prepare_data.sh pets DIR", "data.format=tfds"],
+    ),
     # --- data that lies (file contents, split files) and large-image settings -----------------
     (
         "JPEG mask named .png",

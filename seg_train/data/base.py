@@ -15,6 +15,11 @@ decoded pair; `pipeline.py` does everything after that:
 * `problems(pair)` -> what is wrong with a decoded pair (size mismatch, labels out of range).
   Kept apart from `load` so the dataset doctor can still count the labels of a mask it reports.
 
+The user's own remapping (`data.mask_threshold`, then `data.label_map`; `build_source` sets
+it) is one 256-entry table applied after the dataset's mapping: `decode` applies it to what
+`load` returns (the Pillow path), and `checked_lookup` composes it into every `label_lookup`
+(the in-graph path), so both paths give the same labels.
+
 `load` decodes with Pillow, the reference decode: masks never through an RGB path (TensorFlow
 expands palette PNGs, PASCAL VOC style, to colours, losing the class ids that the palette
 indices are), and a Python decode can name a broken file. The training and evaluation pipeline
@@ -365,8 +370,11 @@ class Source:
         return None
 
     def checked_lookup(self, labels: np.ndarray) -> np.ndarray:
-        """`labels` (a raw value -> label table) with the labels `problems` rejects set to -1."""
+        """`labels` (a raw value -> label table) after the user's remap (`set_label_map`), with
+        the labels `problems` rejects set to -1. Every `label_lookup` goes through here."""
         table = labels.astype(np.int32)
+        if self.remap is not None:  # -1 (a value only `load` may judge) stays -1
+            table = np.where(table >= 0, self.remap[np.clip(table, 0, 255)].astype(np.int32), -1)
         if self.num_classes is not None:
             table[(table >= self.num_classes) & (table != self.ignore_label)] = -1
         return table
@@ -374,6 +382,30 @@ class Source:
     def load(self, name: str, image: bytes, mask: bytes) -> Pair:
         """Decodes one record; raises `DataError` for unreadable data."""
         raise NotImplementedError
+
+    #: The user's value -> label table (uint8 [256]) from `set_label_map`; None = as decoded.
+    remap: np.ndarray | None = None
+
+    def set_label_map(self, label_map: Mapping[int, int] | None = None,
+                      mask_threshold: int | None = None) -> None:
+        """Remaps decoded mask values: `mask_threshold` first, then `label_map`.
+
+        Args:
+            label_map: {value: label}, e.g. {255: 1} for 0/255 binary masks, or {0: 255} to
+                ignore a value; values not listed keep their label.
+            mask_threshold: For soft or binary masks: values above it become 1, the others 0.
+
+        Raises:
+            UserError: for a key or label outside 0..255, or a label that is no class id.
+        """
+        self.remap = remap_table(label_map, mask_threshold, self.num_classes, self.ignore_label)
+
+    def decode(self, name: str, image: bytes, mask: bytes) -> Pair:
+        """`load` with the user's remap applied to the mask (what training sees)."""
+        pair = self.load(name, image, mask)
+        if self.remap is not None:
+            pair.mask = self.remap[pair.mask]
+        return pair
 
     def num_examples(self, split: str) -> int:
         """Number of records in a split."""
@@ -510,6 +542,57 @@ class FileSource(Source):
         image_file = image.decode() if isinstance(image, bytes) else image
         mask_file = mask.decode() if isinstance(mask, bytes) else mask
         return Pair(read_image(image_file), self.read_label(mask_file), image_file, mask_file)
+
+
+def remap_table(label_map: Mapping[int, int] | None, mask_threshold: int | None,
+                num_classes: int | None = None, ignore_label: int = IGNORE_LABEL
+                ) -> np.ndarray | None:
+    """The uint8 [256] table of `data.mask_threshold` then `data.label_map`; None if both unset.
+
+    Raises:
+        UserError: naming the key, for a value outside 0..255 or a label that is no class id.
+    """
+    if not label_map and mask_threshold is None:
+        return None
+    table = np.arange(256)
+    if mask_threshold is not None:
+        if not _is_byte(mask_threshold) or mask_threshold == 255:
+            raise UserError(f"data.mask_threshold must be null or an integer in 0..254 (values "
+                            f"above it become 1, the others 0), got {mask_threshold!r}; e.g. "
+                            "data.mask_threshold=127")
+        table = (table > mask_threshold).astype(np.int64)
+    mapping = dict(label_map or {})
+    for value, label in mapping.items():
+        if not (_is_byte(value) and _is_byte(label)):
+            raise UserError(f"data.label_map must map mask values 0..255 to labels 0..255, got "
+                            f"{value!r}: {label!r}; e.g. 'data.label_map={{255:1}}'")
+        if num_classes is not None and label >= num_classes and label != ignore_label:
+            raise UserError(f"data.label_map maps {value} to {label}, which is neither a class "
+                            f"id (0..{num_classes - 1}) nor {ignore_label} (ignore); fix the map "
+                            "or data.num_classes")
+    lookup = np.array([mapping.get(int(v), int(v)) for v in range(256)])
+    return lookup[table].astype(np.uint8)
+
+
+def _is_byte(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255
+
+
+def build_source(data: Mapping) -> Source:
+    """Builds `data.source` and applies `data.mask_threshold` and `data.label_map` to it.
+
+    Configs saved before these keys existed have neither: masks are then used as decoded.
+    """
+    from hydra.utils import instantiate  # here: Hydra is only needed by the task entry points
+
+    source = instantiate(data["source"])
+    label_map = data.get("label_map")
+    if label_map is not None and not isinstance(label_map, Mapping):
+        raise UserError(f"data.label_map must be a mapping such as {{255:1}}, got {label_map!r}; "
+                        "e.g. 'data.label_map={255:1}'")
+    source.set_label_map(None if label_map is None else dict(label_map),
+                         data.get("mask_threshold"))
+    return source
 
 
 def _short_list(values: Sequence[int], limit: int = 8) -> str:

@@ -83,7 +83,7 @@ def _python_decode_op(source: Source):
 
     def load(name: bytes, image: bytes, mask: bytes):
         try:
-            pair = source.load(name.decode(), image, mask)
+            pair = source.decode(name.decode(), image, mask)  # with data.label_map
             problems = source.problems(pair)
             if problems:
                 raise problems[0]
