@@ -345,6 +345,14 @@ def describe_error(exc: BaseException) -> str:
             f"cannot use {exc.filename}: {exc.strerror}; choose a writable location "
             "(hydra.run.dir, infer.output_dir, export.output_dir) or fix its permissions"
         )
+    lexer = re.search(r"LexerNoViableAltException: ([^=\s]+)=(.*?)\s+\^", str(exc))
+    if lexer:  # e.g. a path with non-ASCII letters, which Hydra's override grammar rejects
+        key, value = lexer.groups()
+        return (
+            f"cannot read the value of {key} ({value!r}): Hydra's override grammar takes "
+            f"unquoted values in ASCII only; quote it, e.g. '{key}=\"{value}\"' (the outer "
+            "single quotes are for the shell)"
+        )
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 

@@ -191,3 +191,16 @@ def test_multirun_runs_one_job_per_value(cache_dir, tmp_path):
         resolved = (sweep / job / "config_resolved.yaml").read_text()
         rates.append(next(line for line in resolved.splitlines() if "learning_rate" in line))
     assert rates[0] != rates[1]
+
+
+def test_a_non_ascii_value_gets_the_quoting_hint(tmp_path, cache_dir):
+    # Hydra's override grammar rejects unquoted non-ASCII values with a bare lexer error.
+    result = run_cli(
+        ["--cfg", "job", "data=folder", "data.root=/data/données"], cache_dir, tmp_path
+    )
+    assert result.returncode == 2
+    lines = error_lines(result)
+    assert len(lines) == 1, lines
+    assert "data.root" in lines[0] and """'data.root="/data/données"'""" in lines[0]
+    quoted = run_cli(["--cfg", "job", 'data.root="/data/données"'], cache_dir, tmp_path)
+    assert quoted.returncode == 0 and "/data/données" in quoted.stdout
