@@ -19,9 +19,9 @@ from seg_train.callbacks import DataStallMonitor
 BATCH, SIZE, CLASSES = 2, 16, 3
 
 
-def _model() -> keras.Model:
+def _model(width: int = 4) -> keras.Model:
     inputs = keras.Input((SIZE, SIZE, 3))
-    hidden = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    hidden = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(inputs)
     outputs = keras.layers.Conv2D(CLASSES, 1)(hidden)
     model = keras.Model(inputs, outputs)
     model.compile(
@@ -60,9 +60,14 @@ def _cached_dataset() -> tf.data.Dataset:
 
 
 def _fit(
-    dataset: tf.data.Dataset, tmp_path, epochs: int = 2, steps: int = 6, **compile_args
+    dataset: tf.data.Dataset,
+    tmp_path,
+    epochs: int = 2,
+    steps: int = 6,
+    width: int = 4,
+    **compile_args,
 ) -> DataStallMonitor:
-    model = _model()
+    model = _model(width)
     if compile_args:
         model.compile(
             optimizer="adam",
@@ -86,7 +91,9 @@ def test_slow_pipeline_stalls_and_warns(tmp_path, caplog):
 
 def test_cached_pipeline_stalls_little(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="seg_train.callbacks"):
-        monitor = _fit(_cached_dataset(), tmp_path)
+        # A step of real work (tens of ms): with a 4-filter model the step is ~2 ms and Keras'
+        # fixed per-step overhead alone can reach half of it on a busy machine.
+        monitor = _fit(_cached_dataset(), tmp_path, width=256)
     slow = _fit(_slow_dataset(), tmp_path, epochs=1)
     assert len(monitor.history) == 2
     # Generous bounds: the machine may be busy, but a 100 ms sleep per batch dominates.

@@ -69,8 +69,11 @@ def test_any_split_list_can_be_evaluated_and_voc_aug_is_voc_with_aug(voc_root):
     aug = compose_config(["data=voc_aug", f"data.root={root}"])
     plain = compose_config(["data=voc", f"data.root={root}", "data.aug=true"])
     assert aug.data.source.aug is True
-    assert {k: v for k, v in aug.data.items() if k != "name"} == {
-        k: v for k, v in plain.data.items() if k != "name"}
+    # Everything but the name and the missing-root hint (which names the aug download) is equal.
+    differ = ("name", "root_hint")
+    assert {k: v for k, v in aug.data.items() if k not in differ} == {
+        k: v for k, v in plain.data.items() if k not in differ}
+    assert "SegmentationClassAug" in aug.data.root_hint
 
 
 def test_missing_root_shows_the_expected_tree(tmp_path):

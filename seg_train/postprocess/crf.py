@@ -9,6 +9,7 @@ pool; this module imports no TensorFlow so worker processes start quickly and sa
 from __future__ import annotations
 
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -96,8 +97,11 @@ class CRFRunner:
                 yield dense_crf(image, probabilities, self.params), tag
             return
         # spawn, not fork: the parent has TensorFlow's threads running.
-        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool:
-            pending: deque[tuple[Future, Any]] = deque()
+        pool = ProcessPoolExecutor(
+            self.workers, mp_context=get_context("spawn"), initializer=_leave_ctrl_c_to_parent
+        )
+        pending: deque[tuple[Future, Any]] = deque()
+        try:
             for image, probabilities, tag in items:
                 pending.append((pool.submit(dense_crf, image, probabilities, self.params), tag))
                 if len(pending) >= 2 * self.workers:
@@ -106,6 +110,19 @@ class CRFRunner:
             while pending:
                 future, done_tag = pending.popleft()
                 yield future.result(), done_tag
+        finally:
+            # On Ctrl-C or an error downstream, drop the queued images instead of finishing them.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _leave_ctrl_c_to_parent() -> None:
+    """Pool worker start-up: ignore SIGINT.
+
+    A terminal's Ctrl-C reaches the whole process group; the parent turns it into one line and
+    exit 130 and stops the pool, while a worker interrupted mid-image would print its own
+    traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def runner_from_config(postprocess) -> CRFRunner | None:
