@@ -100,7 +100,7 @@ def test_one_of_each_then_table(tmp_path):
         for key, result in results[group].items():
             assert "error" not in result, (key, result)
             assert result["peak_rss_mb"] > 0
-    assert results["train"]["unet/ours"]["data_stall"] is not None
+    assert 0 <= results["train"]["unet/ours"]["data_stall"] <= 1  # a share of step time
     assert {"images_per_s", "seconds_per_step", "crop", "batch"} <= set(
         results["train"]["unet/bare"]
     )

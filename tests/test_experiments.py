@@ -44,26 +44,67 @@ def test_experiment_composes_and_instantiates(name, tmp_path, monkeypatch):
         assert isinstance(instantiate(cfg.loss), keras.losses.Loss)
 
 
+SYNTHETIC_RUN = [
+    "debug=fast",
+    "data=synthetic",
+    *TINY_INPUT,
+    "data.source.num_train=8",
+    "data.source.num_val=2",
+    "data.source.image_size=64",
+]
+# voc_deeplabv2_msc_crf trains as voc_deeplabv2_msc (its header: "Training as
+# voc_deeplabv2_msc") and adds the CRF at evaluation: its sweep evaluates the msc job's model.
+CRF_RECIPE, ITS_TRAINING = "voc_deeplabv2_msc_crf", "voc_deeplabv2_msc"
+# Two sweeps (TensorFlow starts once in each) that a parallel test run can place side by side:
+# the three ResNet-101 recipes, whose first-step tracing takes minutes on a CPU, and the rest.
+RESNET101 = ["voc_deeplabv2", "voc_deeplabv2_msc"]
+SWEEPS = {
+    "resnet101": RESNET101,
+    "others": [n for n in EXPERIMENTS if n not in (*RESNET101, CRF_RECIPE)],
+}
+
+
+def test_sweeps_cover_every_experiment():
+    covered = {CRF_RECIPE, *(name for names in SWEEPS.values() for name in names)}
+    assert covered == set(EXPERIMENTS)
+
+
+def test_crf_recipe_trains_as_the_msc_recipe():
+    crf = compose_config([f"experiment={CRF_RECIPE}", "data.root=/data"])
+    msc = compose_config([f"experiment={ITS_TRAINING}", "data.root=/data"])
+    for section in ("data", "model", "optimizer", "loss", "trainer", "eval"):
+        assert crf[section] == msc[section], section
+    assert crf.postprocess.name == "crf" and msc.postprocess.name == "none"
+
+
 @pytest.mark.slow
-def test_every_experiment_runs_a_few_steps_on_synthetic(cache_dir, tmp_path):
-    """One sweep over all recipes (TensorFlow starts once): each trains and evaluates."""
+@pytest.mark.parametrize("group", sorted(SWEEPS))
+def test_every_experiment_runs_a_few_steps_on_synthetic(group, cache_dir, tmp_path):
+    """Each recipe trains and evaluates on synthetic data; the CRF recipe evaluates too."""
+    names = SWEEPS[group]
     sweep = tmp_path / "sweep"
-    args = [
-        "-m",
-        "experiment=" + ",".join(EXPERIMENTS),
-        "debug=fast",
-        "data=synthetic",
-        *TINY_INPUT,
-        "data.source.num_train=8",
-        "data.source.num_val=2",
-        "data.source.image_size=64",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    result = run_cli(args, cache_dir, cwd=tmp_path, timeout=1200)
+    args = ["-m", "experiment=" + ",".join(names), *SYNTHETIC_RUN, f"hydra.sweep.dir={sweep}"]
+    result = run_cli(args, cache_dir, cwd=tmp_path, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
-    for job in range(len(EXPERIMENTS)):
+    for job in range(len(names)):
         metrics = json.loads((sweep / str(job) / "metrics.json").read_text())
         assert metrics["num_images"] == 2
+    if ITS_TRAINING not in names:
+        return
+    # The CRF recipe's evaluation (MSC, then the dense CRF) of the msc recipe's model.
+    trained = sweep / str(names.index(ITS_TRAINING)) / "checkpoints" / "best.keras"
+    crf_eval = tmp_path / "crf_eval"
+    args = [
+        "mode=eval",
+        f"experiment={CRF_RECIPE}",
+        f"ckpt_path={trained}",
+        *SYNTHETIC_RUN,
+        f"hydra.run.dir={crf_eval}",
+    ]
+    result = run_cli(args, cache_dir, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((crf_eval / "metrics.json").read_text())
+    assert metrics["num_images"] == 2 and metrics["protocol"]["postprocess"] == "crf"
 
 
 @pytest.mark.slow

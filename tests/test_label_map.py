@@ -105,7 +105,17 @@ def test_check_offers_the_override_and_no_class_weights(tmp_path):
     cfg = compose_config([*BINARY, f"data.root={root}", "data.label_map={255:1}"])
     report = check_dataset(build_source(cfg.data), cfg.data, ["train"], workers=1)
     assert report["errors"] == [] and set(report["label_histogram"]) == {"0", "1"}
-    assert report["class_weights"] is not None
+    # Median-frequency balancing (Eigen & Fergus 2015) by hand from the mask files: f_c = pixels
+    # of c / pixels of the images holding c; weight_c = median(f) / f_c.
+    stems = (root / "splits" / "train.txt").read_text().split()
+    masks = [np.asarray(Image.open(root / "masks" / f"{stem}.png")) // 255 for stem in stems]
+    freq = []
+    for c in (0, 1):
+        holding = [m for m in masks if (m == c).any()]
+        freq.append(sum(int((m == c).sum()) for m in holding) / sum(m.size for m in holding))
+    median = (freq[0] + freq[1]) / 2
+    assert report["class_weights"] == pytest.approx(
+        {"bg": median / freq[0], "fg": median / freq[1]}, abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -207,7 +207,7 @@ def test_default_unet_keeps_the_paper_up_conv_and_symmetric_inputs():
     cfg = compose_config(["data.crop_size=[32,32]"])
     model = instantiate(cfg.model, _convert_="all")
     assert tuple(model.get_layer("decoder1_upconv").kernel.shape) == (2, 2, 16, 32)
-    assert model.get_layer("encoder1_bn1") is not None
+    assert isinstance(model.get_layer("encoder1_bn1"), keras.layers.BatchNormalization)
     out = model.get_layer("normalize")(np.array([[[[0.0, 255.0, 0.0]]]], np.float32))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out), [[[[-1.0, 1.0, -1.0]]]])
 

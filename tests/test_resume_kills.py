@@ -139,7 +139,8 @@ def test_kill_9_at_every_phase_then_resume_equals_the_uninterrupted_run(
     # 5. Killed in epoch 2's validation, after the backup written at its last batch.
     kill_at("validation", 1, resume_args, cache_dir, tmp_path)
     state, _ = resume.load_state(run_dir)
-    assert (state.epoch, state.step) == (2, 0) and state.pending_epoch_end is not None
+    assert (state.epoch, state.step) == (2, 0)
+    assert "loss" in state.pending_epoch_end  # epoch 2's training logs, as Keras keeps them
     # 6. The last resume finishes: within minutes, not forever.
     result = run_cli(resume_args, cache_dir, tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
