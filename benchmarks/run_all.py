@@ -1,6 +1,11 @@
 """Runs every benchmark, prints one markdown table and writes table.md + results.json.
 
     python benchmarks/run_all.py [--quick] [--out DIR]
+    python benchmarks/run_all.py --recipe "experiment=voc_deeplabv2 data.root=DIR" [--recipe ...]
+
+--recipe runs `seg-train benchmark OVERRIDES` (the product's own measurement of a composed
+config: training img/s, s/step, data stall, eval img/s, peak memory) for each recipe instead,
+and writes recipes.json.
 
 Each measurement runs in its own subprocess (benchmarks/worker.py) with the same environment:
 TF_ENABLE_ONEDNN_OPTS=1 (as seg-train sets it), this process's LD_PRELOAD (none unless you
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -171,6 +177,45 @@ def run_worker(kind: str, spec: dict, timeout: float = 1800, preload: str | None
         flush=True,
     )
     return result
+
+
+def run_mode_benchmark(overrides: list[str], run_dir: Path, timeout: float = 3600) -> dict:
+    """`seg-train benchmark OVERRIDES` in a fresh process; returns its benchmark.json.
+
+    Args:
+        overrides: The recipe, e.g. ["experiment=voc_deeplabv2", "data.root=DIR"].
+        run_dir: A new run dir for it (hydra.run.dir); benchmark.json is read from there.
+        timeout: Seconds before the run is stopped.
+
+    Returns:
+        The report, or {"error": the last lines of its output} if it failed.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "seg_train",
+        "benchmark",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    report = Path(run_dir) / "benchmark.json"
+    if proc.returncode or not report.is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit status {proc.returncode}"}
+    return json.loads(report.read_text())
+
+
+def run_recipes(recipes: list[str], out: Path) -> dict:
+    """`seg-train benchmark` for each recipe (a string of overrides); writes recipes.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = {}
+    for index, recipe in enumerate(recipes):
+        run_dir = out / "recipes" / f"{stamp}-{index}"
+        results[recipe] = run_mode_benchmark(shlex.split(recipe), run_dir)
+    (out / "recipes.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 def empty_results(machine: dict) -> dict:
@@ -485,7 +530,25 @@ def main(argv: list[str] | None = None) -> None:
         default=ROOT / "benchmarks" / "results",
         help="where table.md, results.json and the generated files go",
     )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        help="run `seg-train benchmark RECIPE` (quoted overrides) instead; may repeat",
+    )
     args = parser.parse_args(argv)
+    if args.recipe:
+        for recipe, report in run_recipes(args.recipe, args.out).items():
+            if "error" in report:
+                print(f"{recipe}: error: {report['error']}")
+                continue
+            train, evaluation = report["train"], report["eval"]
+            print(
+                f"{recipe}: train {train['images_per_s']:.2f} img/s "
+                f"({train['seconds_per_step']:.3f} s/step), eval "
+                f"{evaluation['images_per_s'] or 0:.2f} img/s, peak host "
+                f"{report['memory']['peak_host_mb']:.0f} MiB"
+            )
+        return
     results = run(args.quick, args.out)
     print(render(results))
 

@@ -149,13 +149,21 @@ class DataStallMonitor(keras.callbacks.Callback):
     Args:
         log_dir: TensorBoard log dir for the scalar; None = console only.
         warn_above: Share above which a warning is logged (0.10 = 10%).
+        skip_steps: Steps left out at the start of each `fit` call (at least the first, which
+            holds the tracing); `mode=benchmark` leaves out its whole warm-up.
+
+    Attributes:
+        inactive_reason: Why the last `fit` was not measured (XLA, op determinism, replicas),
+            None when it was.
     """
 
-    def __init__(self, log_dir: str | None = None, warn_above: float = 0.10):
+    def __init__(self, log_dir: str | None = None, warn_above: float = 0.10, skip_steps: int = 1):
         super().__init__()
         self.log_dir = log_dir
         self.warn_above = warn_above
+        self.skip_steps = max(1, skip_steps)
         self.history: list[float] = []
+        self.inactive_reason: str | None = None
         self._writer = None
         self._active = False
 
@@ -168,6 +176,7 @@ class DataStallMonitor(keras.callbacks.Callback):
             reason = "trainer.deterministic=true (tf.timestamp is refused under op determinism)"
         elif model.distribute_strategy.num_replicas_in_sync > 1:
             reason = "more than one replica"
+        self.inactive_reason = reason
         if reason:
             logging.getLogger(__name__).info("DataStallMonitor: not measured with %s", reason)
             self._active = False
@@ -180,7 +189,7 @@ class DataStallMonitor(keras.callbacks.Callback):
         if getattr(model, "_data_stall_monitor", None) is not self:
             self._instrument(model)
         self._active = True
-        self._skip = 1  # the first step: tracing and buffer filling
+        self._skip = self.skip_steps  # the first step(s): tracing and buffer filling
 
     def _instrument(self, model: keras.Model) -> None:
         """Wraps `model.train_step` with the in-graph stamps and rebuilds the train function."""

@@ -46,7 +46,7 @@ RESUME_SAFE_GROUPS = ("hardware",)
 # .hydra/ is never rewritten by a resume.
 RESUME_LOG = "resume_overrides.yaml"
 # `seg-train VERB ...` is `seg-train mode=VERB ...` (configs/mode/ holds one file per verb).
-VERBS = ("train", "eval", "infer", "export", "check")
+VERBS = ("train", "eval", "infer", "export", "check", "benchmark")
 # Hydra's flags that take the next argument as their value (so it is not read as a verb).
 _VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                 "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")

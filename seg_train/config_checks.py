@@ -152,6 +152,9 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "data.matte_threshold": data_rules.matte_threshold,
     "check.splits": data_rules.split_names,
     "check.max_printed": positive_int,
+    "benchmark.warmup_steps": positive_int,
+    "benchmark.steps": positive_int,
+    "benchmark.eval_images": lambda k, v: v == 0 or positive_int(k, v),
 }
 
 

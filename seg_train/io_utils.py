@@ -22,6 +22,7 @@ RUN_OUTPUTS = (
     "history.csv",
     "predictions",
     "backup",
+    "benchmark.json",
 )
 
 

@@ -42,7 +42,8 @@ def test_a_verb_becomes_its_mode(given, expected):
     [
         (
             ["evaluate", "ckpt_path=R"],
-            "unknown command 'evaluate'; the verbs are train, eval, infer, export, check",
+            "unknown command 'evaluate'; the verbs are train, eval, infer, export, check, "
+            "benchmark",
         ),
         (["eval", "mode=train"], "'eval' and a mode= override both choose the mode"),
     ],
@@ -57,7 +58,7 @@ def test_unknown_verb_through_the_cli(tmp_path, cache_dir):
     assert result.returncode == 2
     assert error_lines(result) == [
         "seg-train: error: unknown command 'tain'; the verbs are train, eval, infer, export, "
-        "check (e.g. seg-train eval ckpt_path=RUN_DIR), and overrides are key=value"
+        "check, benchmark (e.g. seg-train eval ckpt_path=RUN_DIR), and overrides are key=value"
     ]
 
 
@@ -66,7 +67,7 @@ def test_help_shows_both_forms(tmp_path, cache_dir):
     assert result.returncode == 0
     assert "seg-train eval ckpt_path=" in result.stdout
     assert "mode=eval ckpt_path=" in result.stdout
-    assert "train (the default), eval, infer, export or check" in result.stdout
+    assert "train (the default), eval, infer, export, check or benchmark" in result.stdout
 
 
 def test_eval_verb_used_to_fail_with_missing_equal(tmp_path, cache_dir):
