@@ -125,6 +125,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "trainer.val_protocol": data_rules.one_of("original", "resized"),
     "trainer.steps_per_execution": positive_int,
     "eval.num_samples": lambda k, v: v == 0 or positive_int(k, v),
+    "eval.report_worst": lambda k, v: v == 0 or positive_int(k, v),
     "infer.overwrite": boolean,
     "infer.resume": boolean,
     "infer.recursive": boolean,

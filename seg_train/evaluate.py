@@ -8,7 +8,9 @@ Test-time augmentation, sliding windows and the dense CRF are options of that on
 from __future__ import annotations
 
 import csv
+import heapq
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
 from seg_train.metrics import ConfusionMatrix
 from seg_train.postprocess.crf import CRFRunner, runner_from_config
 from seg_train.predict import Predictor, predictor_from_config
+from seg_train.report import write_report
 from seg_train.viz import full_palette, plot_confusion, sample_panel
 
 log = logging.getLogger(__name__)
@@ -123,8 +126,10 @@ def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint
                    extra: dict | None = None, evaluator: SplitEvaluator | None = None) -> dict:
     """Evaluates `model` on a split image by image at original resolution.
 
-    Writes `metrics.json`, `per_class.csv`, `confusion_matrix.{csv,png}` and `samples/` (image |
-    truth | prediction) into `out_dir`, prints a per-class table and returns the report. A model
+    Writes `metrics.json`, `per_class.csv`, `confusion_matrix.{csv,png}`, `samples/` (image |
+    truth | prediction) and `worst/` (the `eval.report_worst` images of lowest mIoU, listed in
+    the report's `worst_images`) into `out_dir`, prints a per-class table and returns the
+    report, which also holds the evaluation's speed (`eval_speed`). A model
     that cannot run at the images' own sizes is evaluated on resized images: its report says so
     in `protocol_change`. `extra` entries (e.g. how a training run selected the checkpoint) are
     added to the report. `evaluator` reuses a `SplitEvaluator` of `model` (e.g. the one that
@@ -133,16 +138,22 @@ def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint
     data = cfg.data
     evaluator = evaluator or SplitEvaluator(model, cfg, split)
     palette = full_palette(data.palette)
+    names = list(data.class_names)
+    # A run dir saved before eval.report_worst existed lacks the key (adopt_run_config).
+    worst = WorstImages(cfg.eval.get("report_worst", 4), data.num_classes, data.ignore_label)
 
     def save_sample(index, image, mask, prediction):
+        worst.add(index, image, mask, prediction)
         if index < cfg.eval.num_samples:
             (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-            panel = sample_panel(image, mask, prediction, palette)
+            panel = sample_panel(image, mask, prediction, palette, class_names=names)
             Image.fromarray(panel).save(out_dir / "samples" / f"{split}_{index:04d}.png")
 
     progress = track(evaluator.predictions(), total=evaluator.num_images,
                      description=f"Evaluating {split}")
+    started = time.perf_counter()
     matrix, num_images = evaluator.confusion(progress, save_sample)
+    seconds = time.perf_counter() - started
     report = matrix.summary(list(data.class_names))
     report.update(
         num_images=num_images,
@@ -153,10 +164,57 @@ def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint
     )
     if evaluator.predictor.protocol_change:
         report["protocol_change"] = evaluator.predictor.protocol_change
+    # Prediction, CRF and counting, sample writing included: what mode=eval costs per image.
+    report["eval_speed"] = {
+        "seconds": round(seconds, 3),
+        "images_per_second": round(num_images / seconds, 3) if seconds > 0 else None,
+    }
+    report["worst_images"] = worst.save(out_dir, split, palette, names)
     report.update(extra or {})
     _write_outputs(report, matrix, list(data.class_names), out_dir)
     print_report(report)
     return report
+
+
+class WorstImages:
+    """Keeps the `k` images of lowest mean IoU (over classes in their truth or prediction).
+
+    Only k images are held at any time (a heap), so the evaluation's memory stays flat.
+    Images with no labelled pixel have no mIoU and are left out.
+    """
+
+    def __init__(self, k: int, num_classes: int, ignore_label: int):
+        self.k = k
+        self.num_classes = num_classes
+        self.ignore_label = ignore_label
+        self._heap: list[tuple] = []  # (-mIoU, -index, arrays): the best of the worst on top
+
+    def add(self, index: int, image: np.ndarray, mask: np.ndarray, prediction: np.ndarray):
+        """Scores one image and keeps it if it is among the k worst so far."""
+        if self.k <= 0:
+            return
+        matrix = ConfusionMatrix(self.num_classes, self.ignore_label)
+        matrix.update(mask, prediction)
+        score = matrix.summary([str(i) for i in range(self.num_classes)])["mean_iou"]
+        if score is None:
+            return
+        item = (-score, -index, index, image, mask, prediction)
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, item)
+        elif item[:2] > self._heap[0][:2]:  # lower mIoU (ties: the earlier image) than the top
+            heapq.heapreplace(self._heap, item)
+
+    def save(self, out_dir: Path, split: str, palette: np.ndarray, names: list[str]) -> list:
+        """Writes `worst/<split>_<index>.png` panels; returns [{index, mean_iou, file}], worst
+        first."""
+        listed = []
+        for negative, _, index, image, mask, prediction in sorted(self._heap, reverse=True):
+            file = Path("worst") / f"{split}_{index:04d}.png"
+            (out_dir / "worst").mkdir(parents=True, exist_ok=True)
+            panel = sample_panel(image, mask, prediction, palette, class_names=names)
+            Image.fromarray(panel).save(out_dir / file)
+            listed.append({"index": index, "mean_iou": -negative, "file": file.as_posix()})
+        return listed
 
 
 def _write_outputs(report: dict, matrix: ConfusionMatrix, names: list[str], out_dir: Path) -> None:
@@ -229,6 +287,7 @@ def run(cfg: DictConfig) -> float | None:
             f"mode=eval stopped before the end of split {cfg.eval.split}; no metrics were "
             f"written to {out_dir}; run the command again to evaluate"
         ) from None
+    write_report(out_dir, cfg)  # report.html beside metrics.json (never raises)
     log.info(
         "mIoU %.4f on %s (%d images); report in %s",
         report["mean_iou"] or 0.0,

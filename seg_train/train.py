@@ -36,6 +36,7 @@ from seg_train.data.base import build_source
 from seg_train.errors import UserError
 from seg_train.evaluate import SplitEvaluator, evaluate_model, optimized_value
 from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir
+from seg_train.report import write_report
 from seg_train.viz import plot_history
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         _selection(cfg, protocol, checkpoint),
         validation.evaluator if validation is not None else None,
     )
+    write_report(run_dir, cfg)  # report.html from metrics.json, history, log (never raises)
     resume.mark_finished(run_dir)
     return value
 

@@ -61,13 +61,79 @@ def sample_panel(
     prediction: np.ndarray,
     palette: np.ndarray,
     alpha: float = 0.5,
+    class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """image | truth overlay | prediction overlay, side by side (truth may be None)."""
+    """image | truth overlay | prediction overlay, side by side (truth may be None).
+
+    With `class_names`, the panel gets a title above each column and, below, a legend of the
+    classes present in the truth or the prediction (swatch in the palette colour, then the
+    name; "ignore" for the ignore label), so a PNG read on its own says what it shows.
+    """
     tiles = [image.astype(np.uint8)]
     if truth is not None:
         tiles.append(overlay(image, truth, palette, alpha))
     tiles.append(overlay(image, prediction, palette, alpha))
-    return np.concatenate(tiles, axis=1)
+    panel = np.concatenate(tiles, axis=1)
+    if class_names is None:
+        return panel
+    titles = ["image", "truth", "prediction"] if truth is not None else ["image", "prediction"]
+    present = np.unique(
+        prediction if truth is None else np.concatenate([np.unique(truth), np.unique(prediction)])
+    )
+    legend = [
+        (palette[int(i)], "ignore" if i == 255 else _class_name(class_names, int(i)))
+        for i in present
+    ]
+    return _titled(panel, len(tiles), titles, legend)
+
+
+# Columns narrower than this are enlarged (nearest neighbour) so their titles fit.
+MIN_COLUMN_WIDTH = 128
+LABEL_SIZE = 14
+
+
+def _class_name(names: Sequence[str], index: int) -> str:
+    return str(names[index]) if index < len(names) else f"class {index}"
+
+
+def _titled(
+    panel: np.ndarray, columns: int, titles: Sequence[str], legend: Sequence[tuple]
+) -> np.ndarray:
+    """`panel` with a white title strip above its `columns` and a wrapped legend below."""
+    from PIL import ImageDraw, ImageFont
+
+    factor = -(-MIN_COLUMN_WIDTH // (panel.shape[1] // columns))  # ceil; 1 for real photos
+    if factor > 1:
+        panel = panel.repeat(factor, axis=0).repeat(factor, axis=1)
+    height, width = panel.shape[:2]
+    column = width // columns
+    try:
+        font = ImageFont.load_default(size=LABEL_SIZE)
+    except (ImportError, OSError, TypeError):  # Pillow without FreeType: the bitmap font
+        font = ImageFont.load_default()
+    line = LABEL_SIZE + 8
+    swatch = LABEL_SIZE - 2
+    # Lay the legend out first: entries wrap onto as many lines as the panel width needs.
+    entries, x, rows = [], 4, 1
+    for colour, name in legend:
+        entry = swatch + 4 + int(font.getlength(name)) + 12
+        if x + entry > width and x > 4:
+            x, rows = 4, rows + 1
+        entries.append((x, rows - 1, colour, name))
+        x += entry
+    canvas = Image.new("RGB", (width, line + height + rows * line), "white")
+    canvas.paste(Image.fromarray(panel), (0, line))
+    draw = ImageDraw.Draw(canvas)
+    for index, title in enumerate(titles):
+        text = int(font.getlength(title))
+        draw.text((index * column + (column - text) // 2, 4), title, fill="black", font=font)
+    for x, row, colour, name in entries:
+        top = line + height + row * line + 4
+        draw.rectangle(
+            (x, top, x + swatch, top + swatch), fill=tuple(int(c) for c in colour), outline="black"
+        )
+        draw.text((x + swatch + 4, top - 2), name, fill="black", font=font)
+    return np.asarray(canvas)
 
 
 def plot_history(history_csv: Path, out_png: Path) -> None:
