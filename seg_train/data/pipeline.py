@@ -10,7 +10,8 @@ dataset has them), optional photometric jitter, batching and prefetch. Labels ar
 resized nearest-neighbour, so augmentation never invents a class. Images leave as float32 in
 0..255; each model normalises them in its own first layer, so train, eval, infer and export
 cannot disagree about preprocessing. Evaluation reads `decoded_dataset` directly: no
-augmentation, and labels at their original resolution.
+augmentation, and labels at their original resolution. A matting source (`data.task=matting`)
+gets float alpha targets instead, resized bilinearly (seg_train/matting/data.py).
 
 Random choices use stateless ops seeded per element from (seed, position in the stream), so a
 run is reproducible under parallel `map`, differs from epoch to epoch, and a resumed run continues
@@ -497,8 +498,16 @@ def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = Fa
     seeds = tf.data.Dataset.range(first, _ENDLESS).map(
         lambda i: tf.stack([tf.constant(seed, tf.int64), i]))
     pairs = tf.data.Dataset.zip((examples, seeds))
-    batches = pairs.map(lambda pair, s: augment(*pair, s, data), num_parallel_calls=parallel)
+    transform = _matting().augment if _matting().is_matting(source) else augment
+    batches = pairs.map(lambda pair, s: transform(*pair, s, data), num_parallel_calls=parallel)
     return batches.batch(data.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def _matting():
+    """seg_train.matting.data (alpha targets), imported late: it builds on this module."""
+    from seg_train.matting import data as matting_data
+
+    return matting_data
 
 
 # The end of an endless `Dataset.range`.
@@ -525,6 +534,7 @@ def val_dataset(source: Source, data: DictConfig, split: str = "val") -> tf.data
     if should_cache(source, split, data.cache):
         examples = examples.cache()
     crop = list(data.crop_size)
-    resized = examples.map(lambda image, mask: resize_pair(image, mask, crop),
+    resize = _matting().resize if _matting().is_matting(source) else resize_pair
+    resized = examples.map(lambda image, mask: resize(image, mask, crop),
                            num_parallel_calls=parallel)
     return resized.batch(data.batch_size).prefetch(AUTOTUNE)

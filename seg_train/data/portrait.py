@@ -9,8 +9,10 @@
       testing/NNNNN_matte.png
 
 A pixel is "person" when its alpha exceeds `data.matte_threshold`; the classic U-Net recipe
-uses any alpha > 0. There are no split files: every image of a folder with a matte beside it is
-one example, in file-name order.
+uses any alpha > 0. With `data.task=matting` the mattes are kept as they are (0..255 alpha,
+no threshold, no class-id check); the pipeline then turns them into float alpha targets (see
+seg_train/matting/data.py). There are no split files: every image of a folder with a matte
+beside it is one example, in file-name order.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ PALETTE = [[0, 0, 0], [192, 128, 128]]
 MATTE_SUFFIX = "_matte"
 LAYOUT = "<root>/{training,testing}/{NNNNN.png, NNNNN_matte.png}"
 DEFAULT_SPLITS = {"train": "training", "val": "testing"}
+TASKS = ("segmentation", "matting")
 
 
 def binarise(alpha: np.ndarray, threshold: int) -> np.ndarray:
@@ -50,6 +53,7 @@ class PortraitSource(FileSource):
         root: The folder holding `training/` and `testing/`.
         splits: Split name -> folder under root (default: train = training, val = testing).
         matte_threshold: Alpha above which a pixel is person (0..254).
+        task: "segmentation" (binarised mattes) or "matting" (the raw 0..255 alpha).
         num_classes: `data.num_classes`; must be 2.
         ignore_label: `data.ignore_label`.
         on_error: `data.on_error`: raise or skip on broken examples.
@@ -61,15 +65,20 @@ class PortraitSource(FileSource):
 
     def __init__(self, root: str, splits: Mapping[str, str] | None = None,
                  matte_threshold: int = 0, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise",
+                 task: str = "segmentation"):
+        if task not in TASKS:
+            raise UserError(f"data.task must be one of {', '.join(TASKS)}, got {task!r}")
+        self.task = task
         self.folders = dict(splits or DEFAULT_SPLITS)
         self.splits = tuple(self.folders)
         if not (isinstance(matte_threshold, int) and 0 <= matte_threshold < 255):
             raise UserError(f"data.matte_threshold must be an integer in 0..254, got "
                             f"{matte_threshold!r}")
         self.matte_threshold = matte_threshold
-        super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
-                         on_error=on_error)
+        # Alpha values are no class ids: matting skips the label range checks.
+        super().__init__(root, num_classes=None if task == "matting" else num_classes,
+                         ignore_label=ignore_label, on_error=on_error)
 
     def check_root(self) -> None:
         if not self.root.is_dir():
@@ -109,4 +118,6 @@ class PortraitSource(FileSource):
             raise DataError(path, "matte file is missing") from None
         except PIL_ERRORS as exc:
             raise DataError(path, f"cannot read matte ({exc})") from None
+        if self.task == "matting":
+            return alpha
         return binarise(alpha, self.matte_threshold)

@@ -1,0 +1,78 @@
+"""Matting targets in the shared pipeline: float alpha = matte / 255, resized bilinearly.
+
+A matting source (`source.task == "matting"`, e.g. the portrait set with `data.task=matting`)
+decodes each matte as its raw uint8 alpha. Here the training transform stacks that alpha onto
+the image as a fourth channel and runs the segmentation pipeline's own image operations on the
+stack (random scale and crop, or resize; flip), so image and alpha get exactly the same
+geometry and both are interpolated bilinearly (alpha is continuous; nearest-neighbour is for
+class ids). Crop padding gives alpha 0 (background). Colour jitter touches the image only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+from omegaconf import DictConfig
+
+from seg_train.data import pipeline
+from seg_train.data.base import Source
+from seg_train.errors import UserError
+
+MATTING = "matting"
+
+
+def is_matting(source: Source) -> bool:
+    """Whether a source decodes alpha mattes (its `task` attribute is "matting")."""
+    return getattr(source, "task", "segmentation") == MATTING
+
+
+def _stack(image: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
+    """float32 [H, W, 4]: RGB and alpha, all on the 0..255 scale."""
+    return tf.concat([tf.cast(image, tf.float32), tf.cast(alpha, tf.float32)[..., None]], -1)
+
+
+def _split(stacked: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """float32 image [H, W, 3] in 0..255 and alpha [H, W] in 0..1."""
+    return stacked[..., :3], tf.clip_by_value(stacked[..., 3] / 255.0, 0.0, 1.0)
+
+
+def resize(image: tf.Tensor, alpha: tf.Tensor, size: Sequence[int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Image and uint8 alpha resized bilinearly together -> float32 image, alpha in 0..1."""
+    return _split(tf.image.resize(_stack(image, alpha), size, method="bilinear"))
+
+
+def augment(
+    image: tf.Tensor, alpha: tf.Tensor, seed: tf.Tensor, data: DictConfig
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The training transform of `pipeline.augment`, with a continuous alpha target.
+
+    Draws from the same stateless seeds as `pipeline.augment`, so a matting run's crops and
+    flips are those a segmentation run of the same seed would take.
+
+    Returns:
+        float32 image [crop, crop, 3] in 0..255 and float32 alpha [crop, crop] in 0..1.
+    """
+    crop = list(data.crop_size)
+    transform = data.get("transform", "crop")
+    if transform not in pipeline.TRANSFORMS:
+        raise UserError(
+            f"config key data.transform must be one of "
+            f"{', '.join(pipeline.TRANSFORMS)}, got {transform!r}"
+        )
+    crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    stacked = _stack(image, alpha)
+    # The segmentation operations carry a mask; ours rides in the image, theirs is a dummy.
+    dummy = tf.zeros(tf.shape(stacked)[:2], tf.uint8)
+    if transform == "resize":
+        stacked = tf.image.resize(stacked, crop, method="bilinear")
+    else:
+        fill = [*pipeline.pad_colour(data.get("pad_value", 0)), 0.0]  # alpha 0 where padded
+        stacked, _ = pipeline.random_scaled_crop(
+            stacked, dummy, data.scale_range, crop, data.ignore_label, crop_seed, fill
+        )
+    if data.hflip:
+        stacked, _ = pipeline.random_hflip(stacked, tf.zeros(crop, tf.uint8), flip_seed)
+    image, alpha = _split(stacked)
+    image = pipeline.color_jitter(image, jitter_seed, data.get("jitter"))
+    return tf.ensure_shape(image, [*crop, 3]), tf.ensure_shape(alpha, crop)

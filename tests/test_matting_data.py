@@ -1,0 +1,76 @@
+"""Matting targets: raw mattes decoded, float alpha resized bilinearly, geometry shared."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from seg_train.data import pipeline
+from seg_train.data.base import build_source
+from seg_train.data.portrait import PortraitSource
+from seg_train.errors import UserError
+from tests.helpers import compose_config
+
+H, W = 30, 40
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A portrait layout whose mattes equal the red channel of their images."""
+    rng = np.random.default_rng(0)
+    for folder, count in (("training", 4), ("testing", 2)):
+        (tmp_path / folder).mkdir()
+        for index in range(count):
+            image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / folder / f"{folder}{index}.png")
+            Image.fromarray(image[..., 0], mode="L").save(
+                tmp_path / folder / f"{folder}{index}_matte.png"
+            )
+    return tmp_path
+
+
+def data_config(root, *overrides):
+    overrides = [
+        "data=portrait",
+        f"data.root={root}",
+        "data.task=matting",
+        "data.batch_size=2",
+        "data.crop_size=[16,16]",
+        "data.cache=false",
+        *overrides,
+    ]
+    return compose_config(overrides).data
+
+
+def test_matting_source_keeps_the_raw_alpha(root):
+    source = build_source(data_config(root))
+    assert source.task == "matting"
+    for image, alpha in pipeline.decoded_dataset(source, "val").as_numpy_iterator():
+        assert alpha.dtype == np.uint8
+        np.testing.assert_array_equal(alpha, image[..., 0])  # not binarised
+    with pytest.raises(UserError, match="data.task"):
+        PortraitSource(str(root), task="trimap")
+
+
+@pytest.mark.parametrize("transform", ["crop", "resize"])
+def test_training_alpha_moves_and_interpolates_with_the_image(root, transform):
+    data = data_config(
+        root, f"data.transform={transform}", "data.scale_range=[0.5,1.5]", "data.hflip=true"
+    )
+    images, alphas = next(iter(pipeline.train_dataset(build_source(data), data, seed=3)))
+    assert alphas.dtype == tf.float32 and alphas.shape == (2, 16, 16)
+    alphas = alphas.numpy()
+    assert alphas.min() >= 0.0 and alphas.max() <= 1.0
+    # Not thresholded: interpolated values between the 8-bit levels occur.
+    assert not np.allclose(alphas * 255, np.round(alphas * 255))
+    # The same crop, scale, flip and bilinear weights: alpha * 255 is the red channel.
+    np.testing.assert_allclose(alphas * 255, images.numpy()[..., 0], atol=1e-3)
+
+
+def test_validation_alpha_is_resized_bilinearly(root):
+    data = data_config(root)
+    images, alphas = next(iter(pipeline.val_dataset(build_source(data), data)))
+    assert alphas.dtype == tf.float32 and alphas.shape == (2, 16, 16)
+    np.testing.assert_allclose(alphas.numpy() * 255, images.numpy()[..., 0], atol=1e-3)
