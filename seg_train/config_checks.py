@@ -104,6 +104,32 @@ def device_list(key: str, value: Any) -> None:
         )
 
 
+# The loggers that need an optional package (pyproject.toml extras of the same names).
+LOGGER_PACKAGES = ("mlflow", "wandb")
+
+
+def missing_logger_package(name: str, error: ImportError | None = None) -> str:
+    """The one line for a `logger=NAME` whose package is not installed (or fails to import)."""
+    install = f"pip install 'seg-train[{name}]'"
+    if error is not None and error.name not in (None, name):  # the package is there, broken
+        return f"logger={name}: importing {name} failed ({error}); reinstall it: {install}"
+    return f"logger={name} needs the {name} package: {install}"
+
+
+def logger_packages(loggers: Any) -> None:
+    """Refuses a logger whose package is missing before any data is read or model built."""
+    import importlib.util
+
+    for name in loggers or ():
+        if name in LOGGER_PACKAGES:
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except ValueError:  # a module placed in sys.modules without a spec (tests)
+                found = True
+            if not found:
+                raise UserError(missing_logger_package(name))
+
+
 RULES: dict[str, Callable[[str, Any], None]] = {
     "seed": any_int,
     "data.num_classes": positive_int,
@@ -137,6 +163,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "hardware.gpus_per_job": optional_positive_int,
     "trainer.overfit_batches": lambda k, v: v == 0 or positive_int(k, v),
     "trainer.backup_every_steps": lambda k, v: v == 0 or positive_int(k, v),
+    "logger": lambda k, v: logger_packages(v),
     # Dataset keys; their rules live beside the datasets in seg_train/data/rules.py.
     "data.source": data_rules.decoder_node,
     "data.on_error": data_rules.one_of("raise", "skip"),

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from seg_train import checkpoints, runtime
+from seg_train import checkpoints, loggers, runtime
 from seg_train.config_checks import check_config
 from seg_train.data.base import build_source
 from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
@@ -277,6 +277,7 @@ def run(cfg: DictConfig) -> float | None:
     checkpoint, run_dir = checkpoints.resolve_checkpoint(cfg.ckpt_path)
     checkpoints.adopt_run_config(cfg, run_dir)
     check_config(cfg)
+    trackers = loggers.build(cfg)  # logger=mlflow / wandb: before the evaluation
     runtime.seed_everything(cfg.seed)
     model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
     try:
@@ -295,4 +296,5 @@ def run(cfg: DictConfig) -> float | None:
         report["num_images"],
         out_dir / "metrics.json",
     )
+    loggers.finish(trackers, out_dir)
     return optimized_value(report, cfg.optimized_metric)

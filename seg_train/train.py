@@ -23,6 +23,7 @@ from seg_train import (
     checkpoints,
     devices,
     distribute,
+    loggers,
     optim,
     preemption,
     resume,
@@ -197,6 +198,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     )
     write_report(run_dir, cfg)  # report.html from metrics.json, history, log (never raises)
     resume.mark_finished(run_dir)
+    loggers.finish(callbacks, run_dir)  # metrics.json, report.html: to MLflow / W&B
     return value
 
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from seg_train import losses, resume
+from seg_train import loggers, losses, resume
 from seg_train.errors import UserError
 from seg_train.viz import full_palette
 
@@ -109,9 +109,7 @@ def build_callbacks(
     evaluates `model` itself and writes plain `val_mean_iou`.
     """
     callbacks = []
-    for name, node in cfg.callbacks.items():
-        if node is None:
-            continue
+    for name, node in loggers.callback_nodes(cfg):  # e.g. no TensorBoard under logger=csv
         callback = instantiate(node)
         if isinstance(callback, functools.partial):
             callback = callback(
@@ -126,7 +124,8 @@ def build_callbacks(
                 callback.monitor = f"val_{FUSED}_{callback.monitor.removeprefix('val_')}"
         log.info("Callback %s: %s", name, type(callback).__name__)
         callbacks.append(callback)
-    return callbacks
+    # Experiment trackers (logger=mlflow / wandb); train.py calls loggers.finish after the report.
+    return callbacks + loggers.build(cfg)
 
 
 def val_protocol(cfg: DictConfig) -> str:
