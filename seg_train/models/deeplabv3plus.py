@@ -35,7 +35,7 @@ import keras
 from keras import layers
 
 from seg_train.errors import UserError
-from seg_train.models import backbones
+from seg_train.models import backbones, heads
 from seg_train.models.layers import ResizeLike
 
 BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
@@ -162,10 +162,11 @@ def _encoder(
     return inputs, feats, aspp(feats["P5"], aspp_filters, rates, aspp_dropout)
 
 
-def _finish(inputs, x, num_classes, freeze_bn, backbone_weights, name):
-    x = layers.Conv2D(num_classes, 1, name="logits")(x)
+def _finish(inputs, x, num_classes, freeze_bn, backbone_weights, name, task="segmentation"):
+    x = layers.Conv2D(heads.output_channels(task, num_classes), 1, name="logits")(x)
     x = ResizeLike(name="upsample")([x, inputs])
-    model = keras.Model(inputs, backbones.logits_float32(x), name=name)
+    # Matting: the sigmoid after the upsampling, as the logits are upsampled for segmentation.
+    model = keras.Model(inputs, heads.output(x, task), name=name)
     if freeze_bn:
         backbones.freeze_batch_norm(model)
         backbones.warn_frozen_random_bn(freeze_bn, backbone_weights, name)
@@ -184,6 +185,7 @@ def build_deeplabv3plus(
     freeze_bn: bool = False,
     backbone_weights: str | None = "imagenet",
     name: str = "deeplabv3plus",
+    task: str = "segmentation",
 ) -> keras.Model:
     """Builds keras-io's DeepLabV3+ (plain ResNet-50 read inside conv4, DSPP, decoder).
 
@@ -207,10 +209,11 @@ def build_deeplabv3plus(
         backbone_weights: "imagenet", None (random init) or a path to a no-top weights file
             of the backbone.
         name: Model name.
+        task: "segmentation" (class logits) or "matting" (one sigmoid alpha channel).
 
     Returns:
         An uncompiled model mapping float32 0..255 RGB images [B, H, W, 3] to float32 logits
-        [B, H, W, num_classes].
+        [B, H, W, num_classes] (matting: the alpha [B, H, W, 1] in [0, 1]).
     """
     _check_backbone(backbone)
     inputs, feats = _backbone_features(
@@ -224,7 +227,7 @@ def build_deeplabv3plus(
     )
     x = aspp(feats[KERAS_IO_ENCODER_TAP], aspp_filters, aspp_rates, None, pool_bias=True)
     x = decoder(x, feats["low_level"], low_level_filters, decoder_filters)
-    return _finish(inputs, x, num_classes, freeze_bn, backbone_weights, name)
+    return _finish(inputs, x, num_classes, freeze_bn, backbone_weights, name, task)
 
 
 def build_deeplabv3plus_atrous(

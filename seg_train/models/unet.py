@@ -24,6 +24,7 @@ import keras
 from keras import layers
 
 from seg_train.errors import UserError
+from seg_train.models import heads
 
 # input_scaling -> (scale, offset) applied to 0..255 images.
 INPUT_SCALINGS = {"symmetric": (1.0 / 127.5, -1.0), "unit": (1.0 / 255.0, 0.0)}
@@ -102,6 +103,7 @@ def build_unet(
     initializer: str = "he_normal",
     backbone_weights: str | None = None,
     name: str = "unet",
+    task: str = "segmentation",
 ) -> keras.Model:
     """Builds a U-Net returning float32 logits [B, H, W, num_classes].
 
@@ -121,6 +123,7 @@ def build_unet(
             it: kernels and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
         backbone_weights: Must be None: U-Net has no pretrained backbone.
         name: Model name.
+        task: "segmentation" (class logits) or "matting" (one sigmoid alpha channel).
     """
     if backbone_weights is not None:
         raise UserError(
@@ -157,7 +160,6 @@ def build_unet(
         x = layers.Concatenate(name=f"{stage}_concat")([skips[level], x])
         x = conv_block(x, filters, batch_norm, stage, initializer)
     init = pytorch_init(x.shape[-1]) if initializer == "pytorch" else {}
-    logits = layers.Conv2D(num_classes, 1, name="logits", **init)(x)
-    # float32 logits even under a mixed-precision policy, so the loss is computed in float32.
-    logits = layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
-    return keras.Model(inputs, logits, name=name)
+    logits = layers.Conv2D(heads.output_channels(task, num_classes), 1, name="logits", **init)(x)
+    # float32 outputs even under a mixed-precision policy, so the loss is computed in float32.
+    return keras.Model(inputs, heads.output(logits, task), name=name)

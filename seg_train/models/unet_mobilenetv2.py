@@ -23,7 +23,7 @@ import keras
 from keras import layers
 
 from seg_train.errors import UserError
-from seg_train.models import backbones
+from seg_train.models import backbones, heads
 
 log = logging.getLogger(__name__)
 ENCODER_TAPS = ("P1", "P2", "P3", "P4", "P5")
@@ -64,6 +64,7 @@ def build_unet_mobilenetv2(
     input_scaling: str = "symmetric",
     backbone_weights: str | None = "imagenet",
     name: str = "unet_mobilenetv2",
+    task: str = "segmentation",
 ) -> keras.Model:
     """Builds the TF tutorial's U-Net on a MobileNetV2 encoder.
 
@@ -84,10 +85,11 @@ def build_unet_mobilenetv2(
         backbone_weights: "imagenet", None (random init) or a path to a MobileNetV2 no-top
             weights file.
         name: Model name.
+        task: "segmentation" (class logits) or "matting" (one sigmoid alpha channel).
 
     Returns:
         An uncompiled model mapping float32 0..255 RGB images [B, H, W, 3] to float32 logits
-        [B, H, W, num_classes].
+        [B, H, W, num_classes] (matting: the alpha [B, H, W, 1] in [0, 1]).
     """
     if len(decoder_filters) != len(ENCODER_TAPS) - 1:
         raise ValueError(
@@ -117,8 +119,9 @@ def build_unet_mobilenetv2(
     for stage, (filters, skip) in enumerate(zip(decoder_filters, skips, strict=True), start=1):
         x = upsample_block(x, filters, kernel_size, name=f"decoder_stage{stage}")
         x = layers.Concatenate(name=f"decoder_stage{stage}_concat")([x, taps[skip]])
-    x = layers.Conv2DTranspose(num_classes, 3, strides=2, padding="same", name="logits")(x)
-    model = keras.Model(inputs, backbones.logits_float32(x), name=name)
+    channels = heads.output_channels(task, num_classes)
+    x = layers.Conv2DTranspose(channels, 3, strides=2, padding="same", name="logits")(x)
+    model = keras.Model(inputs, heads.output(x, task), name=name)
     if freeze_bn:
         backbones.freeze_batch_norm(model)
         backbones.warn_frozen_random_bn(freeze_bn, backbone_weights, name)
