@@ -135,6 +135,10 @@ def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint
     added to the report. `evaluator` reuses a `SplitEvaluator` of `model` (e.g. the one that
     validated during training: its predictor is traced and its split decoded already).
     """
+    if cfg.data.get("task") == "matting":  # the four matting errors + the thresholded IoU
+        from seg_train.matting.run import evaluate_and_report
+
+        return evaluate_and_report(model, cfg, split, out_dir, checkpoint, extra, evaluator)
     data = cfg.data
     evaluator = evaluator or SplitEvaluator(model, cfg, split)
     palette = full_palette(data.palette)
@@ -270,6 +274,11 @@ def optimized_value(report: dict, metric: str) -> float | None:
     return report[metric]
 
 
+def output_channels(cfg: DictConfig) -> int:
+    """The channels a checkpoint of this config predicts: classes, or the one alpha."""
+    return 1 if cfg.data.get("task") == "matting" else cfg.data.num_classes
+
+
 def run(cfg: DictConfig) -> float | None:
     """Evaluates `cfg.ckpt_path` on `cfg.eval.split`; returns the mean IoU."""
     out_dir = Path(cfg.paths.output_dir)
@@ -279,7 +288,7 @@ def run(cfg: DictConfig) -> float | None:
     check_config(cfg)
     trackers = loggers.build(cfg)  # logger=mlflow / wandb: before the evaluation
     runtime.seed_everything(cfg.seed)
-    model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
+    model = checkpoints.load_model(checkpoint, output_channels(cfg))
     try:
         report = evaluate_model(model, cfg, cfg.eval.split, out_dir, checkpoint)
     except KeyboardInterrupt:

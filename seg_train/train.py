@@ -35,7 +35,7 @@ from seg_train.callbacks import OriginalResolutionValidation
 from seg_train.data import pipeline
 from seg_train.data.base import build_source
 from seg_train.errors import UserError
-from seg_train.evaluate import SplitEvaluator, evaluate_model, optimized_value
+from seg_train.evaluate import SplitEvaluator, evaluate_model, optimized_value, output_channels
 from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir
 from seg_train.report import write_report
 from seg_train.viz import plot_history
@@ -269,7 +269,7 @@ def _report_best(
         log.info("Loaded the weights of %s", best)
         best_model = model
     else:
-        best_model = checkpoints.load_model(best, cfg.data.num_classes)
+        best_model = checkpoints.load_model(best, output_channels(cfg))
     report = evaluate_model(
         best_model, cfg, "val", run_dir, best, {"selection": selection}, evaluator=evaluator
     )

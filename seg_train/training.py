@@ -79,6 +79,10 @@ def compile_model(
     )
     loss = instantiate(losses.resolve_class_weights(cfg.loss, auto_class_weights))
     metrics = [mean_iou]
+    if cfg.data.get("task") == "matting":  # a one-channel alpha: no class ids to count
+        from seg_train.matting.run import fit_metrics
+
+        metrics = fit_metrics()
     if names := output_names(model):
         # The loss on every score map (labels shrunk to each); mIoU on the input-size fused
         # logits, which carry no loss (DeepLab v2 MSC, see deeplabv2.msc_training_model).
@@ -158,6 +162,11 @@ def original_resolution_validation(cfg: DictConfig, model: keras.Model, source):
     from seg_train.evaluate import SplitEvaluator
 
     cache = should_cache(source, "val", cfg.data.cache)
+    if cfg.data.get("task") == "matting":  # SAD, MSE, Grad, Conn and the thresholded IoU
+        from seg_train.matting.run import MattingEvaluator, MattingValidation
+
+        evaluator = MattingEvaluator(model, cfg, "val", cache=cache)
+        return MattingValidation(evaluator, cfg.data.class_names, cfg.trainer.validation_freq)
     evaluator = SplitEvaluator(model, cfg, "val", cache=cache)
     return OriginalResolutionValidation(
         evaluator, cfg.data.class_names, cfg.trainer.validation_freq
@@ -358,6 +367,8 @@ def check_label_sample(dataset: tf.data.Dataset, data: DictConfig) -> None:
     learn the background only. The first masks of the train split tell: real datasets show
     some class other than 0 there, and ignore bands only ever surround objects.
     """
+    if data.get("task") == "matting":  # alpha mattes: 0 and 255 are alpha values, not labels
+        return
     counts = np.zeros(256, np.int64)
     for _, mask in dataset.take(LABEL_SAMPLE).as_numpy_iterator():
         counts += np.bincount(mask.ravel(), minlength=256)

@@ -1,0 +1,38 @@
+"""experiment=portrait_matting end to end on a tiny portrait set: train, then mode=eval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli, train_through_cli
+from tests.test_data_layouts import write_portrait
+
+MATTING_ERRORS = ("sad", "mse", "grad", "conn")
+
+
+@pytest.mark.slow
+def test_portrait_matting_trains_and_evaluates(tmp_path, cache_dir):
+    root = tmp_path / "portrait"
+    write_portrait(root, num_train=4, num_test=2)
+    recipe = ["experiment=portrait_matting", f"data.root={root}", "model.base_filters=4"]
+    run_dir = tmp_path / "run"
+    metrics = train_through_cli(recipe, run_dir, cache_dir, tmp_path)
+    assert metrics["task"] == "matting" and metrics["num_images"] == 2
+    for name in MATTING_ERRORS:
+        assert isinstance(metrics[name], float) and metrics[name] >= 0, name
+    # The segmentation view: IoU of the thresholded alpha, keyed as a segmentation report.
+    assert set(metrics["per_class_iou"]) == {"background", "person"}
+    assert metrics["selection"]["metric"] == "val_sad"
+    assert "val_sad" in (run_dir / "history.csv").read_text().splitlines()[0]
+    assert (run_dir / "samples" / "val_0000_alpha.png").is_file()
+    assert (run_dir / "samples" / "val_0000_cutout.png").is_file()
+
+    eval_dir = tmp_path / "eval"
+    args = ["mode=eval", f"ckpt_path={run_dir}", f"hydra.run.dir={eval_dir}"]
+    result = run_cli(args, cache_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((eval_dir / "metrics.json").read_text())
+    for name in (*MATTING_ERRORS, "mean_iou"):
+        assert evaluated[name] == pytest.approx(metrics[name], rel=1e-5), name
