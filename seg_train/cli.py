@@ -37,11 +37,11 @@ CONFIG_DIR = Path(
 )
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-# What `trainer.resume=RUN_DIR KEY=VALUE` may change: how long and how the run goes on, never
-# what it trains (model, data, loss, optimizer) or how it is saved.
+# What `trainer.resume=RUN_DIR KEY=VALUE` may change: how long and how the run goes on and
+# where it is tracked (logger=mlflow may join later), never what it trains (model, data, loss, optimizer) or how it is saved.
 RESUME_SAFE_KEYS = ("trainer.epochs", "trainer.backup_every_steps", "trainer.verbose")
-RESUME_SAFE_PREFIXES = ("hardware.",)
-RESUME_SAFE_GROUPS = ("hardware",)
+RESUME_SAFE_PREFIXES = ("hardware.", "logger.")
+RESUME_SAFE_GROUPS = ("hardware", "logger")
 # Every resume of a run is appended here (time, PID, the overrides it changed); the run's own
 # .hydra/ is never rewritten by a resume.
 RESUME_LOG = "resume_overrides.yaml"
@@ -266,7 +266,7 @@ def _changes_on_resume(run_dir: Path, saved: list[str], given: list[str]) -> lis
             was = f"it was started with {own[key]}" if key in own else f"{key} was not set"
             raise UserError(
                 f"trainer.resume={run_dir} cannot change {override} ({was}): a resume may "
-                f"only change {', '.join(RESUME_SAFE_KEYS)} and hardware; start a new run "
+                f"only change {', '.join(RESUME_SAFE_KEYS)}, hardware and logger; start a new run "
                 "(a new hydra.run.dir) to train something else"
             )
         changes.append(override)

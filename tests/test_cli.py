@@ -204,3 +204,15 @@ def test_a_non_ascii_value_gets_the_quoting_hint(tmp_path, cache_dir):
     assert "data.root" in lines[0] and """'data.root="/data/données"'""" in lines[0]
     quoted = run_cli(["--cfg", "job", 'data.root="/data/données"'], cache_dir, tmp_path)
     assert quoted.returncode == 0 and "/data/données" in quoted.stdout
+
+
+def test_a_resume_may_add_a_tracker_but_not_change_the_model(tmp_path):
+    from seg_train.cli import _changes_on_resume
+    from seg_train.errors import UserError
+
+    saved = ["model=unet", "trainer.epochs=4"]
+    tracking = ["logger=[tensorboard,mlflow]", "logger.mlflow.experiment_name=pets", "model=unet"]
+    assert _changes_on_resume(tmp_path, saved, tracking) == tracking[:2]
+    with pytest.raises(UserError, match="cannot change model=fcn8s"):
+        _changes_on_resume(tmp_path, saved, ["model=fcn8s"])
+
