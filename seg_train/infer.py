@@ -195,6 +195,11 @@ def run(cfg: DictConfig) -> None:
     check_config(cfg)
     images = find_images(str(cfg.infer.input), cfg.infer.recursive)
     out_dir = Path(cfg.infer.output_dir or Path(cfg.paths.output_dir) / "predictions")
+    if cfg.data.get("task") == "matting":  # alpha, cut-out and overlay PNGs instead of ids
+        from seg_train.matting.run import infer as infer_alpha
+
+        runtime.seed_everything(cfg.seed)
+        return infer_alpha(cfg, checkpoint, images, out_dir)
     resume = bool(cfg.infer.get("resume", False))
     outputs = plan_outputs(images, out_dir, cfg.infer.overwrite, cfg.infer.save_probs, resume)
     if out_dir.is_dir():

@@ -1,10 +1,12 @@
-"""experiment=portrait_matting end to end on a tiny portrait set: train, then mode=eval."""
+"""experiment=portrait_matting end to end on a tiny portrait set: train, mode=eval, mode=infer."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.helpers import run_cli, train_through_cli
 from tests.test_data_layouts import write_portrait
@@ -36,3 +38,20 @@ def test_portrait_matting_trains_and_evaluates(tmp_path, cache_dir):
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     for name in (*MATTING_ERRORS, "mean_iou"):
         assert evaluated[name] == pytest.approx(metrics[name], rel=1e-5), name
+
+    predicted = tmp_path / "predicted"
+    image = root / "testing" / "00005.png"
+    args = [
+        "mode=infer",
+        f"ckpt_path={run_dir}",
+        f"infer.input={image}",
+        f"infer.output_dir={predicted}",
+        f"hydra.run.dir={tmp_path / 'infer'}",
+    ]
+    result = run_cli(args, cache_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    alpha = Image.open(predicted / "00005_alpha.png")
+    cutout = Image.open(predicted / "00005_cutout.png")
+    assert alpha.mode == "L" and cutout.mode == "RGBA"
+    assert alpha.size == cutout.size == Image.open(image).size  # the original size
+    np.testing.assert_array_equal(np.asarray(cutout)[..., 3], np.asarray(alpha))

@@ -6,6 +6,7 @@
 - `MattingValidation`: `trainer.val_protocol=original` for matting, writing `val_sad`,
   `val_mse`, `val_grad`, `val_conn` and `val_mean_iou` (thresholded alpha) into the epoch logs,
   so `callbacks.model_checkpoint.monitor=val_sad` (mode min) selects `best.keras` on SAD;
+- `infer`: `mode=infer`'s alpha, cut-out and overlay PNGs at each image's size;
 - `evaluate_and_report`: `metrics.json`, the printed table and the per-class files of the
   final report; the top level holds the segmentation view (the thresholded alpha's IoU,
   as a segmentation run's report) and the four matting errors beside it.
@@ -20,11 +21,13 @@ from pathlib import Path
 import keras
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 from seg_train.callbacks import OriginalResolutionValidation
 from seg_train.data.base import build_source
 from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
+from seg_train.errors import UserError
 from seg_train.matting import metrics, outputs
 from seg_train.matting.evaluate import MattingScores, predict_alpha
 
@@ -177,3 +180,31 @@ def print_errors(report: dict) -> None:
         table.add_column(column, justify="right")
     table.add_row(*("-" if report[n] is None else f"{report[n]:.4f}" for n in metrics.METRIC_NAMES))
     Console().print(table)
+
+
+def infer(cfg: DictConfig, checkpoint: Path, images: list[Path], out_dir: Path) -> None:
+    """`mode=infer` of a matting checkpoint: `<stem>_alpha.png`, `_cutout.png`, `_overlay.png`.
+
+    Each image is fed as the evaluation feeds it (`eval.mode=resize`: the training size) and
+    its alpha comes back at the image's original size.
+
+    Raises:
+        UserError: if an output exists and `infer.overwrite` is false.
+    """
+    from seg_train import checkpoints
+    from seg_train.infer import load_rgb
+
+    if not cfg.infer.overwrite:
+        existing = [out_dir / f"{p.stem}_alpha.png" for p in images]
+        existing = [p for p in existing if p.exists()]
+        if existing:
+            raise UserError(
+                f"{existing[0]} exists ({len(existing)} outputs in all); set "
+                "infer.overwrite=true or another infer.output_dir"
+            )
+    model = checkpoints.load_model(checkpoint, 1)
+    size = list(cfg.data.crop_size) if cfg.eval.mode == "resize" else None
+    for path in track(images, description="Predicting alpha"):
+        image = load_rgb(path)
+        outputs.save_alpha_outputs(image, predict_alpha(model, image, size), out_dir, path.stem)
+    log.info("Wrote the alpha, cut-out and overlay of %d images to %s", len(images), out_dir)
