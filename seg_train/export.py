@@ -346,7 +346,8 @@ def run(cfg: DictConfig) -> float | None:
     check_config(cfg)
     _warn_about_ignored_eval_options(cfg)
     runtime.seed_everything(cfg.seed)
-    model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
+    matting = cfg.data.get("task") == "matting"  # one alpha channel, not class logits
+    model = checkpoints.load_model(checkpoint, 1 if matting else cfg.data.num_classes)
     # Whole (or resize) mode without TTA: what a single forward graph can reproduce.
     resize = cfg.eval.mode == "resize"
     predictor = Predictor(model, mode="resize" if resize else "whole",
@@ -355,6 +356,10 @@ def run(cfg: DictConfig) -> float | None:
                           pad_value=cfg.data.get("pad_value", 0),
                           # The export runs every image whole: compare like with like.
                           max_whole_pixels=None)
+    if matting:  # alpha output; parity by the largest absolute difference
+        from seg_train.matting.export import run as export_alpha
+
+        return export_alpha(cfg, predictor, checkpoint, out_dir)
     fmt = options.format
     # TFLite needs a static input; a size-agnostic model gets the training crop size.
     input_size = (predictor.fixed_size or tuple(cfg.data.crop_size)) if fmt == "tflite" else None

@@ -6,7 +6,8 @@ only TensorFlow (or the TFLite interpreter) and NumPy are imported here, never K
 this package's layers, so a result proves the artefact is self-contained.
 
 IN.npz holds uint8 images [H, W, 3] under the keys `image_00000`, `image_00001`, ...; OUT.npz
-receives their uint8 class ids [H, W] under `ids_00000`, `ids_00001`, ...
+receives their uint8 class ids [H, W] under `ids_00000`, `ids_00001`, ... (a matting export's
+float32 alpha [H, W] instead, under the same keys).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 IDS_NAME = "class_ids"
+ALPHA_NAME = "alpha"  # seg_train.matting.export
 
 
 def saved_model_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -33,7 +35,7 @@ def saved_model_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
     def run(image: np.ndarray) -> np.ndarray:
         outputs = signature(**{INPUT_NAME: tf.constant(image[None])})
-        return outputs[IDS_NAME].numpy()[0]
+        return outputs[ALPHA_NAME if ALPHA_NAME in outputs else IDS_NAME].numpy()[0]
 
     return run
 
@@ -79,8 +81,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     with np.load(args.images) as images:
         for key in sorted(images.files):
             ids = np.asarray(predict(images[key]))
-            if ids.dtype != np.uint8:
-                raise TypeError(f"{args.artefact} returned {ids.dtype} class ids, not uint8")
+            if ids.dtype not in (np.uint8, np.float32):
+                raise TypeError(
+                    f"{args.artefact} returned {ids.dtype}, not uint8 ids or a float32 alpha"
+                )
             results[key.replace("image_", "ids_", 1)] = ids
     np.savez(args.output, **results)
     print(f"export_check: {args.format} {args.artefact} predicted {len(results)} images")

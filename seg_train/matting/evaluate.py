@@ -7,8 +7,6 @@ matte / 255 there, then averaged over images (the benchmark's convention). The s
 view of the same prediction, for comparing matting and segmentation runs: person = alpha >
 `alpha_threshold` against person = matte > `data.matte_threshold` (the segmentation runs'
 own truth), counted in the segmentation reports' `ConfusionMatrix`.
-
-Not yet called by seg_train/evaluate.py or train.py (see the README's matting section).
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """What matting inference writes per image: the alpha, the cut-out and an overlay.
 
-    <stem>_alpha.png    8-bit alpha (0..255) at the image's original size
-    <stem>_cutout.png   RGBA: the image with the predicted alpha as its alpha channel
-    <stem>_overlay.png  the image with the alpha shown as a tinted layer
-
-Not yet called by seg_train/infer.py (see the README's matting section).
+<stem>_alpha.png    8-bit alpha (0..255) at the image's original size
+<stem>_cutout.png   RGBA: the image with the predicted alpha as its alpha channel
+<stem>_overlay.png  the image with the alpha shown as a tinted layer
 """
 
 from __future__ import annotations
