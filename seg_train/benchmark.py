@@ -32,7 +32,6 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -183,15 +182,7 @@ def measure_training(
     # The schedule's length as a training run of this config would set it; it changes the
     # learning rate, not the cost of a step.
     steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // batch_size)
-    with strategy.scope():
-        model = instantiate(cfg.model, _convert_="all")
-        train_model = training.training_view(model)
-        training.compile_model(
-            train_model,
-            cfg,
-            steps_per_epoch,
-            lambda: training.median_frequency_weights(cfg, source),
-        )
+    model, train_model = training.build_and_compile(cfg, strategy, source, steps_per_epoch)
     outputs = training.output_names(train_model)
     # The stream train.py fits on (train_stream there): seeded order, augmentation, batching.
     stream = pipeline.train_dataset(source, cfg.data, cfg.seed, repeat=True)

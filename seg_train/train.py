@@ -16,7 +16,6 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from seg_train import (
@@ -129,15 +128,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         steps_per_epoch,
     )
 
-    with strategy.scope():
-        model = instantiate(cfg.model, _convert_="all")
-        train_model = training.training_view(model)
-        training.compile_model(
-            train_model,
-            cfg,
-            steps_per_epoch,
-            lambda: training.median_frequency_weights(cfg, source),
-        )
+    model, train_model = training.build_and_compile(cfg, strategy, source, steps_per_epoch)
     log.info("Model %s: %s parameters", model.name, f"{model.count_params():,}")
     if chief:
         optim.print_param_groups(train_model.optimizer, train_model.trainable_variables)

@@ -49,6 +49,27 @@ def labels_per_output(dataset: tf.data.Dataset, names: list[str] | None) -> tf.d
     return dataset.map(lambda images, labels: (images, {name: labels for name in names}))
 
 
+def build_and_compile(
+    cfg: DictConfig, strategy: tf.distribute.Strategy, source, steps_per_epoch: int
+) -> tuple[keras.Model, keras.Model]:
+    """The configured model and its compiled training view, built under `strategy`'s scope.
+
+    One function for `mode=train` and `mode=benchmark`, so the benchmark measures the very
+    step a training run takes.
+
+    Returns:
+        (model, train_model): the model that is saved and evaluated, and the view `fit` trains
+        (the same object unless DeepLab v2 trains on multi-scale inputs).
+    """
+    with strategy.scope():
+        model = instantiate(cfg.model, _convert_="all")
+        train_model = training_view(model)
+        compile_model(
+            train_model, cfg, steps_per_epoch, lambda: median_frequency_weights(cfg, source)
+        )
+    return model, train_model
+
+
 def compile_model(
     model: keras.Model,
     cfg: DictConfig,
