@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -24,6 +25,7 @@ class PredictionImageLogger(keras.callbacks.Callback):
         val_masks: uint8 [N, H, W] truth.
         palette: uint8 [256, 3] colours.
         max_images: How many of the images to log.
+        class_names: Names for the panels' column titles and class legend (None: bare panels).
     """
 
     def __init__(
@@ -33,11 +35,13 @@ class PredictionImageLogger(keras.callbacks.Callback):
         val_masks: np.ndarray,
         palette: np.ndarray,
         max_images: int = 4,
+        class_names: Sequence[str] | None = None,
     ):
         super().__init__()
         self.images = val_images[:max_images]
         self.masks = val_masks[:max_images]
         self.palette = palette
+        self.class_names = list(class_names) if class_names is not None else None
         self.writer = tf.summary.create_file_writer(log_dir)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -47,9 +51,9 @@ class PredictionImageLogger(keras.callbacks.Callback):
         if isinstance(logits, dict):  # a multi-output training view: show the fused output
             logits = logits["fused"]
         predictions = np.asarray(logits).argmax(-1).astype(np.uint8)
-        panels = np.stack(
+        panels = _same_size(
             [
-                sample_panel(image, mask, prediction, self.palette)
+                sample_panel(image, mask, prediction, self.palette, class_names=self.class_names)
                 for image, mask, prediction in zip(self.images, self.masks, predictions)
             ]
         )
@@ -58,6 +62,16 @@ class PredictionImageLogger(keras.callbacks.Callback):
                 "val/image_truth_prediction", panels, step=epoch, max_outputs=len(panels)
             )
         self.writer.flush()
+
+
+def _same_size(panels: list[np.ndarray]) -> np.ndarray:
+    """The panels as one batch, each padded with white to the largest (their legends differ)."""
+    height = max(p.shape[0] for p in panels)
+    width = max(p.shape[1] for p in panels)
+    batch = np.full((len(panels), height, width, 3), 255, np.uint8)
+    for index, panel in enumerate(panels):
+        batch[index, : panel.shape[0], : panel.shape[1]] = panel
+    return batch
 
 
 class OriginalResolutionValidation(keras.callbacks.Callback):
