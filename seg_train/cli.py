@@ -38,7 +38,8 @@ CONFIG_DIR = Path(
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 # What `trainer.resume=RUN_DIR KEY=VALUE` may change: how long and how the run goes on and
-# where it is tracked (logger=mlflow may join later), never what it trains (model, data, loss, optimizer) or how it is saved.
+# where it is tracked (logger=mlflow may join later), never what it trains (model, data,
+# loss, optimizer) or how it is saved.
 RESUME_SAFE_KEYS = ("trainer.epochs", "trainer.backup_every_steps", "trainer.verbose")
 RESUME_SAFE_PREFIXES = ("hardware.", "logger.")
 RESUME_SAFE_GROUPS = ("hardware", "logger")
