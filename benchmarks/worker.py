@@ -118,13 +118,17 @@ def bench_input(spec: dict) -> dict:
         # pipeline over these files (single images). tf.io reads palette PNGs as grey levels
         # of the colours: a speed reference only.
         files = _file_pairs(source)
-        dataset = files.repeat().map(
-            lambda image_path, mask_path: (
-                tf.io.decode_jpeg(tf.io.read_file(image_path), channels=3),
-                tf.io.decode_png(tf.io.read_file(mask_path), channels=1),
-            ),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        ).prefetch(tf.data.AUTOTUNE)
+        dataset = (
+            files.repeat()
+            .map(
+                lambda image_path, mask_path: (
+                    tf.io.decode_jpeg(tf.io.read_file(image_path), channels=3),
+                    tf.io.decode_png(tf.io.read_file(mask_path), channels=1),
+                ),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            .prefetch(tf.data.AUTOTUNE)
+        )
         batch = 1
     elif variant == "naive":
         dataset = _naive(_file_pairs(source), crop, batch)

@@ -88,21 +88,38 @@ def convert_one(job: tuple[str, str, str, bytes]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--voc-root", "--voc", type=Path, required=True,
-                        help="the VOC2012 folder (holding JPEGImages/ and SegmentationClass/)")
-    parser.add_argument("--sbd-root", "--sbd", type=Path, required=True,
-                        help="SBD's benchmark_RELEASE/dataset folder (holding cls/, train.txt)")
+    parser.add_argument(
+        "--voc-root",
+        "--voc",
+        type=Path,
+        required=True,
+        help="the VOC2012 folder (holding JPEGImages/ and SegmentationClass/)",
+    )
+    parser.add_argument(
+        "--sbd-root",
+        "--sbd",
+        type=Path,
+        required=True,
+        help="SBD's benchmark_RELEASE/dataset folder (holding cls/, train.txt)",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="rewrite masks that already exist in SegmentationClassAug/")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rewrite masks that already exist in SegmentationClassAug/",
+    )
     args = parser.parse_args(argv)
     voc_root, sbd_root = args.voc_root.expanduser(), args.sbd_root.expanduser()
     if not (voc_root / "JPEGImages").is_dir():
-        sys.exit(f"prepare_voc_aug: error: {voc_root} has no JPEGImages/; pass the VOC2012 "
-                 "folder as --voc-root")
+        sys.exit(
+            f"prepare_voc_aug: error: {voc_root} has no JPEGImages/; pass the VOC2012 "
+            "folder as --voc-root"
+        )
     if not (sbd_root / "cls").is_dir():
-        sys.exit(f"prepare_voc_aug: error: {sbd_root} has no cls/; pass SBD's "
-                 "benchmark_RELEASE/dataset folder as --sbd-root")
+        sys.exit(
+            f"prepare_voc_aug: error: {sbd_root} has no cls/; pass SBD's "
+            "benchmark_RELEASE/dataset folder as --sbd-root"
+        )
 
     voc_train = read_ids(voc_root / SPLITS / "train.txt")
     voc_val = read_ids(voc_root / SPLITS / "val.txt")
@@ -111,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     train_aug = sorted((set(voc_train) | set(sbd_train) | set(sbd_val)) - excluded)
     no_image = [i for i in train_aug if not (voc_root / "JPEGImages" / f"{i}.jpg").is_file()]
     if no_image:
-        sys.exit(f"prepare_voc_aug: error: {len(no_image)} training ids have no "
-                 f"{voc_root / 'JPEGImages'}/<id>.jpg (first: {no_image[0]}); is --voc-root the "
-                 "VOC2012 folder of VOCtrainval_11-May-2012.tar?")
+        sys.exit(
+            f"prepare_voc_aug: error: {len(no_image)} training ids have no "
+            f"{voc_root / 'JPEGImages'}/<id>.jpg (first: {no_image[0]}); is --voc-root the "
+            "VOC2012 folder of VOCtrainval_11-May-2012.tar?"
+        )
 
     out_dir = voc_root / AUG_MASKS
     out_dir.mkdir(exist_ok=True)
@@ -133,26 +152,34 @@ def main(argv: list[str] | None = None) -> int:
             continue
         jobs.append((image_id, str(source), str(target), palette))
     if missing:
-        sys.exit(f"prepare_voc_aug: error: {len(missing)} ids have neither a VOC "
-                 f"SegmentationClass PNG nor an SBD cls .mat (first: {missing[0]})")
+        sys.exit(
+            f"prepare_voc_aug: error: {len(missing)} ids have neither a VOC "
+            f"SegmentationClass PNG nor an SBD cls .mat (first: {missing[0]})"
+        )
 
-    print(f"Writing {len(jobs):,} masks into {out_dir} with {args.workers} workers ...",
-          flush=True)
+    print(f"Writing {len(jobs):,} masks into {out_dir} with {args.workers} workers ...", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         origins = list(pool.map(convert_one, jobs, chunksize=64))
 
     write_list(voc_root / SPLITS / "train_sbd.txt", sorted(set(sbd_train)))
     list_path = voc_root / SPLITS / "train_aug.txt"
     write_list(list_path, train_aug)
-    print(f"{list_path}: {len(train_aug):,} ids = (VOC train {len(voc_train):,} + SBD train "
-          f"{len(sbd_train):,} + SBD val {len(sbd_val):,}) - VOC val {len(voc_val):,}; masks "
-          f"written: {origins.count('voc'):,} from VOC, {origins.count('sbd'):,} from SBD")
+    print(
+        f"{list_path}: {len(train_aug):,} ids = (VOC train {len(voc_train):,} + SBD train "
+        f"{len(sbd_train):,} + SBD val {len(sbd_val):,}) - VOC val {len(voc_val):,}; masks "
+        f"written: {origins.count('voc'):,} from VOC, {origins.count('sbd'):,} from SBD"
+    )
     if len(train_aug) != EXPECTED_TRAIN_AUG:
-        print(f"prepare_voc_aug: warning: train_aug has {len(train_aug):,} ids, not the "
-              f"{EXPECTED_TRAIN_AUG:,} of the full VOC 2012 + SBD releases; fine for a subset, "
-              "otherwise check that both releases are complete", file=sys.stderr)
-    print(f"{voc_root / SPLITS / 'train_sbd.txt'}: {len(set(sbd_train)):,} ids (SBD train, "
-          f"expected {EXPECTED_TRAIN_SBD:,} for the full release)")
+        print(
+            f"prepare_voc_aug: warning: train_aug has {len(train_aug):,} ids, not the "
+            f"{EXPECTED_TRAIN_AUG:,} of the full VOC 2012 + SBD releases; fine for a subset, "
+            "otherwise check that both releases are complete",
+            file=sys.stderr,
+        )
+    print(
+        f"{voc_root / SPLITS / 'train_sbd.txt'}: {len(set(sbd_train)):,} ids (SBD train, "
+        f"expected {EXPECTED_TRAIN_SBD:,} for the full release)"
+    )
     return 0
 
 

@@ -114,8 +114,7 @@ class OriginalResolutionValidation(keras.callbacks.Callback):
             if summary[name] is not None:
                 logs[f"val_{name}"] = summary[name]
         logging.getLogger(__name__).info(
-            "Epoch %d: val mIoU %s, pixel accuracy %s on %d images at original resolution "
-            "(%.1f s)",
+            "Epoch %d: val mIoU %s, pixel accuracy %s on %d images at original resolution (%.1f s)",
             epoch + 1,
             _percent(summary["mean_iou"]),
             _percent(summary["pixel_accuracy"]),

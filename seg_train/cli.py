@@ -49,8 +49,21 @@ RESUME_LOG = "resume_overrides.yaml"
 # `seg-train VERB ...` is `seg-train mode=VERB ...` (configs/mode/ holds one file per verb).
 VERBS = ("train", "eval", "infer", "export", "check", "benchmark")
 # Hydra's flags that take the next argument as their value (so it is not read as a verb).
-_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
-                "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+_VALUE_FLAGS = (
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--info",
+    "-i",
+    "--experimental-rerun",
+)
 log = logging.getLogger("seg_train")
 # Whether the user asked for tracebacks (HYDRA_FULL_ERROR=1); set by main().
 _show_tracebacks = False

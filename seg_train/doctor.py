@@ -74,8 +74,9 @@ class Tally:
             return None
 
 
-def check_record(source: Source, record: tuple[bytes, bytes, bytes]
-                 ) -> tuple[np.ndarray | None, list[DataError]]:
+def check_record(
+    source: Source, record: tuple[bytes, bytes, bytes]
+) -> tuple[np.ndarray | None, list[DataError]]:
     """Decodes one record and lists its problems; returns (its label counts or None, problems)."""
     name, image, mask = record
     try:
@@ -87,10 +88,15 @@ def check_record(source: Source, record: tuple[bytes, bytes, bytes]
     present = set(np.flatnonzero(counts).tolist())
     ignore = source.ignore_label
     if source.num_classes == 2 and ignore in present and present <= {0, ignore}:
-        problems.append(DataError(pair.mask_file, f"0/{ignore} binary mask where class ids 0/1 "
-                                  f"are expected: {ignore} is the ignore label, so the foreground "
-                                  "would be ignored; remap it with "
-                                  f"'data.label_map={{{ignore}:1}}' (or save the foreground as 1)"))
+        problems.append(
+            DataError(
+                pair.mask_file,
+                f"0/{ignore} binary mask where class ids 0/1 "
+                f"are expected: {ignore} is the ignore label, so the foreground "
+                "would be ignored; remap it with "
+                f"'data.label_map={{{ignore}:1}}' (or save the foreground as 1)",
+            )
+        )
     return counts, problems
 
 
@@ -101,8 +107,10 @@ def _chunks(iterator: Iterator, size: int) -> Iterator[list]:
 
 def scan_split(source: Source, split: str, tally: Tally, workers: int) -> tuple[int, list[dict]]:
     """Checks every pair of a split; returns (pairs checked, problems as {split, file, problem})."""
-    errors = [{"split": split, "file": e.file, "problem": e.problem}
-              for e in source.listing_problems(split)]
+    errors = [
+        {"split": split, "file": e.file, "problem": e.problem}
+        for e in source.listing_problems(split)
+    ]
     try:
         records = source.records(split)
     except UserError:
@@ -113,40 +121,54 @@ def scan_split(source: Source, split: str, tally: Tally, workers: int) -> tuple[
     checked = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         chunks = _chunks(records.as_numpy_iterator(), CHUNK)
-        for chunk in track(chunks, total=-(-total // CHUNK) if total >= 0 else None,
-                           description=f"Checking {split}"):
+        for chunk in track(
+            chunks,
+            total=-(-total // CHUNK) if total >= 0 else None,
+            description=f"Checking {split}",
+        ):
             for counts, problems in pool.map(lambda r: check_record(source, r), chunk):
                 checked += 1
                 if counts is not None:
                     tally.add(counts)
-                errors += [{"split": split, "file": e.file, "problem": e.problem}
-                           for e in problems]
+                errors += [{"split": split, "file": e.file, "problem": e.problem} for e in problems]
     return checked, errors
 
 
-def check_dataset(source: Source, data: DictConfig, splits: list[str] | None = None,
-                  workers: int | None = None) -> dict:
+def check_dataset(
+    source: Source, data: DictConfig, splits: list[str] | None = None, workers: int | None = None
+) -> dict:
     """Scans the splits (default: all the dataset defines) and returns the report."""
     class_names = list(data.class_names)
     tally = Tally(data.num_classes)
-    report: dict = {"dataset": data.name, "root": _root(data), "num_classes": data.num_classes,
-                    "ignore_label": source.ignore_label, "splits": {}, "num_pairs": 0,
-                    "errors": [], "notes": []}
+    report: dict = {
+        "dataset": data.name,
+        "root": _root(data),
+        "num_classes": data.num_classes,
+        "ignore_label": source.ignore_label,
+        "splits": {},
+        "num_pairs": 0,
+        "errors": [],
+        "notes": [],
+    }
     seen: dict[str, str] = {}
     for split in splits or list(source.splits):
         source.check_split(split)
         origin = source.describe_split(split)
         if origin in seen:  # e.g. Oxford-IIIT Pet validates on its test split by default
-            report["notes"].append(f"split {split} is the same data as split {seen[origin]}; "
-                                   "checked once")
+            report["notes"].append(
+                f"split {split} is the same data as split {seen[origin]}; checked once"
+            )
             continue
         seen[origin] = split
         try:
             checked, errors = scan_split(source, split, tally, workers or os.cpu_count() or 1)
         except UserError as exc:  # the split itself is missing or empty
             checked, errors = 0, [{"split": split, "file": origin, "problem": str(exc)}]
-        report["splits"][split] = {"source": origin, "num_pairs": checked,
-                                   "num_errors": len(errors)}
+        report["splits"][split] = {
+            "source": origin,
+            "num_pairs": checked,
+            "num_errors": len(errors),
+        }
         report["num_pairs"] += checked
         report["errors"] += errors
     report["num_errors"] = len(report["errors"])
@@ -156,29 +178,38 @@ def check_dataset(source: Source, data: DictConfig, splits: list[str] | None = N
     # masks, which trains nothing): none are suggested until the check passes.
     weights = None if report["errors"] else tally.class_weights()
     if report["errors"]:
-        report["notes"].append("no class weights suggested while the data has problems; fix "
-                               "them and run the check again")
+        report["notes"].append(
+            "no class weights suggested while the data has problems; fix "
+            "them and run the check again"
+        )
     report["class_pixels"] = dict(zip(class_names, tally.class_pixels.tolist()))
     report["class_frequency"] = dict(zip(class_names, _nan_to_none(tally.class_frequency())))
-    report["class_weights"] = (None if weights is None
-                               else dict(zip(class_names, [round(w, 6) for w in weights])))
+    report["class_weights"] = (
+        None if weights is None else dict(zip(class_names, [round(w, 6) for w in weights]))
+    )
     palette = getattr(source, "palette", None)
     configured = data.get("palette")
-    if palette is not None and configured is not None and (
-        [list(c) for c in configured][: len(palette)] != [list(c) for c in palette]
+    if (
+        palette is not None
+        and configured is not None
+        and ([list(c) for c in configured][: len(palette)] != [list(c) for c in palette])
     ):
-        report["notes"].append(f"the dataset's palette ({source.palette_origin}) differs from "
-                               "data.palette, which overlays use")
+        report["notes"].append(
+            f"the dataset's palette ({source.palette_origin}) differs from "
+            "data.palette, which overlays use"
+        )
     return report
 
 
 def _dataset_level_checks(report: dict, tally: Tally, ignore: int, num_classes: int) -> None:
     present = set(np.flatnonzero(tally.histogram).tolist())
     if num_classes > 2 and ignore in present and present <= {0, ignore}:
-        problem = (f"every mask holds only 0 and {ignore}: these look like 0/{ignore} binary "
-                   f"masks, but {ignore} is the ignore label; for two classes use "
-                   f"'data.label_map={{{ignore}:1}}' data.num_classes=2 with two "
-                   "data.class_names (or save the foreground as class ids)")
+        problem = (
+            f"every mask holds only 0 and {ignore}: these look like 0/{ignore} binary "
+            f"masks, but {ignore} is the ignore label; for two classes use "
+            f"'data.label_map={{{ignore}:1}}' data.num_classes=2 with two "
+            "data.class_names (or save the foreground as class ids)"
+        )
         report["errors"].append({"split": "*", "file": str(report["root"]), "problem": problem})
         report["num_errors"] += 1
     labelled = tally.class_pixels.sum()
@@ -195,8 +226,7 @@ def _root(data: DictConfig) -> str | None:
     return None if root is None else str(root)
 
 
-def print_report(report: dict, class_names: list[str], max_printed: int, console: Console
-                 ) -> None:
+def print_report(report: dict, class_names: list[str], max_printed: int, console: Console) -> None:
     """Prints the splits, the problems (up to `max_printed`), the labels and class weights."""
     splits = Table(title=f"data={report['dataset']}: {report['num_pairs']} pairs checked")
     for column in ("split", "source", "pairs", "problems"):
@@ -234,15 +264,20 @@ def print_report(report: dict, class_names: list[str], max_printed: int, console
     class_weights = report["class_weights"] or {}
     for name in class_names:
         freq, weight = report["class_frequency"][name], class_weights.get(name)
-        weights.add_row(name, f"{report['class_pixels'][name]:,}",
-                        "-" if freq is None else f"{freq:.4f}",
-                        "-" if weight is None else f"{weight:.3f}")
+        weights.add_row(
+            name,
+            f"{report['class_pixels'][name]:,}",
+            "-" if freq is None else f"{freq:.4f}",
+            "-" if weight is None else f"{weight:.3f}",
+        )
     console.print(weights)
     if class_weights:
         suggested = ",".join(f"{w:.3g}" for w in class_weights.values())
-        console.print("Suggested class weights: loss=ce_weighted "
-                      f"'loss.class_weights=[{suggested}]' (its default class_weights=auto "
-                      "computes them from the train split)")
+        console.print(
+            "Suggested class weights: loss=ce_weighted "
+            f"'loss.class_weights=[{suggested}]' (its default class_weights=auto "
+            "computes them from the train split)"
+        )
     for note in report["notes"]:
         console.print(f"note: {note}")
 
@@ -252,22 +287,30 @@ def run(cfg: DictConfig) -> None:
     out_dir = Path(cfg.paths.output_dir)
     ensure_fresh_run_dir(out_dir, ignore=(".hydra",))
     if (out_dir / REPORT_NAME).exists():
-        raise UserError(f"run dir {out_dir} already holds a {REPORT_NAME}; pick a new "
-                        "hydra.run.dir instead of overwriting it")
+        raise UserError(
+            f"run dir {out_dir} already holds a {REPORT_NAME}; pick a new "
+            "hydra.run.dir instead of overwriting it"
+        )
     source = build_source(cfg.data)
     check = cfg.get("check") or {}
     splits = list(check.get("splits") or []) or None
     report = check_dataset(source, cfg.data, splits, cfg.data.num_parallel_calls)
     write_json_atomic(out_dir / REPORT_NAME, report)
-    print_report(report, list(cfg.data.class_names), int(check.get("max_printed", 20)),
-                 Console())
+    print_report(report, list(cfg.data.class_names), int(check.get("max_printed", 20)), Console())
     where = out_dir / REPORT_NAME
     if not report["errors"]:
-        log.info("No problems in %d pairs of data=%s; report in %s", report["num_pairs"],
-                 report["dataset"], where)
+        log.info(
+            "No problems in %d pairs of data=%s; report in %s",
+            report["num_pairs"],
+            report["dataset"],
+            where,
+        )
         return
     first = report["errors"][0]
-    print(f"seg-train: check: {report['num_errors']} problems in data={report['dataset']} "
-          f"({report['num_pairs']} pairs checked; first: {first['file']}: {first['problem']}); "
-          f"full list in {where}", file=sys.stderr)
+    print(
+        f"seg-train: check: {report['num_errors']} problems in data={report['dataset']} "
+        f"({report['num_pairs']} pairs checked; first: {first['file']}: {first['problem']}); "
+        f"full list in {where}",
+        file=sys.stderr,
+    )
     sys.exit(EXIT_PROBLEMS_FOUND)

@@ -84,8 +84,9 @@ class SplitEvaluator:
         """(image, mask, predicted ids) per example, in split order."""
         return predict_stream(self.examples.as_numpy_iterator(), self.predictor, self.crf)
 
-    def confusion(self, predictions: Iterable | None = None, on_example=None
-                  ) -> tuple[ConfusionMatrix, int]:
+    def confusion(
+        self, predictions: Iterable | None = None, on_example=None
+    ) -> tuple[ConfusionMatrix, int]:
         """Counts every prediction of the split; returns (matrix, number of images).
 
         Args:
@@ -122,8 +123,15 @@ class SplitEvaluator:
         return protocol
 
 
-def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint: Path,
-                   extra: dict | None = None, evaluator: SplitEvaluator | None = None) -> dict:
+def evaluate_model(
+    model,
+    cfg: DictConfig,
+    split: str,
+    out_dir: Path,
+    checkpoint: Path,
+    extra: dict | None = None,
+    evaluator: SplitEvaluator | None = None,
+) -> dict:
     """Evaluates `model` on a split image by image at original resolution.
 
     Writes `metrics.json`, `per_class.csv`, `confusion_matrix.{csv,png}`, `samples/` (image |
@@ -153,8 +161,9 @@ def evaluate_model(model, cfg: DictConfig, split: str, out_dir: Path, checkpoint
             panel = sample_panel(image, mask, prediction, palette, class_names=names)
             Image.fromarray(panel).save(out_dir / "samples" / f"{split}_{index:04d}.png")
 
-    progress = track(evaluator.predictions(), total=evaluator.num_images,
-                     description=f"Evaluating {split}")
+    progress = track(
+        evaluator.predictions(), total=evaluator.num_images, description=f"Evaluating {split}"
+    )
     started = time.perf_counter()
     matrix, num_images = evaluator.confusion(progress, save_sample)
     seconds = time.perf_counter() - started

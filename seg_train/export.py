@@ -83,8 +83,9 @@ def whole_logits(predictor: Predictor, pixels: tf.Tensor) -> tf.Tensor:
     divisor = predictor.size_divisor
     # Bottom/right with the pad colour (data.pad_value) as in Predictor: the top-left pixels
     # then see the same receptive field.
-    padded = pad_image(pixels, [[0, (-height) % divisor], [0, (-width) % divisor]],
-                       predictor.pad_colour)
+    padded = pad_image(
+        pixels, [[0, (-height) % divisor], [0, (-width) % divisor]], predictor.pad_colour
+    )
     return net(padded, training=False)[:, :height, :width]
 
 
@@ -350,12 +351,15 @@ def run(cfg: DictConfig) -> float | None:
     model = checkpoints.load_model(checkpoint, 1 if matting else cfg.data.num_classes)
     # Whole (or resize) mode without TTA: what a single forward graph can reproduce.
     resize = cfg.eval.mode == "resize"
-    predictor = Predictor(model, mode="resize" if resize else "whole",
-                          crop_size=cfg.eval.crop_size if resize else None,
-                          size_divisor=cfg.eval.size_divisor,
-                          pad_value=cfg.data.get("pad_value", 0),
-                          # The export runs every image whole: compare like with like.
-                          max_whole_pixels=None)
+    predictor = Predictor(
+        model,
+        mode="resize" if resize else "whole",
+        crop_size=cfg.eval.crop_size if resize else None,
+        size_divisor=cfg.eval.size_divisor,
+        pad_value=cfg.data.get("pad_value", 0),
+        # The export runs every image whole: compare like with like.
+        max_whole_pixels=None,
+    )
     if matting:  # alpha output; parity by the largest absolute difference
         from seg_train.matting.export import run as export_alpha
 

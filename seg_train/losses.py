@@ -40,13 +40,16 @@ def _class_weights(value: Any, key: str = "loss.class_weights") -> list[float] |
         return None
     if isinstance(value, str):
         if value == AUTO:
-            raise UserError(f"{key}=auto needs the training set's class histogram: build the "
-                            "loss with seg_train.losses.resolve_class_weights(cfg.loss, ...) "
-                            f"or give one weight per class, e.g. '{key}=[1.0,2.0,...]'")
+            raise UserError(
+                f"{key}=auto needs the training set's class histogram: build the "
+                "loss with seg_train.losses.resolve_class_weights(cfg.loss, ...) "
+                f"or give one weight per class, e.g. '{key}=[1.0,2.0,...]'"
+            )
         raise UserError(f"{key} must be null, auto or a list of numbers, got {value!r}")
     weights = list(value)
-    if not weights or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0
-                          for w in weights):
+    if not weights or any(
+        isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights
+    ):
         raise UserError(f"{key} must be a list of numbers >= 0 (one per class), got {weights!r}")
     return [float(w) for w in weights]
 
@@ -54,9 +57,13 @@ def _class_weights(value: Any, key: str = "loss.class_weights") -> list[float] |
 class _SegmentationLoss(keras.losses.Loss):
     """Shared label handling: squeeze, resize to the logits, ignore mask, class weights."""
 
-    def __init__(self, ignore_label: int | None = 255,
-                 class_weights: Sequence[float] | str | None = None, name: str | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        ignore_label: int | None = 255,
+        class_weights: Sequence[float] | str | None = None,
+        name: str | None = None,
+        **kwargs,
+    ):
         # The loss reduces to a scalar itself (mean over valid pixels); Keras' reduction of a
         # scalar is then the identity. float32 regardless of the global mixed policy.
         kwargs.setdefault("dtype", "float32")
@@ -82,8 +89,10 @@ class _SegmentationLoss(keras.losses.Loss):
         if self.class_weights is not None:
             num_classes = logits.shape[-1]
             if num_classes is not None and num_classes != len(self.class_weights):
-                raise UserError(f"loss.class_weights has {len(self.class_weights)} values but "
-                                f"the model predicts {num_classes} classes; give one per class")
+                raise UserError(
+                    f"loss.class_weights has {len(self.class_weights)} values but "
+                    f"the model predicts {num_classes} classes; give one per class"
+                )
             table = ops.convert_to_tensor(self.class_weights, dtype="float32")
             weights = weights * ops.take(table, labels)
         return logits, labels, valid, weights
@@ -94,8 +103,11 @@ class _SegmentationLoss(keras.losses.Loss):
         return ops.sum(values * weights) / ops.maximum(ops.sum(valid), 1.0)
 
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "ignore_label": self.ignore_label,
-                "class_weights": self.class_weights}
+        return {
+            "name": self.name,
+            "ignore_label": self.ignore_label,
+            "class_weights": self.class_weights,
+        }
 
 
 def _nearest_indices(in_size, out_size: int):
@@ -141,9 +153,13 @@ class CrossEntropy(_SegmentationLoss):
         name: Loss name.
     """
 
-    def __init__(self, ignore_label: int | None = 255,
-                 class_weights: Sequence[float] | str | None = None,
-                 name: str = "cross_entropy", **kwargs):
+    def __init__(
+        self,
+        ignore_label: int | None = 255,
+        class_weights: Sequence[float] | str | None = None,
+        name: str = "cross_entropy",
+        **kwargs,
+    ):
         super().__init__(ignore_label, class_weights, name, **kwargs)
 
     def call(self, y_true, y_pred):
@@ -167,9 +183,14 @@ class FocalLoss(_SegmentationLoss):
         name: Loss name.
     """
 
-    def __init__(self, gamma: float = 2.0, ignore_label: int | None = 255,
-                 class_weights: Sequence[float] | str | None = None, name: str = "focal",
-                 **kwargs):
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        ignore_label: int | None = 255,
+        class_weights: Sequence[float] | str | None = None,
+        name: str = "focal",
+        **kwargs,
+    ):
         super().__init__(ignore_label, class_weights, name, **kwargs)
         if gamma < 0:
             raise UserError(f"loss.gamma must be >= 0, got {gamma!r}")
@@ -202,9 +223,14 @@ class DiceLoss(_SegmentationLoss):
         name: Loss name.
     """
 
-    def __init__(self, smooth: float = 1.0, ignore_label: int | None = 255,
-                 class_weights: Sequence[float] | str | None = None, name: str = "dice",
-                 **kwargs):
+    def __init__(
+        self,
+        smooth: float = 1.0,
+        ignore_label: int | None = 255,
+        class_weights: Sequence[float] | str | None = None,
+        name: str = "dice",
+        **kwargs,
+    ):
         super().__init__(ignore_label, class_weights, name, **kwargs)
         self.smooth = float(smooth)
 
@@ -236,9 +262,13 @@ class WeightedSum(keras.losses.Loss):
         name: Loss name.
     """
 
-    def __init__(self, losses: Mapping[str, keras.losses.Loss],
-                 weights: Mapping[str, float] | None = None, name: str = "weighted_sum",
-                 **kwargs):
+    def __init__(
+        self,
+        losses: Mapping[str, keras.losses.Loss],
+        weights: Mapping[str, float] | None = None,
+        name: str = "weighted_sum",
+        **kwargs,
+    ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(name=name, **kwargs)
         if not losses:
@@ -246,8 +276,10 @@ class WeightedSum(keras.losses.Loss):
         weights = dict(weights or {})
         unknown = set(weights) - set(losses)
         if unknown:
-            raise UserError(f"loss.weights names {sorted(unknown)}, which are not in "
-                            f"loss.losses ({sorted(losses)})")
+            raise UserError(
+                f"loss.weights names {sorted(unknown)}, which are not in "
+                f"loss.losses ({sorted(losses)})"
+            )
         # Plain dicts: Hydra hands over DictConfigs, which Keras cannot serialise.
         self.losses = {str(k): v for k, v in losses.items()}
         self.weights = {k: float(weights.get(k, 1.0)) for k in self.losses}
@@ -259,15 +291,18 @@ class WeightedSum(keras.losses.Loss):
         return total
 
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "weights": dict(self.weights),
-                "losses": {k: keras.saving.serialize_keras_object(v)
-                           for k, v in self.losses.items()}}
+        return {
+            "name": self.name,
+            "weights": dict(self.weights),
+            "losses": {k: keras.saving.serialize_keras_object(v) for k, v in self.losses.items()},
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> WeightedSum:
         config = dict(config)
-        config["losses"] = {k: keras.saving.deserialize_keras_object(v)
-                            for k, v in config["losses"].items()}
+        config["losses"] = {
+            k: keras.saving.deserialize_keras_object(v) for k, v in config["losses"].items()
+        }
         return cls(**config)
 
 
@@ -276,8 +311,9 @@ class WeightedSum(keras.losses.Loss):
 # --------------------------------------------------------------------------------------------
 
 
-def median_frequency_weights(class_pixels: Sequence[float],
-                             image_pixels: Sequence[float] | None = None) -> list[float]:
+def median_frequency_weights(
+    class_pixels: Sequence[float], image_pixels: Sequence[float] | None = None
+) -> list[float]:
     """Median-frequency class weights (Eigen & Fergus 2015; SegNet): `median(f) / f_c`.
 
     `f_c = class_pixels[c] / image_pixels[c]`, where `image_pixels[c]` is the number of
@@ -313,8 +349,9 @@ def median_frequency_weights(class_pixels: Sequence[float],
     return [float(w) for w in weights]
 
 
-def resolve_class_weights(loss_cfg: DictConfig,
-                          compute_weights: Callable[[], Sequence[float]]) -> DictConfig:
+def resolve_class_weights(
+    loss_cfg: DictConfig, compute_weights: Callable[[], Sequence[float]]
+) -> DictConfig:
     """Returns a resolved copy of `cfg.loss` with every `class_weights: auto` filled in.
 
     `compute_weights` (e.g. `lambda: median_frequency_weights(histogram)`) is called at most

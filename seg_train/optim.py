@@ -72,15 +72,24 @@ class PolyDecay(_Schedule):
         name: Name of the schedule.
     """
 
-    def __init__(self, initial_learning_rate: float, total_steps: int, power: float = 0.9,
-                 warmup_steps: int = 0, name: str = "PolyDecay"):
+    def __init__(
+        self,
+        initial_learning_rate: float,
+        total_steps: int,
+        power: float = 0.9,
+        warmup_steps: int = 0,
+        name: str = "PolyDecay",
+    ):
         super().__init__()
         if not (isinstance(total_steps, numbers.Integral) and total_steps > 0):
-            raise UserError(f"the poly schedule needs total_steps > 0 optimizer updates, got "
-                            f"{total_steps!r}; raise trainer.epochs or trainer.steps_per_epoch")
+            raise UserError(
+                f"the poly schedule needs total_steps > 0 optimizer updates, got "
+                f"{total_steps!r}; raise trainer.epochs or trainer.steps_per_epoch"
+            )
         if not (isinstance(warmup_steps, numbers.Integral) and warmup_steps >= 0):
-            raise UserError(f"optimizer.schedule.warmup_steps must be an integer >= 0, got "
-                            f"{warmup_steps!r}")
+            raise UserError(
+                f"optimizer.schedule.warmup_steps must be an integer >= 0, got {warmup_steps!r}"
+            )
         self.initial_learning_rate = float(initial_learning_rate)
         self.total_steps = int(total_steps)
         self.power = float(power)
@@ -96,9 +105,13 @@ class PolyDecay(_Schedule):
         return rate
 
     def get_config(self) -> dict[str, Any]:
-        return {"initial_learning_rate": self.initial_learning_rate,
-                "total_steps": self.total_steps, "power": self.power,
-                "warmup_steps": self.warmup_steps, "name": self.name}
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "total_steps": self.total_steps,
+            "power": self.power,
+            "warmup_steps": self.warmup_steps,
+            "name": self.name,
+        }
 
 
 @keras.saving.register_keras_serializable(package="seg_train")
@@ -119,8 +132,14 @@ class StepDecay(_Schedule):
         name: Name of the schedule.
     """
 
-    def __init__(self, initial_learning_rate: float, steps_per_epoch: float,
-                 decay_epochs: float = 7, decay_rate: float = 0.1, name: str = "StepDecay"):
+    def __init__(
+        self,
+        initial_learning_rate: float,
+        steps_per_epoch: float,
+        decay_epochs: float = 7,
+        decay_rate: float = 0.1,
+        name: str = "StepDecay",
+    ):
         super().__init__()
         if not (steps_per_epoch and steps_per_epoch > 0):
             raise UserError(f"the step schedule needs steps_per_epoch > 0, got {steps_per_epoch!r}")
@@ -138,9 +157,13 @@ class StepDecay(_Schedule):
         return self.initial_learning_rate * ops.power(self.decay_rate, drops)
 
     def get_config(self) -> dict[str, Any]:
-        return {"initial_learning_rate": self.initial_learning_rate,
-                "steps_per_epoch": self.steps_per_epoch, "decay_epochs": self.decay_epochs,
-                "decay_rate": self.decay_rate, "name": self.name}
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "steps_per_epoch": self.steps_per_epoch,
+            "decay_epochs": self.decay_epochs,
+            "decay_rate": self.decay_rate,
+            "name": self.name,
+        }
 
 
 @keras.saving.register_keras_serializable(package="seg_train")
@@ -156,8 +179,10 @@ class ScaledSchedule(_Schedule):
         return self.schedule(step) * self.multiplier
 
     def get_config(self) -> dict[str, Any]:
-        return {"schedule": keras.saving.serialize_keras_object(self.schedule),
-                "multiplier": self.multiplier}
+        return {
+            "schedule": keras.saving.serialize_keras_object(self.schedule),
+            "multiplier": self.multiplier,
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ScaledSchedule:
@@ -186,8 +211,7 @@ class ParamGroup:
         return {"pattern": self.pattern, "lr_mult": self.lr_mult, "wd_mult": self.wd_mult}
 
 
-def parse_param_groups(groups: Iterable[Mapping[str, Any] | ParamGroup] | None
-                       ) -> list[ParamGroup]:
+def parse_param_groups(groups: Iterable[Mapping[str, Any] | ParamGroup] | None) -> list[ParamGroup]:
     """Validates `optimizer.param_groups` entries; raises `UserError` naming the bad key."""
     parsed = []
     for i, group in enumerate(groups or ()):
@@ -195,20 +219,24 @@ def parse_param_groups(groups: Iterable[Mapping[str, Any] | ParamGroup] | None
         if isinstance(group, ParamGroup):
             group = group.to_dict()
         if not isinstance(group, Mapping):
-            raise UserError(f"{key} must be a mapping like {{pattern: '^head', lr_mult: 10, "
-                            f"wd_mult: 1}}, got {group!r}")
+            raise UserError(
+                f"{key} must be a mapping like {{pattern: '^head', lr_mult: 10, "
+                f"wd_mult: 1}}, got {group!r}"
+            )
         unknown = set(group) - _GROUP_KEYS
         if unknown:
-            raise UserError(f"{key} has unknown keys {sorted(unknown)}; allowed: "
-                            f"{sorted(_GROUP_KEYS)}")
+            raise UserError(
+                f"{key} has unknown keys {sorted(unknown)}; allowed: {sorted(_GROUP_KEYS)}"
+            )
         pattern = group.get("pattern")
         if not isinstance(pattern, str) or not pattern:
             raise UserError(f"{key}.pattern must be a non-empty regex, got {pattern!r}")
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise UserError(f"{key}.pattern {pattern!r} is not a valid regex ({exc}); "
-                            "fix the pattern") from exc
+            raise UserError(
+                f"{key}.pattern {pattern!r} is not a valid regex ({exc}); fix the pattern"
+            ) from exc
         mults = {}
         for name in ("lr_mult", "wd_mult"):
             value = group.get(name, 1.0)
@@ -288,24 +316,31 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
         name: Optimizer name.
     """
 
-    def __init__(self, optimizer: keras.optimizers.Optimizer | dict,
-                 learning_rate: float | _Schedule = 0.01,
-                 param_groups: Iterable[Mapping[str, Any] | ParamGroup] | None = None,
-                 weight_decay: float = 0.0, decay_pattern: str = DEFAULT_DECAY_PATTERN,
-                 accumulation_steps: int = 1, loss_scale_factor: float | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        optimizer: keras.optimizers.Optimizer | dict,
+        learning_rate: float | _Schedule = 0.01,
+        param_groups: Iterable[Mapping[str, Any] | ParamGroup] | None = None,
+        weight_decay: float = 0.0,
+        decay_pattern: str = DEFAULT_DECAY_PATTERN,
+        accumulation_steps: int = 1,
+        loss_scale_factor: float | None = None,
+        name: str | None = None,
+    ):
         # No **kwargs: clipnorm, use_ema, ... belong to the inner `optimizer`, where they act;
         # on the wrapper they would be silently ignored.
         if isinstance(learning_rate, int):
             learning_rate = float(learning_rate)
-        super().__init__(learning_rate=learning_rate, loss_scale_factor=loss_scale_factor,
-                         name=name)
+        super().__init__(
+            learning_rate=learning_rate, loss_scale_factor=loss_scale_factor, name=name
+        )
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
         _check_template(optimizer)
         if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
-            raise UserError(f"optimizer.accumulation_steps must be an integer >= 1, got "
-                            f"{accumulation_steps!r}")
+            raise UserError(
+                f"optimizer.accumulation_steps must be an integer >= 1, got {accumulation_steps!r}"
+            )
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise UserError(f"optimizer.weight_decay must be a number >= 0, got {weight_decay!r}")
         self.groups = [*parse_param_groups(param_groups), ParamGroup(None)]
@@ -315,8 +350,12 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
         template = optimizer.get_config()
         inner = []
         for i, group in enumerate(self.groups):
-            config = dict(template, name=f"{self.name}_group{i}", gradient_accumulation_steps=None,
-                          learning_rate=self._group_learning_rate(learning_rate, group.lr_mult))
+            config = dict(
+                template,
+                name=f"{self.name}_group{i}",
+                gradient_accumulation_steps=None,
+                learning_rate=self._group_learning_rate(learning_rate, group.lr_mult),
+            )
             inner.append(type(optimizer).from_config(config))
         self._hidden = _Hidden(inner, keras.saving.serialize_keras_object(optimizer))
 
@@ -398,12 +437,16 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
             if variables:
                 inner.build(variables)
             elif group.pattern is not None:
-                log.warning("optimizer.param_groups pattern %r matches no trainable variable; "
-                            "check it against the model's layer names", group.pattern)
+                log.warning(
+                    "optimizer.param_groups pattern %r matches no trainable variable; "
+                    "check it against the model's layer names",
+                    group.pattern,
+                )
         self._accumulators = []
         if self.accumulation_steps > 1:
-            self._accumulators = [self.add_variable_from_reference(v, name="accumulator")
-                                  for v in var_list]
+            self._accumulators = [
+                self.add_variable_from_reference(v, name="accumulator") for v in var_list
+            ]
 
     def apply(self, grads, trainable_variables=None):
         """Adds L2 decay, accumulates if asked, and lets each group's optimizer update."""
@@ -411,8 +454,10 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
             return
         if trainable_variables is None:
             if not self.built:
-                raise ValueError("Call `optimizer.build(trainable_variables)` before applying "
-                                 "gradients without variables.")
+                raise ValueError(
+                    "Call `optimizer.build(trainable_variables)` before applying "
+                    "gradients without variables."
+                )
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
         if not self.built:
@@ -456,14 +501,18 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
                 inner.apply(group_grads, group_vars)
 
     def _accumulate(self, grads, variables):
-        pairs = [(g, v, self._accumulators[self._get_variable_index(v)])
-                 for g, v in zip(grads, variables, strict=True) if g is not None]
+        pairs = [
+            (g, v, self._accumulators[self._get_variable_index(v)])
+            for g, v in zip(grads, variables, strict=True)
+            if g is not None
+        ]
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
             if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
                 tf.distribute.get_replica_context().merge_call(
-                    self._accumulate_cross_replica, args=(pairs,))
+                    self._accumulate_cross_replica, args=(pairs,)
+                )
                 return
         is_update = self._is_update_step()
 
@@ -487,22 +536,29 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
         # `is_update` must happen here, in cross-replica context: tf.distribute cannot run a
         # `cond` in replica context whose branch calls `merge_call` (every inner `apply` does).
         for grad, _, accumulator in pairs:
-            distribution.extended.update(accumulator.value, lambda a, g: a.assign_add(
-                ops.cast(g, a.dtype)), args=(grad,), group=False)
+            distribution.extended.update(
+                accumulator.value,
+                lambda a, g: a.assign_add(ops.cast(g, a.dtype)),
+                args=(grad,),
+                group=False,
+            )
 
         def update():
             distribution.extended.call_for_each_replica(
-                self._apply_accumulated, args=([(v, a) for _, v, a in pairs],))
+                self._apply_accumulated, args=([(v, a) for _, v, a in pairs],)
+            )
             for _, _, accumulator in pairs:
-                distribution.extended.update(accumulator.value,
-                                             lambda a: a.assign(ops.zeros_like(a)), group=False)
+                distribution.extended.update(
+                    accumulator.value, lambda a: a.assign(ops.zeros_like(a)), group=False
+                )
 
         ops.cond(self._is_update_step(), update, lambda: None)
 
     def _apply_accumulated(self, pairs):
         steps = float(self.accumulation_steps)
-        self._apply_groups([ops.divide(ops.convert_to_tensor(a), steps) for _, a in pairs],
-                           [v for v, _ in pairs])
+        self._apply_groups(
+            [ops.divide(ops.convert_to_tensor(a), steps) for _, a in pairs], [v for v, _ in pairs]
+        )
 
     def finalize_variable_values(self, var_list):
         buckets = [[] for _ in self.groups]
@@ -540,28 +596,40 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
         config = dict(config)
         if isinstance(config.get("learning_rate"), dict):
             config["learning_rate"] = keras.saving.deserialize_keras_object(
-                config["learning_rate"], custom_objects=custom_objects)
+                config["learning_rate"], custom_objects=custom_objects
+            )
         config["optimizer"] = keras.saving.deserialize_keras_object(
-            config["optimizer"], custom_objects=custom_objects)
+            config["optimizer"], custom_objects=custom_objects
+        )
         return cls(**config)
 
 
 def _check_template(optimizer) -> None:
     if not isinstance(optimizer, keras.optimizers.Optimizer):
-        raise UserError(f"optimizer.inner must build a keras.optimizers.Optimizer, got "
-                        f"{type(optimizer).__name__}")
+        raise UserError(
+            f"optimizer.inner must build a keras.optimizers.Optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
     if isinstance(optimizer, (keras.optimizers.LossScaleOptimizer, ParamGroupOptimizer)):
-        raise UserError("optimizer.inner must be a plain Keras optimizer such as "
-                        "keras.optimizers.SGD, not a wrapper")
+        raise UserError(
+            "optimizer.inner must be a plain Keras optimizer such as "
+            "keras.optimizers.SGD, not a wrapper"
+        )
     if optimizer.weight_decay:
-        raise UserError("set optimizer.weight_decay (L2 on kernels only) instead of "
-                        "optimizer.inner.weight_decay (decoupled decay on every variable)")
+        raise UserError(
+            "set optimizer.weight_decay (L2 on kernels only) instead of "
+            "optimizer.inner.weight_decay (decoupled decay on every variable)"
+        )
     if optimizer.gradient_accumulation_steps:
-        raise UserError("set optimizer.accumulation_steps instead of "
-                        "optimizer.inner.gradient_accumulation_steps")
+        raise UserError(
+            "set optimizer.accumulation_steps instead of "
+            "optimizer.inner.gradient_accumulation_steps"
+        )
     if optimizer.global_clipnorm:
-        raise UserError("optimizer.inner.global_clipnorm would clip each parameter group "
-                        "separately; use optimizer.inner.clipnorm (per variable) instead")
+        raise UserError(
+            "optimizer.inner.global_clipnorm would clip each parameter group "
+            "separately; use optimizer.inner.clipnorm (per variable) instead"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,16 +637,18 @@ def _check_template(optimizer) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build_optimizer(inner: keras.optimizers.Optimizer | Callable[[], keras.optimizers.Optimizer],
-                    learning_rate: float,
-                    schedule: Callable[..., _Schedule] | _Schedule | None = None,
-                    param_groups: Iterable[Mapping[str, Any]] | None = None,
-                    weight_decay: float = 0.0,
-                    decay_pattern: str = DEFAULT_DECAY_PATTERN,
-                    accumulation_steps: int = 1,
-                    head_pattern: str | None = None,
-                    total_steps: int | None = None,
-                    steps_per_epoch: int | None = None) -> keras.optimizers.Optimizer:
+def build_optimizer(
+    inner: keras.optimizers.Optimizer | Callable[[], keras.optimizers.Optimizer],
+    learning_rate: float,
+    schedule: Callable[..., _Schedule] | _Schedule | None = None,
+    param_groups: Iterable[Mapping[str, Any]] | None = None,
+    weight_decay: float = 0.0,
+    decay_pattern: str = DEFAULT_DECAY_PATTERN,
+    accumulation_steps: int = 1,
+    head_pattern: str | None = None,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+) -> keras.optimizers.Optimizer:
     """Builds the optimizer of a `configs/optimizer/*.yaml` (call it under the strategy scope).
 
     Returns the plain `inner` optimizer (with the schedule as its learning rate) when there is
@@ -606,26 +676,43 @@ def build_optimizer(inner: keras.optimizers.Optimizer | Callable[[], keras.optim
     if not isinstance(inner, keras.optimizers.Optimizer) and callable(inner):
         inner = inner()
     _check_template(inner)
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or (
-            learning_rate <= 0):
-        raise UserError(f"optimizer.learning_rate must be a positive number, got "
-                        f"{learning_rate!r}; e.g. optimizer.learning_rate=1e-3")
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, (int, float))
+        or (learning_rate <= 0)
+    ):
+        raise UserError(
+            f"optimizer.learning_rate must be a positive number, got "
+            f"{learning_rate!r}; e.g. optimizer.learning_rate=1e-3"
+        )
     if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
-        raise UserError(f"optimizer.accumulation_steps must be an integer >= 1, got "
-                        f"{accumulation_steps!r}")
-    rate = _make_schedule(schedule, float(learning_rate), total_steps, steps_per_epoch,
-                          accumulation_steps)
+        raise UserError(
+            f"optimizer.accumulation_steps must be an integer >= 1, got {accumulation_steps!r}"
+        )
+    rate = _make_schedule(
+        schedule, float(learning_rate), total_steps, steps_per_epoch, accumulation_steps
+    )
     groups = parse_param_groups(param_groups)
     if not groups and not weight_decay and accumulation_steps == 1:
         config = dict(inner.get_config(), learning_rate=rate)
         return type(inner).from_config(config)
-    return ParamGroupOptimizer(inner, learning_rate=rate, param_groups=groups,
-                               weight_decay=weight_decay, decay_pattern=decay_pattern,
-                               accumulation_steps=accumulation_steps)
+    return ParamGroupOptimizer(
+        inner,
+        learning_rate=rate,
+        param_groups=groups,
+        weight_decay=weight_decay,
+        decay_pattern=decay_pattern,
+        accumulation_steps=accumulation_steps,
+    )
 
 
-def _make_schedule(schedule, learning_rate: float, total_steps: int | None,
-                   steps_per_epoch: int | None, accumulation_steps: int) -> float | _Schedule:
+def _make_schedule(
+    schedule,
+    learning_rate: float,
+    total_steps: int | None,
+    steps_per_epoch: int | None,
+    accumulation_steps: int,
+) -> float | _Schedule:
     if schedule is None:
         return learning_rate
     if isinstance(schedule, _Schedule):
@@ -636,7 +723,8 @@ def _make_schedule(schedule, learning_rate: float, total_steps: int | None,
     # Schedules count optimizer updates; one update consumes `accumulation_steps` batches.
     available = {
         "total_steps": None if total_steps is None else int(total_steps) // accumulation_steps,
-        "steps_per_epoch": None if steps_per_epoch is None
+        "steps_per_epoch": None
+        if steps_per_epoch is None
         else steps_per_epoch / accumulation_steps,
     }
     parameters = inspect.signature(schedule).parameters
@@ -647,8 +735,10 @@ def _make_schedule(schedule, learning_rate: float, total_steps: int | None,
             continue
         if value is None:
             if parameters[name].default is inspect.Parameter.empty:
-                raise UserError(f"the learning-rate schedule needs {name}; build the optimizer "
-                                f"with instantiate(cfg.optimizer, {name}=...)")
+                raise UserError(
+                    f"the learning-rate schedule needs {name}; build the optimizer "
+                    f"with instantiate(cfg.optimizer, {name}=...)"
+                )
             continue
         kwargs[name] = value
     return schedule(**kwargs)
@@ -659,8 +749,9 @@ def _make_schedule(schedule, learning_rate: float, total_steps: int | None,
 # --------------------------------------------------------------------------------------------
 
 
-def param_group_rows(optimizer: keras.optimizers.Optimizer, variables: Sequence
-                     ) -> list[dict[str, Any]]:
+def param_group_rows(
+    optimizer: keras.optimizers.Optimizer, variables: Sequence
+) -> list[dict[str, Any]]:
     """One row per parameter group: pattern, #variables, #parameters, lr_mult, wd_mult, #decayed.
 
     Works before the optimizer is built (pass `model.trainable_variables`), for a
@@ -669,11 +760,27 @@ def param_group_rows(optimizer: keras.optimizers.Optimizer, variables: Sequence
     while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
     if not isinstance(optimizer, ParamGroupOptimizer):
-        return [{"pattern": "(all)", "variables": len(variables),
-                 "parameters": sum(_num_params(v) for v in variables), "lr_mult": 1.0,
-                 "wd_mult": 0.0, "decayed": 0}]
-    rows = [{"pattern": g.pattern or DEFAULT_GROUP_PATTERN, "variables": 0, "parameters": 0,
-             "lr_mult": g.lr_mult, "wd_mult": g.wd_mult, "decayed": 0} for g in optimizer.groups]
+        return [
+            {
+                "pattern": "(all)",
+                "variables": len(variables),
+                "parameters": sum(_num_params(v) for v in variables),
+                "lr_mult": 1.0,
+                "wd_mult": 0.0,
+                "decayed": 0,
+            }
+        ]
+    rows = [
+        {
+            "pattern": g.pattern or DEFAULT_GROUP_PATTERN,
+            "variables": 0,
+            "parameters": 0,
+            "lr_mult": g.lr_mult,
+            "wd_mult": g.wd_mult,
+            "decayed": 0,
+        }
+        for g in optimizer.groups
+    ]
     for variable in variables:
         row = rows[optimizer.group_index(variable)]
         row["variables"] += 1
@@ -682,8 +789,9 @@ def param_group_rows(optimizer: keras.optimizers.Optimizer, variables: Sequence
     return rows
 
 
-def print_param_groups(optimizer: keras.optimizers.Optimizer, variables: Sequence,
-                       console=None) -> list[dict[str, Any]]:
+def print_param_groups(
+    optimizer: keras.optimizers.Optimizer, variables: Sequence, console=None
+) -> list[dict[str, Any]]:
     """Prints the parameter-group table (rich) and returns its rows."""
     from rich.console import Console
     from rich.table import Table
@@ -693,13 +801,21 @@ def print_param_groups(optimizer: keras.optimizers.Optimizer, variables: Sequenc
     while isinstance(inner, keras.optimizers.LossScaleOptimizer):
         inner = inner.inner_optimizer
     weight_decay = getattr(inner, "l2_weight_decay", 0.0)
-    table = Table(title=f"Parameter groups ({type(inner).__name__}, "
-                        f"L2 weight decay {weight_decay:g})")
+    table = Table(
+        title=f"Parameter groups ({type(inner).__name__}, L2 weight decay {weight_decay:g})"
+    )
     for column in ("pattern", "variables", "parameters", "lr_mult", "wd_mult", "decayed"):
-        table.add_column(column, justify="left" if column == "pattern" else "right",
-                         overflow="fold")
+        table.add_column(
+            column, justify="left" if column == "pattern" else "right", overflow="fold"
+        )
     for row in rows:
-        table.add_row(row["pattern"], str(row["variables"]), f"{row['parameters']:,}",
-                      f"{row['lr_mult']:g}", f"{row['wd_mult']:g}", str(row["decayed"]))
+        table.add_row(
+            row["pattern"],
+            str(row["variables"]),
+            f"{row['parameters']:,}",
+            f"{row['lr_mult']:g}",
+            f"{row['wd_mult']:g}",
+            str(row["decayed"]),
+        )
     (console or Console()).print(table)
     return rows

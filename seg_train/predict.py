@@ -85,9 +85,11 @@ def resize_protocol_change(model: keras.Model, reason: str = "") -> str:
     """The line that says predictions of a fixed-size `model` are made on resized images."""
     height, width = model.input_shape[1:3]
     because = f" ({reason})" if reason else ""
-    return (f"model {model.name} does not run at input sizes other than {height}x{width}"
-            f"{because}: every image is resized to {height}x{width} and its logits back to the "
-            "image size, instead of the original-resolution protocol")
+    return (
+        f"model {model.name} does not run at input sizes other than {height}x{width}"
+        f"{because}: every image is resized to {height}x{width} and its logits back to the "
+        "image size, instead of the original-resolution protocol"
+    )
 
 
 class Predictor:
@@ -141,13 +143,17 @@ class Predictor:
         if not scales or any(s <= 0 for s in scales):
             raise UserError(f"eval.tta.scales must be positive numbers, got {list(scales)}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"eval.batch_size must be a positive integer (slide windows per "
-                            f"network call), got {batch_size!r}")
+            raise UserError(
+                f"eval.batch_size must be a positive integer (slide windows per "
+                f"network call), got {batch_size!r}"
+            )
         if max_whole_pixels is not None and (
             not isinstance(max_whole_pixels, int) or max_whole_pixels < 0
         ):
-            raise UserError("eval.max_whole_pixels must be a pixel count (e.g. 4194304 for "
-                            f"2048x2048) or 0 for no limit, got {max_whole_pixels!r}")
+            raise UserError(
+                "eval.max_whole_pixels must be a pixel count (e.g. 4194304 for "
+                f"2048x2048) or 0 for no limit, got {max_whole_pixels!r}"
+            )
         self.fixed_size = tuple(model.input_shape[1:3]) if model.input_shape[1] else None
         self.mode = mode
         self.crop_size = tuple(crop_size or self.fixed_size or (512, 512))
@@ -156,8 +162,10 @@ class Predictor:
         self.source_model = model
         self.model = twin or model
         self.resize_to_fixed = twin is None and self.fixed_size is not None
-        if mode in ("slide", "resize") and self.resize_to_fixed and (
-            self.crop_size != self.fixed_size
+        if (
+            mode in ("slide", "resize")
+            and self.resize_to_fixed
+            and (self.crop_size != self.fixed_size)
         ):
             raise UserError(
                 f"eval.crop_size {list(self.crop_size)} must equal the model's fixed input size "
@@ -171,8 +179,10 @@ class Predictor:
         )
         if self.resize_change:
             log.warning("Protocol change: %s", self.resize_change)
-        self.resize_to = self.crop_size if mode == "resize" else (
-            self.fixed_size if self.resize_to_fixed else None
+        self.resize_to = (
+            self.crop_size
+            if mode == "resize"
+            else (self.fixed_size if self.resize_to_fixed else None)
         )
         self.scales = [float(s) for s in scales]
         self.flip = flip
@@ -194,10 +204,12 @@ class Predictor:
         return "; ".join(lines) or None
 
     def _slide_switch_line(self) -> str:
-        return (f"{self.slide_switches} image view(s) above eval.max_whole_pixels="
-                f"{self.max_whole_pixels} were predicted in slide mode ({list(self.crop_size)} "
-                f"windows every {list(self.stride)} pixels) instead of whole mode, to bound "
-                "memory; raise eval.max_whole_pixels (0 = no limit) to predict them whole")
+        return (
+            f"{self.slide_switches} image view(s) above eval.max_whole_pixels="
+            f"{self.max_whole_pixels} were predicted in slide mode ({list(self.crop_size)} "
+            f"windows every {list(self.stride)} pixels) instead of whole mode, to bound "
+            "memory; raise eval.max_whole_pixels (0 = no limit) to predict them whole"
+        )
 
     def sync_weights(self) -> None:
         """Copies the source model's current weights into its dynamic twin (if it has one).
@@ -249,8 +261,12 @@ class Predictor:
     def _too_large_for_whole(self, image: tf.Tensor) -> bool:
         """True when whole mode would run a view above `max_whole_pixels` at its own size."""
         pixels = int(image.shape[0]) * int(image.shape[1])
-        return (self.mode == "whole" and self.resize_to is None
-                and self.max_whole_pixels is not None and pixels > self.max_whole_pixels)
+        return (
+            self.mode == "whole"
+            and self.resize_to is None
+            and self.max_whole_pixels is not None
+            and pixels > self.max_whole_pixels
+        )
 
     def _view(self, image: tf.Tensor) -> tf.Tensor:
         """Logits [H, W, C] for a float32 image [H, W, 3] in the configured mode."""
@@ -259,12 +275,17 @@ class Predictor:
         if self._too_large_for_whole(image):
             self.slide_switches += 1
             if self.slide_switches == 1:
-                log.warning("Protocol change: a %dx%d image is above eval.max_whole_pixels=%d: "
-                            "predicting it (and any other such image) in slide mode with %s "
-                            "windows every %s pixels, to bound memory; raise "
-                            "eval.max_whole_pixels (0 = no limit) to predict it whole",
-                            image.shape[1], image.shape[0], self.max_whole_pixels,
-                            list(self.crop_size), list(self.stride))
+                log.warning(
+                    "Protocol change: a %dx%d image is above eval.max_whole_pixels=%d: "
+                    "predicting it (and any other such image) in slide mode with %s "
+                    "windows every %s pixels, to bound memory; raise "
+                    "eval.max_whole_pixels (0 = no limit) to predict it whole",
+                    image.shape[1],
+                    image.shape[0],
+                    self.max_whole_pixels,
+                    list(self.crop_size),
+                    list(self.stride),
+                )
             return self._slide(image)
         return self._run(image[None])[0]
 

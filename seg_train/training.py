@@ -167,12 +167,15 @@ def val_protocol(cfg: DictConfig) -> str:
 def describe_protocol(cfg: DictConfig, protocol: str) -> str:
     """The protocol in words, for the run log and metrics.json."""
     if protocol == "resized":
-        return (f"val images resized to data.crop_size {list(cfg.data.crop_size)}, "
-                "Keras MeanIoU in fit")
+        return (
+            f"val images resized to data.crop_size {list(cfg.data.crop_size)}, Keras MeanIoU in fit"
+        )
     tta = cfg.eval.tta
-    return (f"val images at original resolution through the final report's code path "
-            f"(eval.mode={cfg.eval.mode}, tta scales {list(tta.scales)} flip {tta.flip}, "
-            f"postprocess={cfg.postprocess.name})")
+    return (
+        f"val images at original resolution through the final report's code path "
+        f"(eval.mode={cfg.eval.mode}, tta scales {list(tta.scales)} flip {tta.flip}, "
+        f"postprocess={cfg.postprocess.name})"
+    )
 
 
 def original_resolution_validation(cfg: DictConfig, model: keras.Model, source):

@@ -154,16 +154,20 @@ def plot_history(history_csv: Path, out_png: Path) -> None:
         return
     keys = [k for k in rows[0] if k not in ("epoch", "learning_rate")]
     names = [k for k in keys if not k.startswith("val_")]
-    names += [k.removeprefix("val_") for k in keys
-              if k.startswith("val_") and k.removeprefix("val_") not in names]
+    names += [
+        k.removeprefix("val_")
+        for k in keys
+        if k.startswith("val_") and k.removeprefix("val_") not in names
+    ]
     if not names:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     epochs = [int(r["epoch"]) + 1 for r in rows]
     for ax, name in zip(axes[0], names):
         for key, label in ((name, "train"), (f"val_{name}", "val")):
-            values = [(e, v) for e, r in zip(epochs, rows) if (v := _number(r.get(key)))
-                      is not None]
+            values = [
+                (e, v) for e, r in zip(epochs, rows) if (v := _number(r.get(key))) is not None
+            ]
             if values:
                 ax.plot(*zip(*values), marker="o", label=label)
         ax.set_title(name)

@@ -215,4 +215,3 @@ def test_a_resume_may_add_a_tracker_but_not_change_the_model(tmp_path):
     assert _changes_on_resume(tmp_path, saved, tracking) == tracking[:2]
     with pytest.raises(UserError, match="cannot change model=fcn8s"):
         _changes_on_resume(tmp_path, saved, ["model=fcn8s"])
-

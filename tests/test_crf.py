@@ -22,8 +22,14 @@ def make_case(seed, height=24, width=31, classes=3):
 #                 kernel_bilateral=DIAG_KERNEL, normalisation_bilateral=NORMALIZE_SYMMETRIC)
 # (1, 1) / (49, 49) are the x and y standard deviations in pixels, (13, 13, 13) the R, G, B ones
 # of the bilateral kernel; the compat numbers are Potts weights.
-SEED_002 = {"iterations": 10, "gaussian_sxy": 1, "gaussian_compat": 4, "bilateral_sxy": 49,
-            "bilateral_srgb": 13, "bilateral_compat": 5}
+SEED_002 = {
+    "iterations": 10,
+    "gaussian_sxy": 1,
+    "gaussian_compat": 4,
+    "bilateral_sxy": 49,
+    "bilateral_srgb": 13,
+    "bilateral_compat": 5,
+}
 
 
 def seed_002_dense_crf(probs, img):
@@ -34,21 +40,31 @@ def seed_002_dense_crf(probs, img):
     # call only agrees with ours on square images - the test below uses one.
     d = dcrf.DenseCRF2D(h, w, n_classes)
     d.setUnaryEnergy(np.ascontiguousarray((-np.log(probs)).reshape((n_classes, -1))))
-    d.addPairwiseGaussian(sxy=(1, 1), compat=4, kernel=dcrf.DIAG_KERNEL,
-                          normalization=dcrf.NORMALIZE_SYMMETRIC)
-    d.addPairwiseBilateral(sxy=(49, 49), compat=5, kernel=dcrf.DIAG_KERNEL,
-                           normalization=dcrf.NORMALIZE_SYMMETRIC, srgb=(13, 13, 13),
-                           rgbim=np.ascontiguousarray(img))
+    d.addPairwiseGaussian(
+        sxy=(1, 1), compat=4, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC
+    )
+    d.addPairwiseBilateral(
+        sxy=(49, 49),
+        compat=5,
+        kernel=dcrf.DIAG_KERNEL,
+        normalization=dcrf.NORMALIZE_SYMMETRIC,
+        srgb=(13, 13, 13),
+        rgbim=np.ascontiguousarray(img),
+    )
     q = d.inference(10)
     return np.array(q, dtype=np.float32).reshape((n_classes, h, w)).transpose(1, 2, 0)
 
 
 def test_defaults_are_seed_002s():
     cfg = compose_config(["postprocess=crf"]).postprocess
-    assert {"iterations": cfg.iterations, "gaussian_sxy": cfg.gaussian.sxy,
-            "gaussian_compat": cfg.gaussian.compat, "bilateral_sxy": cfg.bilateral.sxy,
-            "bilateral_srgb": cfg.bilateral.srgb, "bilateral_compat": cfg.bilateral.compat
-            } == SEED_002
+    assert {
+        "iterations": cfg.iterations,
+        "gaussian_sxy": cfg.gaussian.sxy,
+        "gaussian_compat": cfg.gaussian.compat,
+        "bilateral_sxy": cfg.bilateral.sxy,
+        "bilateral_srgb": cfg.bilateral.srgb,
+        "bilateral_compat": cfg.bilateral.compat,
+    } == SEED_002
     defaults = CRFParams()
     assert {k: getattr(defaults, k) for k in SEED_002} == SEED_002
     assert runner_from_config(cfg).params == CRFParams(**SEED_002)
@@ -60,8 +76,9 @@ def test_default_crf_equals_seed_002s_dense_crf():
     image, probs = make_case(0, height=23, width=23)
     cfg = compose_config(["postprocess=crf", "postprocess.workers=1"]).postprocess
     params = runner_from_config(cfg).params
-    np.testing.assert_allclose(dense_crf(image, probs, params), seed_002_dense_crf(probs, image),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        dense_crf(image, probs, params), seed_002_dense_crf(probs, image), atol=1e-5
+    )
 
 
 def test_crf_smooths_noisy_labels_towards_image_regions():

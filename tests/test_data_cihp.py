@@ -56,7 +56,7 @@ def test_config_matches_the_module():
     assert [tuple(p) for p in cfg.data.flip_pairs] == list(cihp.FLIP_PAIRS)
     for left, right in cihp.FLIP_PAIRS:
         assert cihp.CLASS_NAMES[left].startswith("Left-")
-        assert cihp.CLASS_NAMES[right] == "Right-" + cihp.CLASS_NAMES[left][len("Left-"):]
+        assert cihp.CLASS_NAMES[right] == "Right-" + cihp.CLASS_NAMES[left][len("Left-") :]
 
 
 def test_flip_swaps_exactly_the_left_right_pairs():
@@ -71,7 +71,8 @@ def test_flip_swaps_exactly_the_left_right_pairs():
     outcomes = set()
     for seed in range(12):
         out_image, out_mask = pipeline.random_hflip(
-            tf.constant(image), tf.constant(mask), tf.constant([seed, 7]), cihp.FLIP_PAIRS)
+            tf.constant(image), tf.constant(mask), tf.constant([seed, 7]), cihp.FLIP_PAIRS
+        )
         out_image, out_mask = out_image.numpy(), out_mask.numpy()
         flipped = not np.array_equal(out_image, image)
         outcomes.add(flipped)
@@ -86,11 +87,13 @@ def test_flip_swaps_exactly_the_left_right_pairs():
 def test_training_labels_only_gain_flip_partners(cihp_root):
     root, masks = cihp_root
     source = CIHPSource(str(root))
-    cfg = compose_config(["data=cihp", f"data.root={root}", "data.crop_size=[24,24]",
-                          "data.batch_size=2"])
+    cfg = compose_config(
+        ["data=cihp", f"data.root={root}", "data.crop_size=[24,24]", "data.batch_size=2"]
+    )
     written = set().union(*(set(np.unique(m).tolist()) for m in masks.values()))
     partners = {b for a, b in cihp.FLIP_PAIRS if a in written} | {
-        a for a, b in cihp.FLIP_PAIRS if b in written}
+        a for a, b in cihp.FLIP_PAIRS if b in written
+    }
     seen = set()
     for _, labels in pipeline.train_dataset(source, cfg.data, seed=1).repeat(2):
         seen |= set(np.unique(labels.numpy()).tolist())
@@ -118,6 +121,7 @@ def test_id_without_mask_is_named(cihp_root):
 @pytest.mark.slow
 def test_training_on_cihp_through_the_cli(cihp_root, tmp_path, cache_dir):
     root, _ = cihp_root
-    metrics = train_through_cli(["data=cihp", f"data.root={root}"], tmp_path / "run", cache_dir,
-                                tmp_path)
+    metrics = train_through_cli(
+        ["data=cihp", f"data.root={root}"], tmp_path / "run", cache_dir, tmp_path
+    )
     assert metrics["num_images"] == len(VAL) and "Right-shoe" in metrics["per_class_iou"]

@@ -85,8 +85,11 @@ def write_sbd(root: Path, train_ids, val_ids, seed: int = 1) -> dict[str, np.nda
         Image.fromarray(photo(rng, mask)).save(root / "img" / f"{image_id}.jpg", quality=95)
         boundaries = np.empty((20, 1), dtype=object)
         boundaries[:] = [[np.zeros((2, 2))] for _ in range(20)]
-        gtcls = {"Segmentation": mask, "Boundaries": boundaries,
-                 "CategoriesPresent": np.unique(mask[mask > 0]).astype(np.uint8)}
+        gtcls = {
+            "Segmentation": mask,
+            "Boundaries": boundaries,
+            "CategoriesPresent": np.unique(mask[mask > 0]).astype(np.uint8),
+        }
         scipy.io.savemat(root / "cls" / f"{image_id}.mat", {"GTcls": gtcls})
         masks[image_id] = mask
     (root / "train.txt").write_text("\n".join(train_ids) + "\n")
@@ -97,13 +100,16 @@ def write_sbd(root: Path, train_ids, val_ids, seed: int = 1) -> dict[str, np.nda
 # --- CIHP ----------------------------------------------------------------------------------------
 
 
-def write_cihp(root: Path, train_ids, val_ids, seed: int = 0, colormap=None
-               ) -> dict[str, np.ndarray]:
+def write_cihp(
+    root: Path, train_ids, val_ids, seed: int = 0, colormap=None
+) -> dict[str, np.ndarray]:
     """Writes instance-level_human_parsing/{Training,Validation} and human_colormap.mat."""
     rng = np.random.default_rng(seed)
     masks = {}
-    for folder, id_file, ids in (("Training", "train_id.txt", train_ids),
-                                 ("Validation", "val_id.txt", val_ids)):
+    for folder, id_file, ids in (
+        ("Training", "train_id.txt", train_ids),
+        ("Validation", "val_id.txt", val_ids),
+    ):
         (root / folder / "Images").mkdir(parents=True)
         (root / folder / "Category_ids").mkdir()
         for image_id in ids:
@@ -128,8 +134,9 @@ def soft_matte(rng: np.random.Generator) -> np.ndarray:
     return (np.clip((1.3 - distance) / 0.6, 0, 1) * 255).round().astype(np.uint8)
 
 
-def write_portrait(root: Path, num_train: int, num_test: int, seed: int = 0
-                   ) -> dict[str, np.ndarray]:
+def write_portrait(
+    root: Path, num_train: int, num_test: int, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Writes <root>/{training,testing}/NNNNN.png + NNNNN_matte.png; returns mattes by path."""
     rng = np.random.default_rng(seed)
     mattes = {}
@@ -140,7 +147,8 @@ def write_portrait(root: Path, num_train: int, num_test: int, seed: int = 0
             matte = soft_matte(rng)
             stem = f"{index:05d}"
             Image.fromarray(photo(rng, (matte > 0).astype(np.uint8))).save(
-                root / folder / f"{stem}.png")
+                root / folder / f"{stem}.png"
+            )
             Image.fromarray(matte, mode="L").save(root / folder / f"{stem}_matte.png")
             mattes[str(root / folder / f"{stem}.png")] = matte
             index += 1
@@ -183,14 +191,16 @@ def pets_tfds_examples(count: int, seed: int) -> list[dict]:
     examples = []
     for name in pet_names(count, offset=100 * seed):
         trimap = blocky_labels(rng, [1, 2, 2, 3])
-        examples.append({
-            "image": photo(rng, trimap),
-            "label": 0,
-            "species": 0,
-            "file_name": f"{name}.jpg",
-            "segmentation_mask": trimap[..., None],
-            "head_bbox": tfds.features.BBox(0.1, 0.1, 0.9, 0.9),
-        })
+        examples.append(
+            {
+                "image": photo(rng, trimap),
+                "label": 0,
+                "species": 0,
+                "file_name": f"{name}.jpg",
+                "segmentation_mask": trimap[..., None],
+                "head_bbox": tfds.features.BBox(0.1, 0.1, 0.9, 0.9),
+            }
+        )
     return examples
 
 
@@ -206,10 +216,12 @@ def mock_pets(examples_by_split: dict[str, list[dict]]):
     def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False, **kwargs):
         examples = examples_by_split[str(split).split("[")[0]]
         features = self.info.features
-        signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype),
-                                          features.get_serialized_info())
+        signature = tf.nest.map_structure(
+            lambda t: tf.TensorSpec(t.shape, t.dtype), features.get_serialized_info()
+        )
         encoded = tf.data.Dataset.from_generator(
-            lambda: (features.encode_example(ex) for ex in examples), output_signature=signature)
+            lambda: (features.encode_example(ex) for ex in examples), output_signature=signature
+        )
         encoded = encoded.apply(tf.data.experimental.assert_cardinality(len(examples)))
         return encoded.map(functools.partial(features.decode_example, decoders=decoders))
 
@@ -246,6 +258,7 @@ def test_portrait_fixture_mattes_are_soft(tmp_path):
 
 def test_sbd_fixture_reads_like_the_release(tmp_path):
     masks = write_sbd(tmp_path, ["2008_000002"], [])
-    mat = scipy.io.loadmat(tmp_path / "cls" / "2008_000002.mat", squeeze_me=True,
-                           struct_as_record=False)
+    mat = scipy.io.loadmat(
+        tmp_path / "cls" / "2008_000002.mat", squeeze_me=True, struct_as_record=False
+    )
     np.testing.assert_array_equal(mat["GTcls"].Segmentation, masks["2008_000002"])

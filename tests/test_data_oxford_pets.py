@@ -56,8 +56,9 @@ def manual_dir(tmp_path):
 def test_trimap_mapping_follows_the_tutorial():
     trimap = np.array([[1, 2, 3]], dtype=np.uint8)
     np.testing.assert_array_equal(oxford_pets.trimap_to_labels(trimap), [[0, 1, 2]])
-    np.testing.assert_array_equal(oxford_pets.trimap_to_labels(trimap, border_as_ignore=True),
-                                  [[0, 1, 255]])
+    np.testing.assert_array_equal(
+        oxford_pets.trimap_to_labels(trimap, border_as_ignore=True), [[0, 1, 255]]
+    )
     with pytest.raises(DataError, match=r"trimap holds value\(s\) \[0, 7\]"):
         oxford_pets.trimap_to_labels(np.array([[0, 1, 7]], dtype=np.uint8))
 
@@ -81,7 +82,10 @@ def test_raw_splits_take_tfds_slicing(pets_root):
     root, _ = pets_root
     source = OxfordPetsRaw(str(root), splits={"train": "train[:4]", "val": "train[4:]+test[:1]"})
     assert [e.image_path.split("/")[-1] for e in source.examples("val")] == [
-        f"{TRAIN[4]}.jpg", f"{TRAIN[5]}.jpg", f"{TEST[0]}.jpg"]
+        f"{TRAIN[4]}.jpg",
+        f"{TRAIN[5]}.jpg",
+        f"{TEST[0]}.jpg",
+    ]
     assert source.num_examples("train") == 4
     with pytest.raises(UserError, match="names \\['trainval'\\]"):
         OxfordPetsRaw(str(root), splits={"train": "trainval", "val": "test"}).records("train")
@@ -104,8 +108,10 @@ def test_bad_trimap_and_missing_root_are_named(pets_root, tmp_path):
     bad = trimaps[TEST[1]].copy()
     bad[0, 0] = 0
     Image.fromarray(bad, mode="L").save(root / "annotations" / "trimaps" / f"{TEST[1]}.png")
-    with pytest.raises(UserError, match=f"{TEST[1]}.png: trimap holds value"), \
-            pipeline.data_errors_as_user_errors():
+    with (
+        pytest.raises(UserError, match=f"{TEST[1]}.png: trimap holds value"),
+        pipeline.data_errors_as_user_errors(),
+    ):
         list(pipeline.decoded_dataset(OxfordPetsRaw(str(root)), "val"))
     with pytest.raises(UserError) as info:
         make_source("raw", root=str(tmp_path))
@@ -133,8 +139,13 @@ def test_tfds_offline_says_how_to_prepare_the_data(tmp_path, monkeypatch):
     with pytest.raises(UserError) as info:
         OxfordPetsTFDS(data_dir=str(data_dir), download=False)
     message = str(info.value)
-    for fragment in ("not prepared", "data.tfds.data_dir", "images.tar.gz", "data.tfds.manual_dir",
-                     "data.format=raw"):
+    for fragment in (
+        "not prepared",
+        "data.tfds.data_dir",
+        "images.tar.gz",
+        "data.tfds.manual_dir",
+        "data.format=raw",
+    ):
         assert fragment in message
     assert "\n" not in message
     # Offline, TFDS would retry each download for minutes; the check fails at once instead.
@@ -146,8 +157,12 @@ def test_tfds_offline_says_how_to_prepare_the_data(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_training_on_raw_pets_through_the_cli(pets_root, tmp_path, cache_dir):
     root, _ = pets_root
-    metrics = train_through_cli(["data=oxford_pets", "data.format=raw", f"data.root={root}"],
-                                tmp_path / "run", cache_dir, tmp_path)
+    metrics = train_through_cli(
+        ["data=oxford_pets", "data.format=raw", f"data.root={root}"],
+        tmp_path / "run",
+        cache_dir,
+        tmp_path,
+    )
     assert metrics["num_images"] == len(TEST)
     assert set(metrics["per_class_iou"]) == {"pet", "background", "border"}
 
@@ -166,9 +181,14 @@ def test_training_on_mocked_tfds_through_the_cli(tmp_path, cache_dir, manual_dir
         with mock_pets(examples):
             cli.main()
     """)
-    result = subprocess.run([sys.executable, "-c", runner], cwd=REPO, capture_output=True,
-                            text=True, timeout=600,
-                            env={**_env(), "SEG_TRAIN_CACHE_DIR": str(cache_dir)})
+    result = subprocess.run(
+        [sys.executable, "-c", runner],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**_env(), "SEG_TRAIN_CACHE_DIR": str(cache_dir)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["num_images"] == 3 and metrics["dataset"] == "oxford_pets"
@@ -176,9 +196,16 @@ def test_training_on_mocked_tfds_through_the_cli(tmp_path, cache_dir, manual_dir
 
 @pytest.mark.slow
 def test_tfds_offline_through_the_cli_is_one_line(tmp_path, cache_dir):
-    result = run_cli(["data=oxford_pets", f"data.tfds.data_dir={tmp_path / 'tfds'}",
-                      "data.tfds.download=false", f"hydra.run.dir={tmp_path / 'run'}"],
-                     cache_dir, cwd=tmp_path)
+    result = run_cli(
+        [
+            "data=oxford_pets",
+            f"data.tfds.data_dir={tmp_path / 'tfds'}",
+            "data.tfds.download=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cache_dir,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = error_lines(result)
     assert "not prepared" in line and "data.format=raw" in line

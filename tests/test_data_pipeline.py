@@ -34,9 +34,18 @@ class ArraySource(Source):
 
 
 def data_config(**overrides):
-    base = dict(crop_size=[24, 24], scale_range=[1.0, 1.0], hflip=True, ignore_label=255,
-                batch_size=2, cache=False, shuffle_buffer=8, num_parallel_calls=None,
-                flip_pairs=[], jitter=dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0))
+    base = dict(
+        crop_size=[24, 24],
+        scale_range=[1.0, 1.0],
+        hflip=True,
+        ignore_label=255,
+        batch_size=2,
+        cache=False,
+        shuffle_buffer=8,
+        num_parallel_calls=None,
+        flip_pairs=[],
+        jitter=dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0),
+    )
     return OmegaConf.create({**base, **overrides})
 
 
@@ -77,8 +86,9 @@ def test_flip_pairs_swap_in_training_batches():
     seen = set()
     for images, labels in pipeline.train_dataset(source, data, seed=0).repeat(5):
         left_bright = images.numpy()[0, 0, 0, 0] == 200
-        expected = np.where(np.arange(8) < 4, 3, 0) if left_bright else np.where(
-            np.arange(8) >= 4, 4, 0)
+        expected = (
+            np.where(np.arange(8) < 4, 3, 0) if left_bright else np.where(np.arange(8) >= 4, 4, 0)
+        )
         np.testing.assert_array_equal(labels.numpy()[0, 0], expected)
         seen.add(bool(left_bright))
     assert seen == {True, False}
@@ -88,8 +98,9 @@ def test_jitter_changes_images_only_and_is_seeded():
     rng = np.random.default_rng(1)
     source = ArraySource(labelled_pairs(rng, 4, (24, 24), [0, 1]))
     plain = data_config(shuffle_buffer=1)
-    jitter = data_config(shuffle_buffer=1, jitter=dict(brightness=0.2, contrast=0.3,
-                                                       saturation=0.3, hue=0.05))
+    jitter = data_config(
+        shuffle_buffer=1, jitter=dict(brightness=0.2, contrast=0.3, saturation=0.3, hue=0.05)
+    )
     base = list(pipeline.train_dataset(source, plain, seed=2).as_numpy_iterator())
     first = list(pipeline.train_dataset(source, jitter, seed=2).as_numpy_iterator())
     again = list(pipeline.train_dataset(source, jitter, seed=2).as_numpy_iterator())
@@ -104,8 +115,10 @@ def test_cardinality_is_known_and_broken_files_raise_or_skip(caplog):
     pairs = labelled_pairs(rng, 3, (10, 12), [0, 1])
     assert int(pipeline.decoded_dataset(ArraySource(pairs), "val").cardinality()) == 3
     pairs[1] = (None, None)
-    with pytest.raises(UserError, match=r"image1.jpg: cannot read image.*data.on_error=skip"), \
-            pipeline.data_errors_as_user_errors():
+    with (
+        pytest.raises(UserError, match=r"image1.jpg: cannot read image.*data.on_error=skip"),
+        pipeline.data_errors_as_user_errors(),
+    ):
         list(pipeline.decoded_dataset(ArraySource(pairs), "val"))
     skipping = pipeline.decoded_dataset(ArraySource(pairs, on_error="skip"), "val")
     assert len(list(skipping)) == 2
@@ -129,13 +142,16 @@ def test_flip_table_rejects_bad_pairs():
             pipeline.flip_table(bad)
 
 
-@pytest.mark.parametrize(("override", "fragment"), [
-    ("data.on_error=ignore", "data.on_error must be one of raise, skip"),
-    ("data.jitter.hue=0.7", "data.jitter.hue must be a number in 0..0.5"),
-    ("data.flip_pairs=[[14,14]]", "data.flip_pairs must list [left, right]"),
-    ("data.source=raw", "for Oxford-IIIT Pet use data.format=raw"),
-    ("check.splits=[]", "check.splits must be null"),
-])
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("data.on_error=ignore", "data.on_error must be one of raise, skip"),
+        ("data.jitter.hue=0.7", "data.jitter.hue must be a number in 0..0.5"),
+        ("data.flip_pairs=[[14,14]]", "data.flip_pairs must list [left, right]"),
+        ("data.source=raw", "for Oxford-IIIT Pet use data.format=raw"),
+        ("check.splits=[]", "check.splits must be null"),
+    ],
+)
 def test_config_rules_for_data_keys(override, fragment):
     dataset = ["data=oxford_pets"] if "source" in override else []
     cfg = compose_config([*dataset, override])
@@ -146,11 +162,30 @@ def test_config_rules_for_data_keys(override, fragment):
 
 @pytest.mark.parametrize("name", ["voc", "cihp", "portrait", "oxford_pets", "folder", "synthetic"])
 def test_every_data_config_has_the_shared_keys(name):
-    cfg = compose_config([f"data={name}", "data.root=/x", "data.num_classes=2",
-                          "data.class_names=[a,b]"] if name == "folder" else [f"data={name}"])
-    for key in ("name", "root", "num_classes", "class_names", "palette", "ignore_label",
-                "batch_size", "crop_size", "scale_range", "hflip", "flip_pairs", "jitter",
-                "cache", "shuffle_buffer", "num_parallel_calls", "on_error", "source"):
+    cfg = compose_config(
+        [f"data={name}", "data.root=/x", "data.num_classes=2", "data.class_names=[a,b]"]
+        if name == "folder"
+        else [f"data={name}"]
+    )
+    for key in (
+        "name",
+        "root",
+        "num_classes",
+        "class_names",
+        "palette",
+        "ignore_label",
+        "batch_size",
+        "crop_size",
+        "scale_range",
+        "hflip",
+        "flip_pairs",
+        "jitter",
+        "cache",
+        "shuffle_buffer",
+        "num_parallel_calls",
+        "on_error",
+        "source",
+    ):
         # `key in cfg.data` is False for a `???` value, so look at the key list itself.
         assert key in set(cfg.data.keys()), (name, key)
     assert cfg.data.source._target_.startswith("seg_train.data.")

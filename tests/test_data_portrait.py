@@ -47,8 +47,10 @@ def test_unpaired_files_are_named_or_skipped(portrait_root):
     (root / "testing" / "00005_matte.png").unlink()  # an image without its matte
     Image.fromarray(np.zeros((H, W), np.uint8)).save(root / "testing" / "00099_matte.png")
     problems = PortraitSource(str(root)).listing_problems("val")
-    assert [p.file for p in problems] == [str(root / "testing" / "00005_matte.png"),
-                                          str(root / "testing" / "00099_matte.png")]
+    assert [p.file for p in problems] == [
+        str(root / "testing" / "00005_matte.png"),
+        str(root / "testing" / "00099_matte.png"),
+    ]
     with pytest.raises(UserError, match="00005_matte.png: missing"):
         pipeline.decoded_dataset(PortraitSource(str(root)), "val")
     kept = list(pipeline.decoded_dataset(PortraitSource(str(root), on_error="skip"), "val"))
@@ -67,6 +69,7 @@ def test_missing_folder_shows_the_expected_tree(tmp_path):
 @pytest.mark.slow
 def test_training_on_portraits_through_the_cli(portrait_root, tmp_path, cache_dir):
     root, _ = portrait_root
-    metrics = train_through_cli(["data=portrait", f"data.root={root}"], tmp_path / "run",
-                                cache_dir, tmp_path)
+    metrics = train_through_cli(
+        ["data=portrait", f"data.root={root}"], tmp_path / "run", cache_dir, tmp_path
+    )
     assert metrics["num_images"] == 2 and set(metrics["per_class_iou"]) == {"background", "person"}

@@ -145,9 +145,7 @@ def op_determinism():
     tf_config.disable_op_determinism()
 
 
-def test_op_determinism_trains_and_says_the_stall_is_not_measured(
-    tmp_path, caplog, op_determinism
-):
+def test_op_determinism_trains_and_says_the_stall_is_not_measured(tmp_path, caplog, op_determinism):
     # tf.timestamp inside the step used to fail the first step under op determinism.
     op_determinism()
     with caplog.at_level(logging.INFO, logger="seg_train.callbacks"):

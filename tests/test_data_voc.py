@@ -49,8 +49,15 @@ def test_config_matches_the_module():
 def test_augmented_labels_stay_in_the_mask(voc_root):
     root, masks = voc_root
     source = VOCSource(str(root))
-    cfg = compose_config(["data=voc", f"data.root={root}", "data.crop_size=[48,48]",
-                          "data.batch_size=2", "data.scale_range=[0.5,2.0]"])
+    cfg = compose_config(
+        [
+            "data=voc",
+            f"data.root={root}",
+            "data.crop_size=[48,48]",
+            "data.batch_size=2",
+            "data.scale_range=[0.5,2.0]",
+        ]
+    )
     written = set().union(*(set(np.unique(m).tolist()) for m in masks.values()))
     seen = set()
     for _, labels in pipeline.train_dataset(source, cfg.data, seed=3).repeat(3):
@@ -72,7 +79,8 @@ def test_any_split_list_can_be_evaluated_and_voc_aug_is_voc_with_aug(voc_root):
     # Everything but the name and the missing-root hint (which names the aug download) is equal.
     differ = ("name", "root_hint")
     assert {k: v for k, v in aug.data.items() if k not in differ} == {
-        k: v for k, v in plain.data.items() if k not in differ}
+        k: v for k, v in plain.data.items() if k not in differ
+    }
     assert "SegmentationClassAug" in aug.data.root_hint
 
 
@@ -133,8 +141,10 @@ def test_label_out_of_range_is_named(voc_root):
     bad = masks[VAL[0]].copy()
     bad[:2, :2] = 37
     save_palette_png(root / "SegmentationClass" / f"{VAL[0]}.png", bad)
-    with pytest.raises(UserError, match=r"label\(s\) 37 outside 0..20"), \
-            pipeline.data_errors_as_user_errors():
+    with (
+        pytest.raises(UserError, match=r"label\(s\) 37 outside 0..20"),
+        pipeline.data_errors_as_user_errors(),
+    ):
         list(pipeline.decoded_dataset(VOCSource(str(root), num_classes=21), "val"))
 
 
@@ -148,9 +158,20 @@ def test_prepare_voc_aug_builds_train_aug_from_sbd(tmp_path):
     for image_id in ("2008_000002", "2008_000003"):  # SBD images are VOC2012 JPEGImages too
         Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(voc / "JPEGImages" / f"{image_id}.jpg")
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "prepare_voc_aug.py"), "--voc-root", str(voc),
-         "--sbd-root", str(sbd), "--workers", "1"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "prepare_voc_aug.py"),
+            "--voc-root",
+            str(voc),
+            "--sbd-root",
+            str(sbd),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "not the 10,582" in result.stderr  # a warning, not a failure, for a subset
@@ -158,8 +179,9 @@ def test_prepare_voc_aug_builds_train_aug_from_sbd(tmp_path):
     assert listed == sorted([*TRAIN[:2], "2008_000002", "2008_000003"])  # VOC val excluded
 
     source = VOCSource(str(voc), aug=True, num_classes=21)
-    decoded = dict(zip(listed, (m for _, m in pipeline.decoded_dataset(source, "train")
-                               .as_numpy_iterator())))
+    decoded = dict(
+        zip(listed, (m for _, m in pipeline.decoded_dataset(source, "train").as_numpy_iterator()))
+    )
     # VOC's own mask wins where it exists (it has the 255 borders); SBD's elsewhere.
     np.testing.assert_array_equal(decoded[TRAIN[1]], voc_masks[TRAIN[1]])
     np.testing.assert_array_equal(decoded["2008_000002"], sbd_masks["2008_000002"])
@@ -189,8 +211,9 @@ def test_training_on_voc_through_the_cli(voc_root, tmp_path, cache_dir):
     assert str(broken) in line and "data.on_error=skip" in line
 
     run_dir = tmp_path / "skip"
-    result = run_cli([*args, "data.on_error=skip", f"hydra.run.dir={run_dir}"], cache_dir,
-                     cwd=tmp_path)
+    result = run_cli(
+        [*args, "data.on_error=skip", f"hydra.run.dir={run_dir}"], cache_dir, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped so far" in result.stderr + result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -101,10 +101,12 @@ def test_histogram_is_after_the_label_mapping_and_bad_trimaps_are_named(tmp_path
     Image.fromarray(broken, mode="L").save(root / "annotations" / "trimaps" / f"{names[0]}.png")
     report = doctor(["data=oxford_pets", "data.format=raw", f"data.root={root}"])
     # val is test by default: the doctor checks it once and says so.
-    assert list(report["splits"]) == ["train", "val"] and any("same data" in n
-                                                              for n in report["notes"])
+    assert list(report["splits"]) == ["train", "val"] and any(
+        "same data" in n for n in report["notes"]
+    )
     assert [e["file"] for e in report["errors"]] == [
-        str(root / "annotations" / "trimaps" / f"{names[0]}.png")]
+        str(root / "annotations" / "trimaps" / f"{names[0]}.png")
+    ]
     good = np.concatenate([trimaps[n].ravel() for n in names[1:]])
     expected = np.bincount(good - 1, minlength=3)  # trimap 1/2/3 -> classes 0/1/2
     assert report["label_histogram"] == {str(v): int(n) for v, n in enumerate(expected) if n}
@@ -120,8 +122,15 @@ def test_binary_0_255_masks_and_unpaired_mattes(tmp_path):
     Image.fromarray(mask).save(folder / "masks" / "a.png")
     for split in ("train", "val"):
         (folder / "splits" / f"{split}.txt").write_text("a\n")
-    report = doctor(["data=folder", f"data.root={folder}", "data.num_classes=2",
-                     "data.class_names=[bg,fg]", "check.splits=[train]"])
+    report = doctor(
+        [
+            "data=folder",
+            f"data.root={folder}",
+            "data.num_classes=2",
+            "data.class_names=[bg,fg]",
+            "check.splits=[train]",
+        ]
+    )
     (error,) = report["errors"]
     assert error["file"] == str(folder / "masks" / "a.png")
     assert "0/255 binary mask" in error["problem"]
@@ -139,16 +148,22 @@ def test_binary_0_255_masks_and_unpaired_mattes(tmp_path):
 def test_check_mode_through_the_cli(tmp_path, cache_dir):
     root = tmp_path / "VOC2012"
     masks = write_voc(root, TRAIN, VAL)
-    clean = run_cli(["mode=check", "data=voc", f"data.root={root}",
-                     f"hydra.run.dir={tmp_path / 'clean'}"], cache_dir, cwd=tmp_path)
+    clean = run_cli(
+        ["mode=check", "data=voc", f"data.root={root}", f"hydra.run.dir={tmp_path / 'clean'}"],
+        cache_dir,
+        cwd=tmp_path,
+    )
     assert clean.returncode == 0, clean.stderr[-2000:]
     assert "median-frequency" in clean.stdout and "aeroplane" in clean.stdout
     assert json.loads((tmp_path / "clean" / "check.json").read_text())["errors"] == []
 
     plant_voc_defects(root, masks)
     run_dir = tmp_path / "broken"
-    result = run_cli(["mode=check", "data=voc", f"data.root={root}", f"hydra.run.dir={run_dir}"],
-                     cache_dir, cwd=tmp_path)
+    result = run_cli(
+        ["mode=check", "data=voc", f"data.root={root}", f"hydra.run.dir={run_dir}"],
+        cache_dir,
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     (line,) = error_lines(result)
     assert line.startswith("seg-train: check: 7 problems in data=voc") and "check.json" in line

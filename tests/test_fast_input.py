@@ -38,13 +38,13 @@ MASKS = {
     "palette with transparency": encode(palette_image(IDS, 256), format="PNG", transparency=0),
     "palette with a text chunk": encode(palette_image(IDS, 256), format="PNG", pnginfo=TEXT),
     "palette of one repeated colour": encode(
-        Image.fromarray(IDS, mode="P"), format="PNG"),  # Pillow's default grey ramp palette
+        Image.fromarray(IDS, mode="P"), format="PNG"
+    ),  # Pillow's default grey ramp palette
     "grey 8-bit": encode(Image.fromarray(IDS, mode="L"), format="PNG"),
 }
 NOT_MASKS = {
     "RGB PNG": encode(Image.fromarray(np.stack([IDS] * 3, -1)), format="PNG"),
-    "16-bit grey PNG": encode(Image.fromarray(IDS.astype(np.uint16) * 200),
-                              format="PNG"),
+    "16-bit grey PNG": encode(Image.fromarray(IDS.astype(np.uint16) * 200), format="PNG"),
     "1-bit grey PNG": encode(Image.fromarray(IDS > 10), format="PNG"),
     "JPEG": encode(Image.fromarray(np.stack([IDS] * 3, -1)), format="JPEG"),
     "cut inside the header": encode(palette_image(IDS, 256), format="PNG")[:30],
@@ -85,24 +85,33 @@ def test_plain_jpegs_decode_bit_identical_to_pillow(variant):
     data = encode(source, **options)
     assert bool(graph_decode.is_plain_jpeg(tf.constant(data)))
     expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    np.testing.assert_array_equal(graph_decode.decode_image_jpeg(tf.constant(data)).numpy(),
-                                  expected)
+    np.testing.assert_array_equal(
+        graph_decode.decode_image_jpeg(tf.constant(data)).numpy(), expected
+    )
 
 
 def test_truncated_and_non_jpeg_files_are_not_plain_jpegs():
     jpeg = encode(Image.fromarray(RGB), format="JPEG")
-    for data in (jpeg[: len(jpeg) // 2], jpeg + b"trailing bytes", encode(Image.fromarray(RGB),
-                 format="PNG"), b"", b"\xff"):
+    for data in (
+        jpeg[: len(jpeg) // 2],
+        jpeg + b"trailing bytes",
+        encode(Image.fromarray(RGB), format="PNG"),
+        b"",
+        b"\xff",
+    ):
         assert not bool(graph_decode.is_plain_jpeg(tf.constant(data)))
 
 
-@pytest.mark.parametrize("accepted_values", [
-    list(range(21)) + [255],  # VOC: a range of ids plus ignore
-    [1, 2, 3],  # Oxford-IIIT Pet trimaps
-    list(range(256)),  # no class count: everything
-    [0, 5, 255],  # anything else
-    list(range(21)) + [100],  # ignore_label=100
-])
+@pytest.mark.parametrize(
+    "accepted_values",
+    [
+        list(range(21)) + [255],  # VOC: a range of ids plus ignore
+        [1, 2, 3],  # Oxford-IIIT Pet trimaps
+        list(range(256)),  # no class count: everything
+        [0, 5, 255],  # anything else
+        list(range(21)) + [100],  # ignore_label=100
+    ],
+)
 def test_label_table_accepts_exactly_the_accepted_values(accepted_values):
     lookup = np.full(256, -1, np.int32)
     lookup[accepted_values] = accepted_values
@@ -159,11 +168,14 @@ def test_decoded_dataset_equals_the_pillow_reference_and_stays_in_graph(tmp_path
         np.testing.assert_array_equal(mask, reference.mask)
 
 
-@pytest.mark.parametrize("problem, culprit", [
-    ("label 50 with 21 classes", "masks/bad.png"),
-    ("mask smaller than its image", "masks/bad.png"),
-    ("truncated JPEG", "images/bad.jpg"),
-])
+@pytest.mark.parametrize(
+    "problem, culprit",
+    [
+        ("label 50 with 21 classes", "masks/bad.png"),
+        ("mask smaller than its image", "masks/bad.png"),
+        ("truncated JPEG", "images/bad.jpg"),
+    ],
+)
 def test_doubtful_pairs_fall_back_and_are_named(tmp_path, problem, culprit):
     image = Image.fromarray(RGB)
     jpeg, mask = encode(image, format="JPEG"), MASKS["palette 8-bit (VOC)"]
@@ -175,9 +187,13 @@ def test_doubtful_pairs_fall_back_and_are_named(tmp_path, problem, culprit):
         mask = encode(palette_image(IDS[:30], 256), format="PNG")
     else:
         jpeg = jpeg[: len(jpeg) // 2]
-    source = write_folder(tmp_path, {"good": (encode(image, format="JPEG"), ".jpg",
-                                              MASKS["grey 8-bit"]),
-                                     "bad": (jpeg, ".jpg", mask)})
+    source = write_folder(
+        tmp_path,
+        {
+            "good": (encode(image, format="JPEG"), ".jpg", MASKS["grey 8-bit"]),
+            "bad": (jpeg, ".jpg", mask),
+        },
+    )
     with pytest.raises(UserError, match=culprit), pipeline.data_errors_as_user_errors():
         list(pipeline.decoded_dataset(source, "train"))
     skipping = FolderSource(str(tmp_path), num_classes=21, on_error="skip")
@@ -188,7 +204,7 @@ def test_doubtful_pairs_fall_back_and_are_named(tmp_path, problem, culprit):
 def corrupt_inside(data: bytes, marker: bytes, skip: int, count: int) -> bytes:
     """`data` with `count` bytes zeroed `skip` bytes after `marker`; start and end intact."""
     at = data.index(marker) + skip
-    return data[:at] + bytes(count) + data[at + count:]
+    return data[:at] + bytes(count) + data[at + count :]
 
 
 @pytest.mark.parametrize("kind", ["image", "mask"])
@@ -200,8 +216,10 @@ def test_files_corrupt_inside_give_one_line_or_are_skipped(tmp_path, kind):
         mask = corrupt_inside(mask, b"IDAT", 12, 24)  # the compressed pixel data
     good = (encode(Image.fromarray(RGB), format="JPEG"), ".jpg", MASKS["grey 8-bit"])
     source = write_folder(tmp_path, {"good": good, "bad": (jpeg, ".jpg", mask)})
-    with pytest.raises(UserError, match="corrupt inside .*mode=check.*data.on_error=skip"), \
-            pipeline.data_errors_as_user_errors():
+    with (
+        pytest.raises(UserError, match="corrupt inside .*mode=check.*data.on_error=skip"),
+        pipeline.data_errors_as_user_errors(),
+    ):
         list(pipeline.decoded_dataset(source, "train"))
     skipping = FolderSource(str(tmp_path), num_classes=21, on_error="skip")
     kept = list(pipeline.decoded_dataset(skipping, "train").as_numpy_iterator())
@@ -209,8 +227,14 @@ def test_files_corrupt_inside_give_one_line_or_are_skipped(tmp_path, kind):
 
 
 def augment_config(**overrides):
-    data = {"crop_size": [8, 8], "scale_range": [1.0, 1.0], "hflip": False, "ignore_label": 255,
-            "jitter": None, "flip_pairs": None}
+    data = {
+        "crop_size": [8, 8],
+        "scale_range": [1.0, 1.0],
+        "hflip": False,
+        "ignore_label": 255,
+        "jitter": None,
+        "flip_pairs": None,
+    }
     data.update(overrides)
     return OmegaConf.create(data)
 
@@ -218,7 +242,7 @@ def augment_config(**overrides):
 def windows(array: np.ndarray, size: int):
     for top in range(array.shape[0] - size + 1):
         for left in range(array.shape[1] - size + 1):
-            yield array[top:top + size, left:left + size]
+            yield array[top : top + size, left : left + size]
 
 
 @pytest.mark.parametrize("scale, size", [(1.0, 40), (0.5, 40), (0.25, 48)])
@@ -233,12 +257,19 @@ def test_scaled_crop_equals_a_window_of_the_whole_rescaled_pair(scale, size):
     full_image, full_mask = full_image.numpy(), full_mask.numpy()
     for seed in range(5):
         out_image, out_mask = pipeline.random_scaled_crop(
-            tf.constant(image), tf.constant(mask), [scale, scale], [8, 8], 255,
-            tf.constant([seed, 7]))
+            tf.constant(image),
+            tf.constant(mask),
+            [scale, scale],
+            [8, 8],
+            255,
+            tf.constant([seed, 7]),
+        )
         out_image, out_mask = out_image.numpy(), out_mask.numpy()
         candidates = zip(windows(full_image, 8), windows(full_mask, 8))
-        assert any(np.allclose(out_image, i, atol=1e-3) and np.array_equal(out_mask, m)
-                   for i, m in candidates), (scale, seed)
+        assert any(
+            np.allclose(out_image, i, atol=1e-3) and np.array_equal(out_mask, m)
+            for i, m in candidates
+        ), (scale, seed)
 
 
 def test_scaled_crop_pads_with_zero_and_ignore_and_keeps_labels_aligned():
@@ -249,8 +280,8 @@ def test_scaled_crop_pads_with_zero_and_ignore_and_keeps_labels_aligned():
     image = np.repeat((mask * 10)[..., None], 3, -1).astype(np.uint8)
     for seed in range(20):
         out_image, out_mask = pipeline.random_scaled_crop(
-            tf.constant(image), tf.constant(mask), [0.5, 2.5], [32, 32], 255,
-            tf.constant([seed, 1]))
+            tf.constant(image), tf.constant(mask), [0.5, 2.5], [32, 32], 255, tf.constant([seed, 1])
+        )
         out_image, out_mask = out_image.numpy(), out_mask.numpy()
         assert out_image.shape == (32, 32, 3) and out_mask.shape == (32, 32)
         assert set(np.unique(out_mask)) <= set(np.unique(mask)) | {255}
@@ -268,14 +299,17 @@ def test_scaled_crop_pads_with_zero_and_ignore_and_keeps_labels_aligned():
 
 @pytest.mark.parametrize("setting, expected", [(True, True), (False, False)])
 def test_cache_setting_true_false_is_obeyed(tmp_path, setting, expected):
-    source = write_folder(tmp_path, {"a": (encode(Image.fromarray(RGB), format="JPEG"), ".jpg",
-                                           MASKS["grey 8-bit"])})
+    source = write_folder(
+        tmp_path, {"a": (encode(Image.fromarray(RGB), format="JPEG"), ".jpg", MASKS["grey 8-bit"])}
+    )
     assert pipeline.should_cache(source, "train", setting) is expected
 
 
 def test_cache_auto_compares_the_estimate_with_the_budget(tmp_path, monkeypatch):
-    examples = {f"e{i}": (encode(Image.fromarray(RGB), format="JPEG"), ".jpg",
-                          MASKS["grey 8-bit"]) for i in range(3)}
+    examples = {
+        f"e{i}": (encode(Image.fromarray(RGB), format="JPEG"), ".jpg", MASKS["grey 8-bit"])
+        for i in range(3)
+    }
     source = write_folder(tmp_path, examples)
     per_example = RGB.nbytes + IDS.nbytes
     assert pipeline.estimated_decoded_bytes(source, "train") == 3 * per_example
@@ -291,6 +325,7 @@ def test_nearest_rows_sample_what_tf_image_resize_nearest_samples():
         length, count, first = (int(v) for v in rng.integers(1, 400, 3))
         column = rng.integers(0, 256, (first + length, 1, 1)).astype(np.uint8)
         expected = tf.image.resize(column[first:], [count, 1], method="nearest").numpy()
-        rows = pipeline._nearest_rows(tf.constant(first), tf.constant(first + length),
-                                      tf.constant(count)).numpy()
+        rows = pipeline._nearest_rows(
+            tf.constant(first), tf.constant(first + length), tf.constant(count)
+        ).numpy()
         np.testing.assert_array_equal(column[rows], expected)

@@ -115,7 +115,8 @@ def test_check_offers_the_override_and_no_class_weights(tmp_path):
         freq.append(sum(int((m == c).sum()) for m in holding) / sum(m.size for m in holding))
     median = (freq[0] + freq[1]) / 2
     assert report["class_weights"] == pytest.approx(
-        {"bg": median / freq[0], "fg": median / freq[1]}, abs=1e-6)
+        {"bg": median / freq[0], "fg": median / freq[1]}, abs=1e-6
+    )
 
 
 @pytest.mark.parametrize(

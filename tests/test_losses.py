@@ -60,8 +60,9 @@ ALL_LOSSES = {
     "ce_weighted": lambda: losses.CrossEntropy(class_weights=[0.5, 2.0, 1.0, 3.0]),
     "focal": lambda: losses.FocalLoss(gamma=2.0, class_weights=[1.0, 2.0, 1.0, 0.5]),
     "dice": lambda: losses.DiceLoss(),
-    "ce_dice": lambda: losses.WeightedSum({"ce": losses.CrossEntropy(),
-                                           "dice": losses.DiceLoss()}, {"dice": 0.5}),
+    "ce_dice": lambda: losses.WeightedSum(
+        {"ce": losses.CrossEntropy(), "dice": losses.DiceLoss()}, {"dice": 0.5}
+    ),
 }
 
 
@@ -75,8 +76,9 @@ def test_cross_entropy_matches_numpy_and_keras_ignore_class():
     # Keras' own ignore_class also averages over the non-ignored pixels only.
     np.testing.assert_allclose(float(keras_ce(labels, logits)), expected, rtol=1e-5)
     # Labels with a trailing channel axis give the same value.
-    np.testing.assert_allclose(float(losses.CrossEntropy()(labels[..., None], logits)), ours,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(losses.CrossEntropy()(labels[..., None], logits)), ours, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
@@ -86,8 +88,7 @@ def test_ignored_pixels_contribute_nothing(name):
     ignored = labels == IGNORE
     changed = logits.copy()
     changed[ignored] = np.random.default_rng(9).normal(scale=50.0, size=changed[ignored].shape)
-    np.testing.assert_allclose(float(loss(labels, changed)), float(loss(labels, logits)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(loss(labels, changed)), float(loss(labels, logits)), rtol=1e-6)
     variable = tf.Variable(logits)
     with tf.GradientTape() as tape:
         value = loss(labels, variable)
@@ -112,17 +113,22 @@ def test_class_weights_scale_the_loss_as_hand_computed():
     weighted = float(losses.CrossEntropy(class_weights=list(weights))(labels, logits))
     np.testing.assert_allclose(weighted, expected, rtol=1e-5)
     plain = float(losses.CrossEntropy()(labels, logits))
-    np.testing.assert_allclose(float(losses.CrossEntropy(class_weights=[1.0] * 4)(labels, logits)),
-                               plain, rtol=1e-6)
-    np.testing.assert_allclose(float(losses.CrossEntropy(class_weights=[2.0] * 4)(labels, logits)),
-                               2 * plain, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(losses.CrossEntropy(class_weights=[1.0] * 4)(labels, logits)), plain, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        float(losses.CrossEntropy(class_weights=[2.0] * 4)(labels, logits)), 2 * plain, rtol=1e-6
+    )
 
 
 def test_focal_loss_hand_computed():
     logits, labels = batch(2)
     valid = labels != IGNORE
-    np.testing.assert_allclose(float(losses.FocalLoss(gamma=0.0)(labels, logits)),
-                               float(losses.CrossEntropy()(labels, logits)), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(losses.FocalLoss(gamma=0.0)(labels, logits)),
+        float(losses.CrossEntropy()(labels, logits)),
+        rtol=1e-6,
+    )
     alpha = np.array([1.0, 2.0, 1.0, 0.5])
     ce = np_pixel_ce(logits, labels)
     p_true = np.exp(-ce)
@@ -140,8 +146,9 @@ def test_dice_loss_hand_computed():
     # class 0: intersection p[0,0], sums p[0,0] + p[1,0] and 1 label pixel; likewise class 1.
     dice0 = (2 * p[0, 0] + 1) / (p[0, 0] + p[1, 0] + 1 + 1)
     dice1 = (2 * p[1, 1] + 1) / (p[0, 1] + p[1, 1] + 1 + 1)
-    np.testing.assert_allclose(float(losses.DiceLoss(smooth=1.0)(labels, logits)),
-                               1 - (dice0 + dice1) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(losses.DiceLoss(smooth=1.0)(labels, logits)), 1 - (dice0 + dice1) / 2, rtol=1e-6
+    )
     weighted = float(losses.DiceLoss(smooth=1.0, class_weights=[1.0, 3.0])(labels, logits))
     np.testing.assert_allclose(weighted, 1 - (dice0 + 3 * dice1) / 4, rtol=1e-6)
     # Perfect, confident predictions give (almost) zero loss.
@@ -151,10 +158,12 @@ def test_dice_loss_hand_computed():
 
 def test_weighted_sum():
     logits, labels = batch(3)
-    total = losses.WeightedSum({"ce": losses.CrossEntropy(), "dice": losses.DiceLoss()},
-                               {"dice": 0.5})
-    expected = (float(losses.CrossEntropy()(labels, logits))
-                + 0.5 * float(losses.DiceLoss()(labels, logits)))
+    total = losses.WeightedSum(
+        {"ce": losses.CrossEntropy(), "dice": losses.DiceLoss()}, {"dice": 0.5}
+    )
+    expected = float(losses.CrossEntropy()(labels, logits)) + 0.5 * float(
+        losses.DiceLoss()(labels, logits)
+    )
     np.testing.assert_allclose(float(total(labels, logits)), expected, rtol=1e-6)
     with raises_user_error("loss.weights"):
         losses.WeightedSum({"ce": losses.CrossEntropy()}, {"dise": 1.0})
@@ -177,8 +186,7 @@ def test_labels_are_resized_nearest_to_smaller_logits(name):
     logits, small = batch(5, shape=(2, 3, 3))
     # Labels constant on 2x2 blocks, so any nearest-neighbour sampling gives `small`.
     labels = np.repeat(np.repeat(small, 2, axis=1), 2, axis=2)
-    np.testing.assert_allclose(float(loss(labels, logits)), float(loss(small, logits)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(loss(labels, logits)), float(loss(small, logits)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
@@ -188,8 +196,9 @@ def test_losses_serialise(name, tmp_path):
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert type(restored) is type(loss)
     assert restored.get_config() == loss.get_config()
-    np.testing.assert_allclose(float(restored(labels, logits)), float(loss(labels, logits)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(restored(labels, logits)), float(loss(labels, logits)), rtol=1e-6
+    )
     inputs = keras.Input((4, 4, 2))
     model = keras.Model(inputs, keras.layers.Conv2D(NUM_CLASSES, 1, name="logits")(inputs))
     model.compile(optimizer="sgd", loss=loss)
@@ -200,11 +209,13 @@ def test_losses_serialise(name, tmp_path):
 
 
 def test_median_frequency_weights():
-    np.testing.assert_allclose(losses.median_frequency_weights([100, 50, 25, 0]),
-                               [0.5, 1.0, 2.0, 0.0])
+    np.testing.assert_allclose(
+        losses.median_frequency_weights([100, 50, 25, 0]), [0.5, 1.0, 2.0, 0.0]
+    )
     # Eigen & Fergus: frequency within the images where the class appears.
-    np.testing.assert_allclose(losses.median_frequency_weights([100, 50, 25], [200, 100, 100]),
-                               [1.0, 1.0, 2.0])
+    np.testing.assert_allclose(
+        losses.median_frequency_weights([100, 50, 25], [200, 100, 100]), [1.0, 1.0, 2.0]
+    )
     with pytest.raises(ValueError):
         losses.median_frequency_weights([0, 0])
 
@@ -223,8 +234,13 @@ def test_resolve_auto_class_weights():
     loss = instantiate(losses.resolve_class_weights(cfg.loss, compute))
     assert loss.class_weights == [0.375, 0.75, 1.5, 1.5]
     assert loss.ignore_label == 255
-    cfg = compose_config(["loss=ce_dice", "loss.losses.ce.class_weights=auto",
-                       "+loss.losses.dice.class_weights=auto"])
+    cfg = compose_config(
+        [
+            "loss=ce_dice",
+            "loss.losses.ce.class_weights=auto",
+            "+loss.losses.dice.class_weights=auto",
+        ]
+    )
     loss = instantiate(losses.resolve_class_weights(cfg.loss, compute))
     assert loss.losses["ce"].class_weights == loss.losses["dice"].class_weights
     assert len(calls) == 2  # once per resolve, only when some loss asks for auto

@@ -52,8 +52,14 @@ MODELS = {
     # Seed 003's variant: no BatchNorm, 3x3 up-conv + ReLU, 0..1 inputs, PyTorch init.
     "unet_seed003": (
         unet.build_unet,
-        {"base_filters": 4, "depth": 3, "batch_norm": False, "up_conv": "transpose3x3_relu",
-         "input_scaling": "unit", "initializer": "pytorch"},
+        {
+            "base_filters": 4,
+            "depth": 3,
+            "batch_norm": False,
+            "up_conv": "transpose3x3_relu",
+            "input_scaling": "unit",
+            "initializer": "pytorch",
+        },
     ),
 }
 
@@ -192,7 +198,12 @@ def test_deeplabv2_msc_training_model_shares_weights():
     model = build("deeplabv2_msc_mnv2", input_shape=(size, size, 3))
     train_model = deeplabv2.msc_training_model(model)
     assert list(train_model.output) == [
-        "fused", "fused_scores", "scale_100", "scale_075", "scale_050"]
+        "fused",
+        "fused_scores",
+        "scale_100",
+        "scale_075",
+        "scale_050",
+    ]
     x = images(2, size, size)
     labels = np.random.default_rng(1).integers(0, NUM_CLASSES, (2, size, size))
     # Eager calls and an eager fit: tracing three MobileNetV2 copies would dominate the test.

@@ -60,8 +60,9 @@ def test_resize_sample_shows_the_whole_image_at_its_corners(tmp_path):
     image, mask = quadrant_pair(30, 50)
     source = write_folder_dataset(tmp_path, [mask], [image])
     # scale_range [1, 1]: a crop could only ever show one or two quadrants of a 30x50 image.
-    data = data_config(transform="resize", crop_size=[12, 20], scale_range=[1.0, 1.0],
-                       batch_size=1, hflip=True)
+    data = data_config(
+        transform="resize", crop_size=[12, 20], scale_range=[1.0, 1.0], batch_size=1, hflip=True
+    )
     seen_flipped = set()
     for sample, sample_mask in samples(source, data, batches=12):
         assert sample.shape == (12, 20, 3) and sample.dtype == np.float32
@@ -81,8 +82,9 @@ def test_resize_mask_is_the_nearest_resize_of_the_whole_mask(tmp_path):
     mask = rng.integers(0, 6, (37, 23)).astype(np.uint8)
     mask[rng.random(mask.shape) < 0.1] = 255
     source = write_folder_dataset(tmp_path, [mask])
-    data = data_config(transform="resize", crop_size=[16, 10], batch_size=1, hflip=True,
-                       flip_pairs=[])
+    data = data_config(
+        transform="resize", crop_size=[16, 10], batch_size=1, hflip=True, flip_pairs=[]
+    )
     # Pillow's NEAREST samples the source pixel under each target pixel's centre.
     expected = np.asarray(Image.fromarray(mask).resize((10, 16), Image.NEAREST))
     # The same by hand: row i <- floor((i + 0.5) * 37 / 16), column j <- floor((j + 0.5) * 23 / 10).
@@ -98,8 +100,9 @@ def test_resize_mask_is_the_nearest_resize_of_the_whole_mask(tmp_path):
 def test_resize_flip_swaps_the_flip_pairs(tmp_path):
     image, mask = quadrant_pair(20, 20)
     source = write_folder_dataset(tmp_path, [mask], [image])
-    data = data_config(transform="resize", crop_size=[10, 10], batch_size=1, hflip=True,
-                       flip_pairs=[[1, 2]])
+    data = data_config(
+        transform="resize", crop_size=[10, 10], batch_size=1, hflip=True, flip_pairs=[[1, 2]]
+    )
     seen = set()
     for _, sample_mask in samples(source, data, batches=12):
         top_left, top_right = int(sample_mask[0, 0]), int(sample_mask[0, -1])
@@ -114,13 +117,17 @@ def test_resize_flip_swaps_the_flip_pairs(tmp_path):
 # ----- data.pad_value ---------------------------------------------------------------------------
 def test_crop_padding_is_filled_with_pad_value(tmp_path):
     source = write_folder_dataset(tmp_path, [np.ones((8, 8), int)], [np.full((8, 8, 3), 200)])
-    data = data_config(crop_size=[16, 16], scale_range=[1.0, 1.0], hflip=False, batch_size=1,
-                       pad_value=[10, 20, 30.5])
-    (sample, sample_mask), = samples(source, data, batches=1)
+    data = data_config(
+        crop_size=[16, 16],
+        scale_range=[1.0, 1.0],
+        hflip=False,
+        batch_size=1,
+        pad_value=[10, 20, 30.5],
+    )
+    ((sample, sample_mask),) = samples(source, data, batches=1)
     # An 8x8 image in a 16x16 crop: 64 image pixels, 192 padding pixels (labels ignore).
     assert (sample_mask == 1).sum() == 64 and (sample_mask == 255).sum() == 192
-    np.testing.assert_array_equal(sample[sample_mask == 255],
-                                  np.tile([10.0, 20.0, 30.5], (192, 1)))
+    np.testing.assert_array_equal(sample[sample_mask == 255], np.tile([10.0, 20.0, 30.5], (192, 1)))
     np.testing.assert_array_equal(sample[sample_mask == 1], np.full((64, 3), 200.0))
 
 
@@ -133,8 +140,14 @@ def mean_colour_model() -> keras.Model:
 
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_eval_padding_is_filled_with_pad_value(mode):
-    cfg = compose_config(["data.pad_value=[10,20,30]", f"eval.mode={mode}",
-                          "eval.crop_size=[32,32]", "eval.size_divisor=32"])
+    cfg = compose_config(
+        [
+            "data.pad_value=[10,20,30]",
+            f"eval.mode={mode}",
+            "eval.crop_size=[32,32]",
+            "eval.size_divisor=32",
+        ]
+    )
     predictor = predictor_from_config(mean_colour_model(), cfg)
     image = np.full((20, 20, 3), 100, np.uint8)
     logits = predictor.logits(image)
@@ -161,8 +174,15 @@ def test_bad_protocol_keys_are_one_line_user_errors(override, key):
 
 
 def test_mean_colour_pad_value_is_accepted():
-    check_config(compose_config(["data.pad_value=[123.68,116.78,103.94]",
-                                 "data.transform=resize", "trainer.val_protocol=resized"]))
+    check_config(
+        compose_config(
+            [
+                "data.pad_value=[123.68,116.78,103.94]",
+                "data.transform=resize",
+                "trainer.val_protocol=resized",
+            ]
+        )
+    )
 
 
 # ----- item 7: no silent protocol change ---------------------------------------------------------
@@ -189,8 +209,15 @@ def test_fixed_size_fallback_is_recorded_in_metrics_json(tmp_path):
     rng = np.random.default_rng(1)
     masks = [rng.integers(0, 3, (24, 20)) for _ in range(2)]
     write_folder_dataset(tmp_path / "data", masks)
-    cfg = compose_config(["data=folder", f"data.root={tmp_path / 'data'}", "data.num_classes=3",
-                          "data.class_names=[a,b,c]", "eval.num_samples=0"])
+    cfg = compose_config(
+        [
+            "data=folder",
+            f"data.root={tmp_path / 'data'}",
+            "data.num_classes=3",
+            "data.class_names=[a,b,c]",
+            "eval.num_samples=0",
+        ]
+    )
     out = tmp_path / "eval"
     out.mkdir()
     report = evaluate_model(fixed_only_model(), cfg, "val", out, tmp_path / "model.keras")
@@ -229,8 +256,11 @@ def test_multi_output_view_monitors_fused_only_when_fit_validates(tmp_path):
 def test_selection_metric_equals_the_final_report_and_mode_eval(cache_dir, tmp_path):
     """best.keras is chosen on the number metrics.json and mode=eval print for it."""
     run_dir = tmp_path / "train"
-    result = run_cli([*TINY_TRAIN, "trainer.epochs=3", "data.transform=resize",
-                      f"hydra.run.dir={run_dir}"], cache_dir, cwd=tmp_path)
+    result = run_cli(
+        [*TINY_TRAIN, "trainer.epochs=3", "data.transform=resize", f"hydra.run.dir={run_dir}"],
+        cache_dir,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(run_dir / "history.csv", newline="") as f:
         history = [float(row["val_mean_iou"]) for row in csv.DictReader(f)]
@@ -243,8 +273,11 @@ def test_selection_metric_equals_the_final_report_and_mode_eval(cache_dir, tmp_p
     assert abs(metrics["selection"]["value"] - metrics["mean_iou"]) < 1e-6
     assert "trainer.val_protocol=original" in result.stderr + result.stdout
 
-    evaluated = run_cli(["mode=eval", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path / 'e'}"],
-                        cache_dir, cwd=tmp_path)
+    evaluated = run_cli(
+        ["mode=eval", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path / 'e'}"],
+        cache_dir,
+        cwd=tmp_path,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert abs(again["mean_iou"] - max(history)) < 1e-6
@@ -272,8 +305,9 @@ def test_an_epoch_without_validation_keeps_the_best_checkpoint(tmp_path):
 
     model = fixed_only_model()
     path = tmp_path / "best.keras"
-    checkpoint = AtomicModelCheckpoint(str(path), monitor="val_mean_iou", mode="max",
-                                       save_best_only=True)
+    checkpoint = AtomicModelCheckpoint(
+        str(path), monitor="val_mean_iou", mode="max", save_best_only=True
+    )
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"loss": 1.0, "val_mean_iou": 0.5})
     saved = path.read_bytes()

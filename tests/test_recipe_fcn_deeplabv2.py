@@ -85,17 +85,29 @@ def test_sbd_train_split_is_sbds_own_train_list(tmp_path):
         blank = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
         blank.save(voc / "JPEGImages" / f"{image_id}.jpg")
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "prepare_voc_aug.py"), "--voc-root", str(voc),
-         "--sbd-root", str(tmp_path / "sbd"), "--workers", "1"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "prepare_voc_aug.py"),
+            "--voc-root",
+            str(voc),
+            "--sbd-root",
+            str(tmp_path / "sbd"),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     listed = (voc / "ImageSets" / "Segmentation" / f"{SBD_TRAIN}.txt").read_text().split()
     assert listed == sorted(sbd_train)
 
     source = VOCSource(str(voc), aug=True, num_classes=21, train_list=SBD_TRAIN)
-    decoded = dict(zip(listed, (m for _, m in pipeline.decoded_dataset(source, "train")
-                               .as_numpy_iterator())))
+    decoded = dict(
+        zip(listed, (m for _, m in pipeline.decoded_dataset(source, "train").as_numpy_iterator()))
+    )
     assert sorted(decoded) == sorted(sbd_train)
     np.testing.assert_array_equal(decoded["2008_000002"], sbd_masks["2008_000002"])
     # Where VOC has its own mask it is used (listed under the recipe's Differs).
@@ -140,8 +152,9 @@ def test_fcn_bias_step_is_twice_the_kernel_step_and_upsampling_is_fixed():
     cfg = compose("voc_fcn32s")
     inputs = keras.Input((4, 4, 2))
     x = keras.layers.Conv2D(2, 1, name="score_fr")(inputs)
-    x = keras.layers.Conv2DTranspose(2, 4, strides=2, padding="same", use_bias=False,
-                                     name="upscore")(x)
+    x = keras.layers.Conv2DTranspose(
+        2, 4, strides=2, padding="same", use_bias=False, name="upscore"
+    )(x)
     model = keras.Model(inputs, x)
     optimizer = instantiate(cfg.optimizer, total_steps=10, steps_per_epoch=10)
     kernel, bias = model.get_layer("score_fr").weights
@@ -166,8 +179,9 @@ def test_fcn_bias_step_is_twice_the_kernel_step_and_upsampling_is_fixed():
 KERAS_CAFFE_MEAN_RGB = [123.68, 116.779, 103.939]
 
 
-@pytest.mark.parametrize("experiment",
-                         ["voc_deeplabv2", "voc_deeplabv2_msc", "voc_deeplabv2_msc_crf"])
+@pytest.mark.parametrize(
+    "experiment", ["voc_deeplabv2", "voc_deeplabv2_msc", "voc_deeplabv2_msc_crf"]
+)
 def test_deeplabv2_recipes_have_drsleeps_values(experiment):
     cfg = compose(experiment)
     opt = cfg.optimizer
@@ -192,10 +206,16 @@ def test_deeplabv2_recipes_have_drsleeps_values(experiment):
     head = keras.layers.Conv2D(2, 3, name="aspp_conv_1")
     body = keras.layers.Conv2D(2, 3, name="res5c_branch2c")
     keras.Sequential([keras.Input((5, 5, 1)), body, head])
-    lr_mults = {v.path.split("/", 1)[1]: optimizer.groups[optimizer.group_index(v)].lr_mult
-                for v in (*head.weights, *body.weights)}
-    assert lr_mults == {"aspp_conv_1/kernel": 10, "aspp_conv_1/bias": 20,
-                        "res5c_branch2c/kernel": 1, "res5c_branch2c/bias": 1}
+    lr_mults = {
+        v.path.split("/", 1)[1]: optimizer.groups[optimizer.group_index(v)].lr_mult
+        for v in (*head.weights, *body.weights)
+    }
+    assert lr_mults == {
+        "aspp_conv_1/kernel": 10,
+        "aspp_conv_1/bias": 20,
+        "res5c_branch2c/kernel": 1,
+        "res5c_branch2c/bias": 1,
+    }
     assert optimizer.decay_coefficient(head.bias) == 0.0
     assert optimizer.decay_coefficient(head.kernel) == pytest.approx(5e-4)
 
@@ -209,17 +229,23 @@ def test_deeplabv2_resnet101_maps_321_to_41():
     # Seed 002: "如默认321*321,最后结果矩阵是41*41" (321x321 in, a 41x41 score map out).
     # Keras ResNet: conv1 7x7/2 pad 3: (321 + 6 - 7) // 2 + 1 = 161; pool 3x3/2 pad 1:
     # (161 + 2 - 3) // 2 + 1 = 81; conv3 1x1/2: (81 - 1) // 2 + 1 = 41; conv4/5 atrous: 41.
-    model = deeplabv2.build_deeplabv2(21, (321, 321, 3), backbone="resnet101",
-                                      backbone_weights=None)
+    model = deeplabv2.build_deeplabv2(
+        21, (321, 321, 3), backbone="resnet101", backbone_weights=None
+    )
     assert tuple(model.get_layer("aspp_sum").output.shape) == (None, 41, 41, 21)
     assert tuple(model.output.shape) == (None, 321, 321, 21)
 
 
 @pytest.fixture(scope="module")
 def msc_view():
-    model = deeplabv2.build_deeplabv2(4, (321, 321, 3), backbone="mobilenetv2",
-                                      backbone_alpha=0.35, msc_scales=[1.0, 0.75, 0.5],
-                                      backbone_weights=None)
+    model = deeplabv2.build_deeplabv2(
+        4,
+        (321, 321, 3),
+        backbone="mobilenetv2",
+        backbone_alpha=0.35,
+        msc_scales=[1.0, 0.75, 0.5],
+        backbone_weights=None,
+    )
     image = np.random.default_rng(0).uniform(0, 255, (1, 321, 321, 3)).astype("float32")
     view = deeplabv2.msc_training_model(model)
     outputs = {k: np.asarray(v) for k, v in view(image, training=False).items()}
@@ -231,12 +257,17 @@ def test_msc_training_view_outputs_each_scales_own_map(msc_view):
     # DrSleep's train_msc.py feeds int(321 * 0.75) = 240 and int(321 * 0.5) = 160 px; at stride
     # 8 (as 321 -> 41 above): 240 -> 120 -> 60 -> 30, 160 -> 80 -> 40 -> 20.
     shapes = {k: v.shape for k, v in outputs.items()}
-    assert shapes == {"fused": (1, 321, 321, 4), "fused_scores": (1, 41, 41, 4),
-                      "scale_100": (1, 41, 41, 4), "scale_075": (1, 30, 30, 4),
-                      "scale_050": (1, 20, 20, 4)}
+    assert shapes == {
+        "fused": (1, 321, 321, 4),
+        "fused_scores": (1, 41, 41, 4),
+        "scale_100": (1, 41, 41, 4),
+        "scale_075": (1, 30, 30, 4),
+        "scale_050": (1, 20, 20, 4),
+    }
     # The saved (inference) model still outputs input-size logits, the view's "fused".
-    np.testing.assert_allclose(outputs["fused"], np.asarray(model(image, training=False)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        outputs["fused"], np.asarray(model(image, training=False)), atol=1e-5
+    )
 
 
 def test_msc_fused_map_is_the_max_of_the_scale_maps_at_the_full_scale_size(msc_view):
@@ -256,8 +287,9 @@ def tf1_nearest_rows(in_size: int, out_size: int) -> np.ndarray:
     scale in/out and the product are float32, then floored (resize_nearest_neighbor_op.cc).
     """
     scale = np.float32(in_size) / np.float32(out_size)
-    return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(int),
-                      in_size - 1)
+    return np.minimum(
+        np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(int), in_size - 1
+    )
 
 
 def test_tf1_nearest_rule_by_hand():
@@ -267,8 +299,9 @@ def test_tf1_nearest_rule_by_hand():
     # TF2's half-pixel rule would take floor((i + 0.5) * scale): 5, 15, 25, ...
     # The same rule as TensorFlow's own TF1 op, as a reference library:
     labels = np.arange(321)[None, :, None, None].repeat(2, axis=2).astype("int32")
-    tf1 = tf.compat.v1.image.resize_nearest_neighbor(labels, (31, 2), align_corners=False,
-                                                     half_pixel_centers=False)
+    tf1 = tf.compat.v1.image.resize_nearest_neighbor(
+        labels, (31, 2), align_corners=False, half_pixel_centers=False
+    )
     np.testing.assert_array_equal(np.asarray(tf1)[0, :, 0, 0], rows)
 
 

@@ -303,10 +303,20 @@ class IndexSource(Source):
 
 def stream_config(cache):
     return OmegaConf.create(
-        dict(crop_size=[6, 6], scale_range=[0.8, 1.2], hflip=True, ignore_label=255,
-             batch_size=4, cache=cache, shuffle_buffer=8, num_parallel_calls=None, flip_pairs=[],
-             transform="crop", pad_value=0,
-             jitter=dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0))
+        dict(
+            crop_size=[6, 6],
+            scale_range=[0.8, 1.2],
+            hflip=True,
+            ignore_label=255,
+            batch_size=4,
+            cache=cache,
+            shuffle_buffer=8,
+            num_parallel_calls=None,
+            flip_pairs=[],
+            transform="crop",
+            pad_value=0,
+            jitter=dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0),
+        )
     )
 
 

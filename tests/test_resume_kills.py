@@ -155,8 +155,10 @@ def test_kill_9_at_every_phase_then_resume_equals_the_uninterrupted_run(
         assert value == pytest.approx(reference_value, abs=1e-5)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     reference_metrics = json.loads((reference / "metrics.json").read_text())
-    print(f"val mIoU per epoch: killed 5 times {history}, uninterrupted {expected}; final "
-          f"mIoU {metrics['mean_iou']} vs {reference_metrics['mean_iou']}")
+    print(
+        f"val mIoU per epoch: killed 5 times {history}, uninterrupted {expected}; final "
+        f"mIoU {metrics['mean_iou']} vs {reference_metrics['mean_iou']}"
+    )
     assert metrics["mean_iou"] == pytest.approx(reference_metrics["mean_iou"], abs=1e-5)
     # The resumes left the run's config alone and logged themselves separately.
     assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == overrides

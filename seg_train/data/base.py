@@ -50,8 +50,15 @@ MASK_SUFFIXES = (".png",)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The EXIF orientation tag (0x0112): 1 = stored as displayed; 2..8 = mirrored and/or rotated.
 EXIF_ORIENTATION = 0x0112
-_ROTATIONS = {2: "mirrored", 3: "rotated 180°", 4: "flipped vertically", 5: "transposed",
-              6: "rotated 90° clockwise", 7: "transversed", 8: "rotated 90° anticlockwise"}
+_ROTATIONS = {
+    2: "mirrored",
+    3: "rotated 180°",
+    4: "flipped vertically",
+    5: "transposed",
+    6: "rotated 90° clockwise",
+    7: "transversed",
+    8: "rotated 90° anticlockwise",
+}
 _warned_orientation: set[str] = set()
 ON_ERROR_CHOICES = ("raise", "skip")
 # Pillow's complaints about a broken file: unreadable/truncated data (OSError, including
@@ -127,8 +134,13 @@ def displayed(image: Image.Image, label: str) -> Image.Image:
         return image
     if label not in _warned_orientation:
         _warned_orientation.add(label)
-        log.warning("%s: EXIF orientation %d: using the image %s, as viewers show it (its mask "
-                    "must match that orientation)", label, orientation, _ROTATIONS[orientation])
+        log.warning(
+            "%s: EXIF orientation %d: using the image %s, as viewers show it (its mask "
+            "must match that orientation)",
+            label,
+            orientation,
+            _ROTATIONS[orientation],
+        )
     return ImageOps.exif_transpose(image)
 
 
@@ -163,15 +175,24 @@ def read_mask(source: str | bytes | Path, name: str | None = None) -> np.ndarray
             if mask.format != "PNG":
                 # JPEG's lossy compression changes label values at every edge (even creating
                 # ids of no class), so a mask must be a PNG whatever its name says.
-                raise DataError(label, f"mask is a {mask.format or 'non-PNG'} file, not a PNG "
-                                "(no PNG signature); lossy formats change class ids: save "
-                                "it as an 8-bit grey or palette PNG from the original labels")
+                raise DataError(
+                    label,
+                    f"mask is a {mask.format or 'non-PNG'} file, not a PNG "
+                    "(no PNG signature); lossy formats change class ids: save "
+                    "it as an 8-bit grey or palette PNG from the original labels",
+                )
             if mask.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
-                raise DataError(label, f"mask is an {mask.mode} colour image, not class ids; save "
-                                "one 8-bit grey or palette PNG whose pixel values are the ids")
+                raise DataError(
+                    label,
+                    f"mask is an {mask.mode} colour image, not class ids; save "
+                    "one 8-bit grey or palette PNG whose pixel values are the ids",
+                )
             if mask.mode not in ("L", "P"):
-                raise DataError(label, f"mask has mode {mask.mode}; expected an 8-bit grey or "
-                                "palette PNG of class ids")
+                raise DataError(
+                    label,
+                    f"mask has mode {mask.mode}; expected an 8-bit grey or "
+                    "palette PNG of class ids",
+                )
             return np.asarray(mask, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(label, "mask file is missing") from None
@@ -199,8 +220,10 @@ def read_id_list(path: Path, what: str, whole_line: bool = False) -> list[str]:
         UserError: if the file is missing or lists nothing.
     """
     if not path.is_file():
-        raise UserError(f"split file {path} for {what} is missing; restore it from the dataset "
-                        "release (one id per line)")
+        raise UserError(
+            f"split file {path} for {what} is missing; restore it from the dataset "
+            "release (one id per line)"
+        )
     ids = []
     for line in path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines():
         line = line.strip()
@@ -220,17 +243,20 @@ def missing_file_hint(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
     names = _folder_names(folder)
     stem_path = Path(stem)
     if stem_path.suffix.lower() in (*IMAGE_SUFFIXES, *MASK_SUFFIXES, ".webp", ".tif", ".tiff"):
-        return (f"; '{stem}' is listed with its suffix: list the stem "
-                f"'{stem_path.stem}' instead")
+        return f"; '{stem}' is listed with its suffix: list the stem '{stem_path.stem}' instead"
     wanted = {f"{stem}{suffix}".lower() for suffix in suffixes}
     cased = sorted(n for n in names if n.lower() in wanted)
     if cased:
-        return (f"; {folder / cased[0]} differs only in letter case from '{stem}' (file names "
-                f"are case-sensitive): list '{Path(cased[0]).stem}' or rename the file")
+        return (
+            f"; {folder / cased[0]} differs only in letter case from '{stem}' (file names "
+            f"are case-sensitive): list '{Path(cased[0]).stem}' or rename the file"
+        )
     other = sorted(n for n in names if Path(n).stem == stem)
     if other:
-        return (f"; {folder / other[0]} has the unsupported suffix {Path(other[0]).suffix} "
-                f"(supported: {', '.join(suffixes)}): convert it")
+        return (
+            f"; {folder / other[0]} has the unsupported suffix {Path(other[0]).suffix} "
+            f"(supported: {', '.join(suffixes)}): convert it"
+        )
     if any(c.isspace() for c in stem):
         return f"; the listed stem '{stem}' holds spaces: check the line in the split file"
     if not stem.isprintable():
@@ -251,8 +277,9 @@ def _folder_names(folder: Path) -> list[str]:
     return _FOLDER_NAMES[folder]
 
 
-def pair_ids(ids: Iterable[str], listed_in: str, image_dir: Path, mask_dir: Path
-             ) -> tuple[list[Example], list[DataError]]:
+def pair_ids(
+    ids: Iterable[str], listed_in: str, image_dir: Path, mask_dir: Path
+) -> tuple[list[Example], list[DataError]]:
     """Pairs `image_dir/<id>.jpg` with `mask_dir/<id>.png` for every id.
 
     Args:
@@ -299,14 +326,18 @@ def slice_ids(spec: str, lists: Mapping[str, Sequence[str]]) -> list[str]:
     """
     import tensorflow_datasets as tfds
 
-    infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[len(ids)], num_bytes=0)
-             for name, ids in lists.items()}
+    infos = {
+        name: tfds.core.SplitInfo(name=name, shard_lengths=[len(ids)], num_bytes=0)
+        for name, ids in lists.items()
+    }
     try:
         instructions = tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)
     except (ValueError, AssertionError) as exc:
-        raise UserError(f"split '{spec}': {exc}; use a split of {sorted(lists)} with TFDS "
-                        "slicing, e.g. 'train[:90%]'") from None
-    return [i for part in instructions for i in lists[part.splitname][part.from_:part.to]]
+        raise UserError(
+            f"split '{spec}': {exc}; use a split of {sorted(lists)} with TFDS "
+            "slicing, e.g. 'train[:90%]'"
+        ) from None
+    return [i for part in instructions for i in lists[part.splitname][part.from_ : part.to]]
 
 
 class Source:
@@ -329,8 +360,12 @@ class Source:
     #: Records hold file paths rather than encoded bytes.
     records_are_paths = False
 
-    def __init__(self, num_classes: int | None = None, ignore_label: int = IGNORE_LABEL,
-                 on_error: str = "raise"):
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+    ):
         if on_error not in ON_ERROR_CHOICES:
             raise UserError(f"data.on_error must be raise or skip, got {on_error!r}")
         self.num_classes = num_classes
@@ -341,15 +376,19 @@ class Source:
     def _check_num_classes(self) -> None:
         expected = self.dataset_num_classes
         if expected is not None and self.num_classes is not None and self.num_classes != expected:
-            raise UserError(f"data.num_classes={self.num_classes} contradicts data={self.name}, "
-                            f"which has {expected} classes; drop the data.num_classes override "
-                            "(and data.class_names with it)")
+            raise UserError(
+                f"data.num_classes={self.num_classes} contradicts data={self.name}, "
+                f"which has {expected} classes; drop the data.num_classes override "
+                "(and data.class_names with it)"
+            )
 
     def check_split(self, split: str) -> None:
         """Raises a `UserError` for a split the dataset does not define."""
         if split not in self.splits:
-            raise UserError(f"data={self.name} has no split '{split}' (splits: "
-                            f"{', '.join(self.splits)}); pick one of those, e.g. eval.split=val")
+            raise UserError(
+                f"data={self.name} has no split '{split}' (splits: "
+                f"{', '.join(self.splits)}); pick one of those, e.g. eval.split=val"
+            )
 
     def describe_split(self, split: str) -> str:
         """Where a split comes from, for reports (two splits with equal descriptions are equal)."""
@@ -386,8 +425,9 @@ class Source:
     #: The user's value -> label table (uint8 [256]) from `set_label_map`; None = as decoded.
     remap: np.ndarray | None = None
 
-    def set_label_map(self, label_map: Mapping[int, int] | None = None,
-                      mask_threshold: int | None = None) -> None:
+    def set_label_map(
+        self, label_map: Mapping[int, int] | None = None, mask_threshold: int | None = None
+    ) -> None:
         """Remaps decoded mask values: `mask_threshold` first, then `label_map`.
 
         Args:
@@ -427,29 +467,45 @@ class Source:
             return
         if self.on_error == "raise":
             count = len(problems)
-            raise UserError(f"split '{split}' has {count} incomplete example"
-                            f"{'s' if count > 1 else ''} (first: {problems[0]}); add the missing "
-                            "files or remove them from the split, or set data.on_error=skip")
-        log.warning("data.on_error=skip: leaving out %d incomplete examples of split '%s' "
-                    "(first: %s)", len(problems), split, problems[0])
+            raise UserError(
+                f"split '{split}' has {count} incomplete example"
+                f"{'s' if count > 1 else ''} (first: {problems[0]}); add the missing "
+                "files or remove them from the split, or set data.on_error=skip"
+            )
+        log.warning(
+            "data.on_error=skip: leaving out %d incomplete examples of split '%s' (first: %s)",
+            len(problems),
+            split,
+            problems[0],
+        )
 
     def problems(self, pair: Pair) -> list[DataError]:
         """What is wrong with a decoded pair: size mismatch, labels out of range."""
         found = []
         if pair.mask.shape != pair.image.shape[:2]:
             (mh, mw), (ih, iw) = pair.mask.shape, pair.image.shape[:2]
-            found.append(DataError(pair.mask_file, f"mask is {mw}x{mh} but its image "
-                                   f"{pair.image_file} is {iw}x{ih}"
-                                   f"{_orientation_cause(pair.image_file)}; masks must match "
-                                   "their images"))
+            found.append(
+                DataError(
+                    pair.mask_file,
+                    f"mask is {mw}x{mh} but its image "
+                    f"{pair.image_file} is {iw}x{ih}"
+                    f"{_orientation_cause(pair.image_file)}; masks must match "
+                    "their images",
+                )
+            )
         if self.num_classes is not None:
             present = np.flatnonzero(label_counts(pair.mask))
             bad = [int(v) for v in present if v >= self.num_classes and v != self.ignore_label]
             if bad:
-                found.append(DataError(pair.mask_file, f"mask holds label(s) {_short_list(bad)} "
-                                       f"outside 0..{self.num_classes - 1} and "
-                                       f"{self.ignore_label} (ignore); fix the mask or "
-                                       "data.num_classes"))
+                found.append(
+                    DataError(
+                        pair.mask_file,
+                        f"mask holds label(s) {_short_list(bad)} "
+                        f"outside 0..{self.num_classes - 1} and "
+                        f"{self.ignore_label} (ignore); fix the mask or "
+                        "data.num_classes",
+                    )
+                )
         return found
 
 
@@ -471,12 +527,19 @@ class FileSource(Source):
     #: Records hold file paths (read in the graph), not encoded bytes.
     records_are_paths = True
 
-    def __init__(self, root: str | None, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+    def __init__(
+        self,
+        root: str | None,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+    ):
         super().__init__(num_classes=num_classes, ignore_label=ignore_label, on_error=on_error)
         if root is None or str(root) in ("", "None"):
-            raise UserError(f"data={self.name} needs data.root: the folder laid out as "
-                            f"{self.layout}; set data.root=DIR")
+            raise UserError(
+                f"data={self.name} needs data.root: the folder laid out as "
+                f"{self.layout}; set data.root=DIR"
+            )
         self.root = Path(str(root)).expanduser()
         self._listings: dict[str, tuple[list[Example], list[DataError]]] = {}
         self.check_root()
@@ -484,8 +547,10 @@ class FileSource(Source):
     def check_root(self) -> None:
         """Raises a `UserError` showing the expected tree if `root` does not look right."""
         if not self.root.is_dir():
-            raise UserError(f"data.root {self.root} is not a directory; point data.root at the "
-                            f"folder laid out as {self.layout}")
+            raise UserError(
+                f"data.root {self.root} is not a directory; point data.root at the "
+                f"folder laid out as {self.layout}"
+            )
 
     def scan(self, split: str) -> tuple[list[Example], list[DataError]]:
         """Lists a split: (complete examples in order, one `DataError` per missing/unpaired file).
@@ -513,8 +578,10 @@ class FileSource(Source):
         examples, problems = self._scan(split)
         if not examples:
             first = f" (all {len(problems)} incomplete; first: {problems[0]})" if problems else ""
-            raise UserError(f"split '{split}' of data={self.name} under {self.root} has no "
-                            f"complete example{first}; check data.root and the split's files")
+            raise UserError(
+                f"split '{split}' of data={self.name} under {self.root} has no "
+                f"complete example{first}; check data.root and the split's files"
+            )
         return examples
 
     def num_examples(self, split: str) -> int:
@@ -544,9 +611,12 @@ class FileSource(Source):
         return Pair(read_image(image_file), self.read_label(mask_file), image_file, mask_file)
 
 
-def remap_table(label_map: Mapping[int, int] | None, mask_threshold: int | None,
-                num_classes: int | None = None, ignore_label: int = IGNORE_LABEL
-                ) -> np.ndarray | None:
+def remap_table(
+    label_map: Mapping[int, int] | None,
+    mask_threshold: int | None,
+    num_classes: int | None = None,
+    ignore_label: int = IGNORE_LABEL,
+) -> np.ndarray | None:
     """The uint8 [256] table of `data.mask_threshold` then `data.label_map`; None if both unset.
 
     Raises:
@@ -557,19 +627,25 @@ def remap_table(label_map: Mapping[int, int] | None, mask_threshold: int | None,
     table = np.arange(256)
     if mask_threshold is not None:
         if not _is_byte(mask_threshold) or mask_threshold == 255:
-            raise UserError(f"data.mask_threshold must be null or an integer in 0..254 (values "
-                            f"above it become 1, the others 0), got {mask_threshold!r}; e.g. "
-                            "data.mask_threshold=127")
+            raise UserError(
+                f"data.mask_threshold must be null or an integer in 0..254 (values "
+                f"above it become 1, the others 0), got {mask_threshold!r}; e.g. "
+                "data.mask_threshold=127"
+            )
         table = (table > mask_threshold).astype(np.int64)
     mapping = dict(label_map or {})
     for value, label in mapping.items():
         if not (_is_byte(value) and _is_byte(label)):
-            raise UserError(f"data.label_map must map mask values 0..255 to labels 0..255, got "
-                            f"{value!r}: {label!r}; e.g. 'data.label_map={{255:1}}'")
+            raise UserError(
+                f"data.label_map must map mask values 0..255 to labels 0..255, got "
+                f"{value!r}: {label!r}; e.g. 'data.label_map={{255:1}}'"
+            )
         if num_classes is not None and label >= num_classes and label != ignore_label:
-            raise UserError(f"data.label_map maps {value} to {label}, which is neither a class "
-                            f"id (0..{num_classes - 1}) nor {ignore_label} (ignore); fix the map "
-                            "or data.num_classes")
+            raise UserError(
+                f"data.label_map maps {value} to {label}, which is neither a class "
+                f"id (0..{num_classes - 1}) nor {ignore_label} (ignore); fix the map "
+                "or data.num_classes"
+            )
     lookup = np.array([mapping.get(int(v), int(v)) for v in range(256)])
     return lookup[table].astype(np.uint8)
 
@@ -588,10 +664,11 @@ def build_source(data: Mapping) -> Source:
     source = instantiate(data["source"])
     label_map = data.get("label_map")
     if label_map is not None and not isinstance(label_map, Mapping):
-        raise UserError(f"data.label_map must be a mapping such as {{255:1}}, got {label_map!r}; "
-                        "e.g. 'data.label_map={255:1}'")
-    source.set_label_map(None if label_map is None else dict(label_map),
-                         data.get("mask_threshold"))
+        raise UserError(
+            f"data.label_map must be a mapping such as {{255:1}}, got {label_map!r}; "
+            "e.g. 'data.label_map={255:1}'"
+        )
+    source.set_label_map(None if label_map is None else dict(label_map), data.get("mask_threshold"))
     return source
 
 
@@ -607,6 +684,8 @@ def _orientation_cause(image_file: str) -> str:
     orientation = file_orientation(image_file)
     if orientation == 1:
         return ""
-    return (f" as displayed (its EXIF orientation {orientation}: {_ROTATIONS[orientation]}, "
-            "which training, evaluation and inference apply); rotate the mask the same way, or "
-            "remove the tag if the mask was drawn on the stored pixels (exiftool -Orientation=)")
+    return (
+        f" as displayed (its EXIF orientation {orientation}: {_ROTATIONS[orientation]}, "
+        "which training, evaluation and inference apply); rotate the mask the same way, or "
+        "remove the tag if the mask was drawn on the stored pixels (exiftool -Orientation=)"
+    )

@@ -38,22 +38,58 @@ from seg_train.errors import UserError
 log = logging.getLogger(__name__)
 
 CLASS_NAMES = (
-    "Background", "Hat", "Hair", "Glove", "Sunglasses", "UpperClothes", "Dress", "Coat", "Socks",
-    "Pants", "Torso-skin", "Scarf", "Skirt", "Face", "Left-arm", "Right-arm", "Left-leg",
-    "Right-leg", "Left-shoe", "Right-shoe",
+    "Background",
+    "Hat",
+    "Hair",
+    "Glove",
+    "Sunglasses",
+    "UpperClothes",
+    "Dress",
+    "Coat",
+    "Socks",
+    "Pants",
+    "Torso-skin",
+    "Scarf",
+    "Skirt",
+    "Face",
+    "Left-arm",
+    "Right-arm",
+    "Left-leg",
+    "Right-leg",
+    "Left-shoe",
+    "Right-shoe",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 # The standard CIHP/LIP colours, as stored (scaled to 0..1) in the release's human_colormap.mat.
 PALETTE = [
-    [0, 0, 0], [128, 0, 0], [255, 0, 0], [0, 85, 0], [170, 0, 51], [255, 85, 0], [0, 0, 85],
-    [0, 119, 221], [85, 85, 0], [0, 85, 85], [85, 51, 0], [52, 86, 128], [0, 128, 0], [0, 0, 255],
-    [51, 170, 221], [0, 255, 255], [85, 255, 170], [170, 255, 85], [255, 255, 0], [255, 170, 0],
+    [0, 0, 0],
+    [128, 0, 0],
+    [255, 0, 0],
+    [0, 85, 0],
+    [170, 0, 51],
+    [255, 85, 0],
+    [0, 0, 85],
+    [0, 119, 221],
+    [85, 85, 0],
+    [0, 85, 85],
+    [85, 51, 0],
+    [52, 86, 128],
+    [0, 128, 0],
+    [0, 0, 255],
+    [51, 170, 221],
+    [0, 255, 255],
+    [85, 255, 170],
+    [170, 255, 85],
+    [255, 255, 0],
+    [255, 170, 0],
 ]
 # (left, right) ids that trade places under a horizontal flip.
 FLIP_PAIRS = ((14, 15), (16, 17), (18, 19))
 COLORMAP_FILE = "human_colormap.mat"
-LAYOUT = ("instance-level_human_parsing/{Training/{Images/<id>.jpg, Category_ids/<id>.png, "
-          "train_id.txt}, Validation/{Images, Category_ids, val_id.txt}}")
+LAYOUT = (
+    "instance-level_human_parsing/{Training/{Images/<id>.jpg, Category_ids/<id>.png, "
+    "train_id.txt}, Validation/{Images, Category_ids, val_id.txt}}"
+)
 # split -> (folder, id list)
 SPLIT_FILES = {"train": ("Training", "train_id.txt"), "val": ("Validation", "val_id.txt")}
 
@@ -95,10 +131,16 @@ class CIHPSource(FileSource):
     splits = ("train", "val")
     dataset_num_classes = NUM_CLASSES
 
-    def __init__(self, root: str, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
-        super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
-                         on_error=on_error)
+    def __init__(
+        self,
+        root: str,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+    ):
+        super().__init__(
+            root, num_classes=num_classes, ignore_label=ignore_label, on_error=on_error
+        )
         self.palette, self.palette_origin = self._palette()
 
     def _palette(self) -> tuple[list[list[int]], str]:
@@ -114,10 +156,17 @@ class CIHPSource(FileSource):
 
     def check_root(self) -> None:
         if not (self.root / "Training" / "Category_ids").is_dir():
-            hint = subdir_hint(self.root, ("instance-level_human_parsing",
-                                           "instance-level_human_parsing/instance-level_human_parsing"))
-            raise UserError(f"data.root {self.root} is not the CIHP folder{hint}; expected "
-                            f"{LAYOUT} (see configs/data/cihp.yaml)")
+            hint = subdir_hint(
+                self.root,
+                (
+                    "instance-level_human_parsing",
+                    "instance-level_human_parsing/instance-level_human_parsing",
+                ),
+            )
+            raise UserError(
+                f"data.root {self.root} is not the CIHP folder{hint}; expected "
+                f"{LAYOUT} (see configs/data/cihp.yaml)"
+            )
 
     def describe_split(self, split: str) -> str:
         folder, id_file = SPLIT_FILES[split]
@@ -128,6 +177,4 @@ class CIHPSource(FileSource):
         base = self.root / folder
         split_file = base / id_file
         ids = read_id_list(split_file, f"CIHP split '{split}'")
-        return pair_ids(
-            ids, f"id listed in {split_file}", base / "Images", base / "Category_ids"
-        )
+        return pair_ids(ids, f"id listed in {split_file}", base / "Images", base / "Category_ids")

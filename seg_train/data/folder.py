@@ -41,15 +41,23 @@ class FolderSource(FileSource):
     name = "folder"
     layout = "root/{images/<stem>.jpg|png, masks/<stem>.png, splits/{train,val}.txt}"
 
-    def __init__(self, root: str, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
-        super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
-                         on_error=on_error)
+    def __init__(
+        self,
+        root: str,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+    ):
+        super().__init__(
+            root, num_classes=num_classes, ignore_label=ignore_label, on_error=on_error
+        )
 
     def check_root(self) -> None:
         if not self.root.is_dir():
-            raise UserError(f"data.root {self.root} is not a directory; point data.root at the "
-                            "folder holding images/, masks/ and splits/")
+            raise UserError(
+                f"data.root {self.root} is not a directory; point data.root at the "
+                "folder holding images/, masks/ and splits/"
+            )
 
     def describe_split(self, split: str) -> str:
         return str(self.root / "splits" / f"{split}.txt")
@@ -61,8 +69,10 @@ class FolderSource(FileSource):
     def scan(self, split: str) -> tuple[list[Example], list[DataError]]:
         split_file = self.root / "splits" / f"{split}.txt"
         if not split_file.is_file():
-            raise UserError(f"split file {split_file} is missing; write one image stem per line "
-                            f"for the '{split}' split")
+            raise UserError(
+                f"split file {split_file} is missing; write one image stem per line "
+                f"for the '{split}' split"
+            )
         examples, problems = [], []
         images, masks = self.root / "images", self.root / "masks"
         for stem in read_id_list(split_file, f"split '{split}'", whole_line=True):
@@ -70,8 +80,12 @@ class FolderSource(FileSource):
             mask = masks / f"{stem}.png"
             if image is None:
                 hint = missing_file_hint(images, stem, IMAGE_SUFFIXES)
-                problems.append(DataError(images / f"{stem}.*", f"no image for stem '{stem}' "
-                                          f"listed in {split_file}{hint}"))
+                problems.append(
+                    DataError(
+                        images / f"{stem}.*",
+                        f"no image for stem '{stem}' listed in {split_file}{hint}",
+                    )
+                )
             elif not mask.is_file():
                 hint = missing_file_hint(masks, stem, MASK_SUFFIXES)
                 problems.append(DataError(mask, f"no mask for image {image}{hint}"))

@@ -63,15 +63,20 @@ def _tail(contents: tf.Tensor, size: int) -> tf.Tensor:
 def is_plain_jpeg(contents: tf.Tensor) -> tf.Tensor:
     """True for a JPEG that starts with SOI and ends with EOI (truncated files do not) and is
     stored as displayed (no EXIF orientation other than 1, which only Pillow applies)."""
-    complete = tf.logical_and(tf.equal(tf.strings.substr(contents, 0, 3), JPEG_START),
-                              tf.equal(_tail(contents, 2), JPEG_END))
+    complete = tf.logical_and(
+        tf.equal(tf.strings.substr(contents, 0, 3), JPEG_START),
+        tf.equal(_tail(contents, 2), JPEG_END),
+    )
     return tf.logical_and(complete, tf.equal(jpeg_orientation(contents), 1))
 
 
 def _bytes_at(contents: tf.Tensor, offset, size: int) -> tf.Tensor:
     """`size` bytes from `offset` as int32 [size], zeros past the end (never an error)."""
-    padded = tf.strings.substr(tf.strings.join([contents, b"\0" * size]),
-                               tf.minimum(offset, tf.strings.length(contents)), size)
+    padded = tf.strings.substr(
+        tf.strings.join([contents, b"\0" * size]),
+        tf.minimum(offset, tf.strings.length(contents)),
+        size,
+    )
     return tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int32)
 
 
@@ -83,18 +88,25 @@ def _find_exif(contents: tf.Tensor) -> tf.Tensor:
         marker = _bytes_at(contents, offset, 2)
         # 0xDA starts the scan: no metadata segment comes after it.
         is_segment = tf.logical_and(tf.equal(marker[0], 0xFF), tf.not_equal(marker[1], 0xDA))
-        return tf.logical_and(tf.logical_and(step < _MAX_SEGMENTS_BEFORE_EXIF, found < 0),
-                              tf.logical_and(offset + 4 <= length, is_segment))
+        return tf.logical_and(
+            tf.logical_and(step < _MAX_SEGMENTS_BEFORE_EXIF, found < 0),
+            tf.logical_and(offset + 4 <= length, is_segment),
+        )
 
     def next_segment(step, offset, found):
         header = _bytes_at(contents, offset, 10)
-        is_exif = tf.logical_and(tf.equal(header[1], 0xE1),
-                                 tf.reduce_all(tf.equal(header[4:], list(EXIF_HEADER))))
-        return (step + 1, offset + 2 + header[2] * 256 + header[3],
-                tf.where(is_exif, offset, found))
+        is_exif = tf.logical_and(
+            tf.equal(header[1], 0xE1), tf.reduce_all(tf.equal(header[4:], list(EXIF_HEADER)))
+        )
+        return (
+            step + 1,
+            offset + 2 + header[2] * 256 + header[3],
+            tf.where(is_exif, offset, found),
+        )
 
-    _, _, found = tf.while_loop(keep_looking, next_segment,
-                                (tf.constant(0), tf.constant(2), tf.constant(-1)))
+    _, _, found = tf.while_loop(
+        keep_looking, next_segment, (tf.constant(0), tf.constant(2), tf.constant(-1))
+    )
     return found
 
 
@@ -115,10 +127,12 @@ def jpeg_orientation(contents: tf.Tensor) -> tf.Tensor:
 
     ifd = tf.maximum(tiff + number(order[4:8]), 0)  # int32 wraps for absurd offsets
     count = number(_bytes_at(contents, ifd, 2))
-    entries = tf.reshape(_bytes_at(contents, ifd + 2, 12 * _MAX_IFD_ENTRIES),
-                         [_MAX_IFD_ENTRIES, 12])
-    is_tag = tf.logical_and(tf.range(_MAX_IFD_ENTRIES) < count,
-                            tf.equal(number(entries[:, :2]), EXIF_ORIENTATION_TAG))
+    entries = tf.reshape(
+        _bytes_at(contents, ifd + 2, 12 * _MAX_IFD_ENTRIES), [_MAX_IFD_ENTRIES, 12]
+    )
+    is_tag = tf.logical_and(
+        tf.range(_MAX_IFD_ENTRIES) < count, tf.equal(number(entries[:, :2]), EXIF_ORIENTATION_TAG)
+    )
     value = tf.reduce_max(tf.where(is_tag, number(entries[:, 8:10]), 0))
     valid = tf.logical_and(tf.reduce_any(is_tag), tf.logical_and(value >= 1, value <= 8))
     orientation = tf.where(valid, value, 1)
@@ -131,18 +145,24 @@ def _find_palette(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     length = tf.strings.length(contents)
 
     def keep_looking(step, offset, found, size):
-        return tf.logical_and(tf.logical_and(step < _MAX_CHUNKS_BEFORE_PLTE, found < 0),
-                              offset + 8 <= length)
+        return tf.logical_and(
+            tf.logical_and(step < _MAX_CHUNKS_BEFORE_PLTE, found < 0), offset + 8 <= length
+        )
 
     def next_chunk(step, offset, found, size):
         header = _bytes_at(contents, offset, 8)
         chunk_size = header[0] * 16777216 + header[1] * 65536 + header[2] * 256 + header[3]
         is_plte = tf.reduce_all(tf.equal(header[4:], list(b"PLTE")))
-        return (step + 1, offset + 12 + chunk_size, tf.where(is_plte, offset, found),
-                tf.where(is_plte, chunk_size, size))
+        return (
+            step + 1,
+            offset + 12 + chunk_size,
+            tf.where(is_plte, offset, found),
+            tf.where(is_plte, chunk_size, size),
+        )
 
     _, _, found, size = tf.while_loop(
-        keep_looking, next_chunk,
+        keep_looking,
+        next_chunk,
         (tf.constant(0), tf.constant(_FIRST_CHUNK_AFTER_IHDR), tf.constant(-1), tf.constant(0)),
     )
     return found, size
@@ -159,8 +179,10 @@ def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         neither.
     """
     header = _bytes_at(contents, 0, _FIRST_CHUNK_AFTER_IHDR)
-    is_png = tf.logical_and(tf.equal(tf.strings.substr(contents, 0, 8), PNG_SIGNATURE),
-                            tf.equal(_tail(contents, len(PNG_END)), PNG_END))
+    is_png = tf.logical_and(
+        tf.equal(tf.strings.substr(contents, 0, 8), PNG_SIGNATURE),
+        tf.equal(_tail(contents, len(PNG_END)), PNG_END),
+    )
     depth, colour = header[_BIT_DEPTH_AT], header[_COLOUR_TYPE_AT]
     grey = tf.logical_and(tf.equal(colour, _GREY), tf.equal(depth, 8))
     palette = tf.logical_and(tf.equal(colour, _PALETTE), depth <= 8)
@@ -169,11 +191,13 @@ def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     rest = tf.minimum(start + 12 + size, tf.strings.length(contents))
     # The ramp always has 256 entries, so an index beyond the file's own palette (which
     # Pillow reads as is) still decodes to itself.
-    ramped = tf.strings.join([
-        tf.strings.substr(contents, 0, start),
-        RAMP_PLTE_CHUNK,
-        tf.strings.substr(contents, rest, tf.strings.length(contents) - rest),
-    ])
+    ramped = tf.strings.join(
+        [
+            tf.strings.substr(contents, 0, start),
+            RAMP_PLTE_CHUNK,
+            tf.strings.substr(contents, rest, tf.strings.length(contents) - rest),
+        ]
+    )
     readable = tf.logical_and(is_png, tf.logical_or(grey, tf.logical_and(palette, offset >= 0)))
     return readable, tf.where(palette, ramped, contents)
 
@@ -217,13 +241,14 @@ class LabelTable:
         core = accepted.copy()
         core[255] = False
         values = np.flatnonzero(core)
-        contiguous = values.size and core[values[0]:values[-1] + 1].all()
+        contiguous = values.size and core[values[0] : values[-1] + 1].all()
         if contiguous and accepted[255] and values[0] == 0:
             # uint8 arithmetic wraps: 255 + 1 = 0, class c -> c + 1.
             return tf.reduce_max(raw + 1) <= int(values[-1]) + 1
         if contiguous and not accepted[255]:
-            return tf.logical_and(tf.reduce_min(raw) >= int(values[0]),
-                                  tf.reduce_max(raw) <= int(values[-1]))
+            return tf.logical_and(
+                tf.reduce_min(raw) >= int(values[0]), tf.reduce_max(raw) <= int(values[-1])
+            )
         counts = tf.math.bincount(tf.cast(raw, tf.int32), minlength=256, maxlength=256)
         return tf.reduce_all(tf.logical_or(tf.constant(accepted), tf.equal(counts, 0)))
 

@@ -66,8 +66,12 @@ RAW_LISTS = {"train": "annotations/trainval.txt", "test": "annotations/test.txt"
 LAYOUT = "<root>/{images/<name>.jpg, annotations/{trimaps/<name>.png, trainval.txt, test.txt}}"
 
 
-def trimap_to_labels(trimap: np.ndarray, border_as_ignore: bool = False,
-                     ignore_label: int = IGNORE_LABEL, file: str = "trimap") -> np.ndarray:
+def trimap_to_labels(
+    trimap: np.ndarray,
+    border_as_ignore: bool = False,
+    ignore_label: int = IGNORE_LABEL,
+    file: str = "trimap",
+) -> np.ndarray:
     """Maps a trimap (1 = pet, 2 = background, 3 = border) to class ids 0, 1, 2 (or ignore).
 
     Raises:
@@ -76,13 +80,15 @@ def trimap_to_labels(trimap: np.ndarray, border_as_ignore: bool = False,
     present = np.flatnonzero(label_counts(trimap))
     unexpected = [int(v) for v in present if v not in TRIMAP_VALUES]
     if unexpected:
-        raise DataError(file, f"trimap holds value(s) {unexpected}; expected only 1 = pet, "
-                        "2 = background, 3 = border")
+        raise DataError(
+            file,
+            f"trimap holds value(s) {unexpected}; expected only 1 = pet, "
+            "2 = background, 3 = border",
+        )
     return trimap_table(border_as_ignore, ignore_label).astype(np.uint8)[trimap]
 
 
-def trimap_table(border_as_ignore: bool = False, ignore_label: int = IGNORE_LABEL
-                 ) -> np.ndarray:
+def trimap_table(border_as_ignore: bool = False, ignore_label: int = IGNORE_LABEL) -> np.ndarray:
     """The trimap value -> class id table (int32 [256]); values other than 1, 2, 3 map to -1."""
     table = np.full(256, -1, np.int32)
     table[1], table[2], table[3] = 0, 1, (ignore_label if border_as_ignore else 2)
@@ -104,12 +110,16 @@ class _Trimaps:
         if self.num_classes is None or self.num_classes == expected:
             return
         if self.border_as_ignore:
-            raise UserError(f"data.border_as_ignore=true leaves 2 classes (pet, background) but "
-                            f"data.num_classes is {self.num_classes}; also set "
-                            "data.num_classes=2 'data.class_names=[pet,background]'")
-        raise UserError(f"data.num_classes={self.num_classes} contradicts data=oxford_pets, "
-                        "which has 3 classes (pet, background, border); drop the override, or "
-                        "use data.border_as_ignore=true data.num_classes=2 for two")
+            raise UserError(
+                f"data.border_as_ignore=true leaves 2 classes (pet, background) but "
+                f"data.num_classes is {self.num_classes}; also set "
+                "data.num_classes=2 'data.class_names=[pet,background]'"
+            )
+        raise UserError(
+            f"data.num_classes={self.num_classes} contradicts data=oxford_pets, "
+            "which has 3 classes (pet, background, border); drop the override, or "
+            "use data.border_as_ignore=true data.num_classes=2 for two"
+        )
 
     def labels(self, trimap: np.ndarray, file: str) -> np.ndarray:
         return trimap_to_labels(trimap, self.border_as_ignore, self.ignore_label, file)
@@ -121,8 +131,10 @@ class _Trimaps:
 def _check_split_specs(splits: Mapping[str, str]) -> dict[str, str]:
     splits = {str(k): str(v) for k, v in dict(splits).items()}
     if not splits:
-        raise UserError("data.splits is empty; map at least train and val to TFDS split names, "
-                        "e.g. train: train, val: test")
+        raise UserError(
+            "data.splits is empty; map at least train and val to TFDS split names, "
+            "e.g. train: train, val: test"
+        )
     return splits
 
 
@@ -141,21 +153,30 @@ class OxfordPetsRaw(_Trimaps, FileSource):
 
     layout = LAYOUT
 
-    def __init__(self, root: str | None, splits: Mapping[str, str] | None = None,
-                 border_as_ignore: bool = False, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+    def __init__(
+        self,
+        root: str | None,
+        splits: Mapping[str, str] | None = None,
+        border_as_ignore: bool = False,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+    ):
         self.specs = _check_split_specs(splits or DEFAULT_SPLITS)
         self.splits = tuple(self.specs)
         self.border_as_ignore = border_as_ignore
-        super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
-                         on_error=on_error)
+        super().__init__(
+            root, num_classes=num_classes, ignore_label=ignore_label, on_error=on_error
+        )
 
     def check_root(self) -> None:
         if not (self.root / "images").is_dir() or not (self.root / "annotations").is_dir():
             hint = subdir_hint(self.root, ("oxford-iiit-pet",))
-            raise UserError(f"data.root {self.root} is not the Oxford-IIIT Pet release{hint}; "
-                            f"expected {LAYOUT} (images.tar.gz + annotations.tar.gz from "
-                            f"{HOMEPAGE}, see configs/data/oxford_pets.yaml)")
+            raise UserError(
+                f"data.root {self.root} is not the Oxford-IIIT Pet release{hint}; "
+                f"expected {LAYOUT} (images.tar.gz + annotations.tar.gz from "
+                f"{HOMEPAGE}, see configs/data/oxford_pets.yaml)"
+            )
 
     def describe_split(self, split: str) -> str:
         return f"{self.root / 'annotations'}: {self.specs[split]}"
@@ -165,10 +186,14 @@ class OxfordPetsRaw(_Trimaps, FileSource):
         referenced = {part.split("[")[0].strip() for part in spec.split("+")}
         unknown = referenced - set(RAW_LISTS)
         if unknown:
-            raise UserError(f"data.splits.{split}={spec} names {sorted(unknown)}; the release "
-                            "has train (trainval.txt) and test (test.txt)")
-        lists = {name: read_id_list(self.root / RAW_LISTS[name], f"data.splits.{split}={spec}")
-                 for name in sorted(referenced)}
+            raise UserError(
+                f"data.splits.{split}={spec} names {sorted(unknown)}; the release "
+                "has train (trainval.txt) and test (test.txt)"
+            )
+        lists = {
+            name: read_id_list(self.root / RAW_LISTS[name], f"data.splits.{split}={spec}")
+            for name in sorted(referenced)
+        }
         return pair_ids(
             slice_ids(spec, lists),
             f"listed in data.splits.{split}",
@@ -195,10 +220,17 @@ class OxfordPetsTFDS(_Trimaps, Source):
         on_error: `data.on_error`: raise or skip on broken examples.
     """
 
-    def __init__(self, splits: Mapping[str, str] | None = None, data_dir: str | None = None,
-                 manual_dir: str | None = None, download: bool = True,
-                 border_as_ignore: bool = False, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+    def __init__(
+        self,
+        splits: Mapping[str, str] | None = None,
+        data_dir: str | None = None,
+        manual_dir: str | None = None,
+        download: bool = True,
+        border_as_ignore: bool = False,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+    ):
         import tensorflow_datasets as tfds
 
         self.specs = _check_split_specs(splits or DEFAULT_SPLITS)
@@ -217,9 +249,11 @@ class OxfordPetsTFDS(_Trimaps, Source):
         manual = Path(manual_dir).expanduser() if manual_dir else root / "downloads" / "manual"
         archives = [info.filename for info in builder.url_infos.values()]
         have_archives = all((manual / name).is_file() for name in archives)
-        how = (f"copy a prepared {TFDS_NAME} folder into {root} (data.tfds.data_dir), or put "
-               f"{' and '.join(archives)} from {HOMEPAGE} into {manual} (data.tfds.manual_dir), "
-               "or unpack them and use data.format=raw data.root=DIR")
+        how = (
+            f"copy a prepared {TFDS_NAME} folder into {root} (data.tfds.data_dir), or put "
+            f"{' and '.join(archives)} from {HOMEPAGE} into {manual} (data.tfds.manual_dir), "
+            "or unpack them and use data.format=raw data.root=DIR"
+        )
         where = f"TFDS {TFDS_NAME} is not prepared in {root}"
         if not have_archives:
             if not download:
@@ -229,14 +263,16 @@ class OxfordPetsTFDS(_Trimaps, Source):
                 # Offline, TFDS retries every download for minutes before it gives up.
                 raise UserError(f"{where} and {host} cannot be reached (offline?); {how}")
         log.info("Preparing TFDS %s in %s (once) ...", TFDS_NAME, root)
-        config = self._tfds.download.DownloadConfig(manual_dir=str(manual),
-                                                    try_download_gcs=not have_archives)
+        config = self._tfds.download.DownloadConfig(
+            manual_dir=str(manual), try_download_gcs=not have_archives
+        )
         try:
             builder.download_and_prepare(download_config=config)
         except ImportError as exc:
-            raise UserError(f"preparing TFDS {TFDS_NAME} needs the Python package '{exc.name}' "
-                            f"(pip install {exc.name}); or use data.format=raw data.root=DIR"
-                            ) from None
+            raise UserError(
+                f"preparing TFDS {TFDS_NAME} needs the Python package '{exc.name}' "
+                f"(pip install {exc.name}); or use data.format=raw data.root=DIR"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - network, checksum and archive errors alike
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{where} and preparing it failed ({first}); {how}") from None
@@ -249,12 +285,15 @@ class OxfordPetsTFDS(_Trimaps, Source):
         skip = self._tfds.decode.SkipDecoding()
         try:
             examples = self.builder.as_dataset(
-                split=self.specs[split], shuffle_files=False,
+                split=self.specs[split],
+                shuffle_files=False,
                 decoders={"image": skip, "segmentation_mask": skip},
             )
         except (ValueError, KeyError, AssertionError) as exc:
-            raise UserError(f"data.splits.{split}={self.specs[split]}: {exc}; use TFDS split "
-                            "syntax over train and test, e.g. 'train[:90%]'") from None
+            raise UserError(
+                f"data.splits.{split}={self.specs[split]}: {exc}; use TFDS split "
+                "syntax over train and test, e.g. 'train[:90%]'"
+            ) from None
         return examples.map(
             lambda ex: (ex["file_name"], ex["image"], ex["segmentation_mask"]),
             num_parallel_calls=tf.data.AUTOTUNE,
@@ -263,21 +302,37 @@ class OxfordPetsTFDS(_Trimaps, Source):
     def load(self, name: str, image: bytes, mask: bytes) -> Pair:
         trimap_name = f"{name} (segmentation_mask)"
         trimap = read_mask(mask, name=trimap_name)
-        return Pair(read_image(image, name=name), self.labels(trimap, trimap_name), name,
-                    trimap_name)
+        return Pair(
+            read_image(image, name=name), self.labels(trimap, trimap_name), name, trimap_name
+        )
 
 
-def make_source(format: str = "tfds", root: str | None = None,
-                splits: Mapping[str, str] | None = None, border_as_ignore: bool = False,
-                data_dir: str | None = None, manual_dir: str | None = None,
-                download: bool = True, num_classes: int | None = None,
-                ignore_label: int = IGNORE_LABEL, on_error: str = "raise") -> Source:
+def make_source(
+    format: str = "tfds",
+    root: str | None = None,
+    splits: Mapping[str, str] | None = None,
+    border_as_ignore: bool = False,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    download: bool = True,
+    num_classes: int | None = None,
+    ignore_label: int = IGNORE_LABEL,
+    on_error: str = "raise",
+) -> Source:
     """The Oxford-IIIT Pet decoder for `data.format` (tfds or raw); see the two classes."""
     if format == "raw":
         return OxfordPetsRaw(root, splits, border_as_ignore, num_classes, ignore_label, on_error)
     if format == "tfds":
-        return OxfordPetsTFDS(splits, data_dir, manual_dir, download, border_as_ignore,
-                              num_classes, ignore_label, on_error)
+        return OxfordPetsTFDS(
+            splits,
+            data_dir,
+            manual_dir,
+            download,
+            border_as_ignore,
+            num_classes,
+            ignore_label,
+            on_error,
+        )
     raise UserError(f"data.format must be tfds or raw, got {format!r}")
 
 

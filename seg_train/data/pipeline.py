@@ -69,8 +69,12 @@ class _SkipCounter:
                 return
             self.files.add(error.file)
             count = len(self.files)
-        log.warning("data.on_error=skip: skipped %s (%d broken file%s skipped so far)",
-                    error, count, "" if count == 1 else "s")
+        log.warning(
+            "data.on_error=skip: skipped %s (%d broken file%s skipped so far)",
+            error,
+            count,
+            "" if count == 1 else "s",
+        )
 
 
 SKIPPED = _SkipCounter()
@@ -96,8 +100,9 @@ def _python_decode_op(source: Source):
             return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), False
 
     def decode(name, image, mask):
-        image, mask, ok = tf.numpy_function(load, [name, image, mask],
-                                            [tf.uint8, tf.uint8, tf.bool], stateful=False)
+        image, mask, ok = tf.numpy_function(
+            load, [name, image, mask], [tf.uint8, tf.uint8, tf.bool], stateful=False
+        )
         image.set_shape([None, None, 3])
         mask.set_shape([None, None])
         ok.set_shape([])
@@ -132,18 +137,29 @@ def _decode_op(source: Source):
             pixels = graph_decode.decode_image_jpeg(image_bytes)
             raw = graph_decode.decode_mask_png(mask_png)
             same_size = tf.reduce_all(tf.equal(tf.shape(raw), tf.shape(pixels)[:2]))
-            return tf.cond(tf.logical_and(same_size, table.accepts(raw)),
-                           lambda: (pixels, table.labels(raw), tf.constant(True)), in_python)
+            return tf.cond(
+                tf.logical_and(same_size, table.accepts(raw)),
+                lambda: (pixels, table.labels(raw), tf.constant(True)),
+                in_python,
+            )
 
-        return tf.cond(tf.logical_and(graph_decode.is_plain_jpeg(image_bytes), mask_readable),
-                       in_graph, in_python)
+        return tf.cond(
+            tf.logical_and(graph_decode.is_plain_jpeg(image_bytes), mask_readable),
+            in_graph,
+            in_python,
+        )
 
     return decode
 
 
-def decoded_dataset(source: Source, split: str, num_parallel_calls: int | None = None,
-                    shuffle_buffer: int | None = None, seed: int | None = None,
-                    records: tf.data.Dataset | None = None) -> tf.data.Dataset:
+def decoded_dataset(
+    source: Source,
+    split: str,
+    num_parallel_calls: int | None = None,
+    shuffle_buffer: int | None = None,
+    seed: int | None = None,
+    records: tf.data.Dataset | None = None,
+) -> tf.data.Dataset:
     """Decodes a split: (uint8 image [H, W, 3], uint8 mask [H, W]) per element.
 
     The cardinality is known (the split's size) unless the source skips broken examples
@@ -184,14 +200,18 @@ def data_errors_as_user_errors() -> Iterator[None]:
         match = _DATA_ERROR.search(exc.message or "")
         if match is not None:
             _release_frames(exc)
-            raise UserError(f"{match.group(1)}; fix or remove the file (seg-train mode=check "
-                            "lists every broken file), or set data.on_error=skip") from None
+            raise UserError(
+                f"{match.group(1)}; fix or remove the file (seg-train mode=check "
+                "lists every broken file), or set data.on_error=skip"
+            ) from None
         if _GRAPH_DECODE_ERROR.search(exc.message or ""):
             first = (exc.message or "").strip().splitlines()[0]
             _release_frames(exc)
-            raise UserError(f"an image or mask is corrupt inside ({first}); seg-train mode=check "
-                            "with the same data options names it: fix or remove it, or set "
-                            "data.on_error=skip") from None
+            raise UserError(
+                f"an image or mask is corrupt inside ({first}); seg-train mode=check "
+                "with the same data options names it: fix or remove it, or set "
+                "data.on_error=skip"
+            ) from None
         raise
 
 
@@ -221,16 +241,18 @@ def _release_frames(error: BaseException) -> None:
     gc.collect()
 
 
-def resize_pair(image: tf.Tensor, mask: tf.Tensor, size: tf.Tensor | Sequence[int]
-                ) -> tuple[tf.Tensor, tf.Tensor]:
+def resize_pair(
+    image: tf.Tensor, mask: tf.Tensor, size: tf.Tensor | Sequence[int]
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Resizes an image bilinearly (to float32) and its mask nearest-neighbour (keeping dtype)."""
     image = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear")
     mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
     return image, mask
 
 
-def _source_span(size: tf.Tensor, scaled_size: tf.Tensor, start: tf.Tensor, count: tf.Tensor
-                 ) -> tuple[tf.Tensor, tf.Tensor]:
+def _source_span(
+    size: tf.Tensor, scaled_size: tf.Tensor, start: tf.Tensor, count: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
     """The source rows [first, end) behind rows [start, start + count) of a rescaled axis."""
     ratio = tf.cast(size, tf.float32) / tf.cast(scaled_size, tf.float32)
     first = tf.cast(tf.floor(tf.cast(start, tf.float32) * ratio), tf.int32)
@@ -257,8 +279,7 @@ def pad_colour(pad_value: float | Sequence[float] | None) -> list[float]:
     return [float(v) for v in pad_value]
 
 
-def pad_image(image: tf.Tensor, padding: Sequence[Sequence], colour: Sequence[float]
-              ) -> tf.Tensor:
+def pad_image(image: tf.Tensor, padding: Sequence[Sequence], colour: Sequence[float]) -> tf.Tensor:
     """Pads a float [..., H, W, 3] image with a constant RGB colour (`padding` covers H, W).
 
     Each channel is padded with its own constant, so the image's own pixels stay bit-exact.
@@ -266,15 +287,22 @@ def pad_image(image: tf.Tensor, padding: Sequence[Sequence], colour: Sequence[fl
     lead = [[0, 0]] * (len(image.shape) - 3)
     if not any(colour):
         return tf.pad(image, lead + list(padding) + [[0, 0]])
-    channels = [tf.pad(image[..., k], lead + list(padding), constant_values=float(c))
-                for k, c in enumerate(colour)]
+    channels = [
+        tf.pad(image[..., k], lead + list(padding), constant_values=float(c))
+        for k, c in enumerate(colour)
+    ]
     return tf.stack(channels, axis=-1)
 
 
-def random_scaled_crop(image: tf.Tensor, mask: tf.Tensor, scale_range: Sequence[float],
-                       size: Sequence[int], ignore_label: int, seed: tf.Tensor,
-                       pad_value: float | Sequence[float] = 0
-                       ) -> tuple[tf.Tensor, tf.Tensor]:
+def random_scaled_crop(
+    image: tf.Tensor,
+    mask: tf.Tensor,
+    scale_range: Sequence[float],
+    size: Sequence[int],
+    ignore_label: int,
+    seed: tf.Tensor,
+    pad_value: float | Sequence[float] = 0,
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Random scale, then a random `size` crop (padded where the scaled image is smaller).
 
     Equivalent to rescaling the whole pair by a factor drawn from `scale_range`, padding it
@@ -293,8 +321,11 @@ def random_scaled_crop(image: tf.Tensor, mask: tf.Tensor, scale_range: Sequence[
     scale_seed, top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     hw = tf.shape(image)[:2]
     scale = tf.random.stateless_uniform([], scale_seed, low, high)
-    scaled = hw if low == high == 1.0 else tf.maximum(
-        tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32), 1)
+    scaled = (
+        hw
+        if low == high == 1.0
+        else tf.maximum(tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32), 1)
+    )
     canvas = tf.maximum(scaled, size)
     top = tf.random.stateless_uniform([], top_seed, 0, canvas[0] - size[0] + 1, dtype=tf.int32)
     left = tf.random.stateless_uniform([], left_seed, 0, canvas[1] - size[1] + 1, dtype=tf.int32)
@@ -303,10 +334,14 @@ def random_scaled_crop(image: tf.Tensor, mask: tf.Tensor, scale_range: Sequence[
     width = tf.minimum(size[1], scaled[1] - left)
     row0, row1 = _source_span(hw[0], scaled[0], top, height)
     col0, col1 = _source_span(hw[1], scaled[1], left, width)
-    image = tf.image.resize(tf.cast(image[row0:row1, col0:col1], tf.float32),
-                            tf.stack([height, width]), method="bilinear")
-    mask = tf.gather(tf.gather(mask, _nearest_rows(row0, row1, height)),
-                     _nearest_rows(col0, col1, width), axis=1)
+    image = tf.image.resize(
+        tf.cast(image[row0:row1, col0:col1], tf.float32),
+        tf.stack([height, width]),
+        method="bilinear",
+    )
+    mask = tf.gather(
+        tf.gather(mask, _nearest_rows(row0, row1, height)), _nearest_rows(col0, col1, width), axis=1
+    )
     padding = [[0, size[0] - height], [0, size[1] - width]]
     image = pad_image(image, padding, pad_colour(pad_value))
     mask = tf.pad(mask, padding, constant_values=ignore_label)
@@ -327,19 +362,27 @@ def flip_table(flip_pairs: Sequence[Sequence[int]] | None) -> np.ndarray | None:
     seen: set[int] = set()
     for pair in flip_pairs:
         values = [int(v) for v in pair]
-        if len(values) != 2 or values[0] == values[1] or seen & set(values) or not all(
-            0 <= v < 255 for v in values
+        if (
+            len(values) != 2
+            or values[0] == values[1]
+            or seen & set(values)
+            or not all(0 <= v < 255 for v in values)
         ):
-            raise UserError(f"data.flip_pairs must be distinct [left, right] label pairs in "
-                            f"0..254, each label once; got {[list(p) for p in flip_pairs]}")
+            raise UserError(
+                f"data.flip_pairs must be distinct [left, right] label pairs in "
+                f"0..254, each label once; got {[list(p) for p in flip_pairs]}"
+            )
         seen |= set(values)
         table[values[0]], table[values[1]] = values[1], values[0]
     return table
 
 
-def random_hflip(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
-                 flip_pairs: Sequence[Sequence[int]] | None = None
-                 ) -> tuple[tf.Tensor, tf.Tensor]:
+def random_hflip(
+    image: tf.Tensor,
+    mask: tf.Tensor,
+    seed: tf.Tensor,
+    flip_pairs: Sequence[Sequence[int]] | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Mirrors image and mask together with probability 0.5.
 
     A mirrored person's left arm is on the right: with `flip_pairs` (e.g. CIHP's
@@ -357,8 +400,7 @@ def random_hflip(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor,
     return tf.cond(flip, mirrored, lambda: (image, mask))
 
 
-def color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter: DictConfig | dict | None
-                 ) -> tf.Tensor:
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter: DictConfig | dict | None) -> tf.Tensor:
     """Random brightness / contrast / saturation / hue on a float32 0..255 image.
 
     Args:
@@ -380,8 +422,9 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter: DictConfig | dict | 
     if contrast:
         image = tf.image.stateless_random_contrast(image, 1 - contrast, 1 + contrast, seeds[1])
     if saturation:
-        image = tf.image.stateless_random_saturation(image, 1 - saturation, 1 + saturation,
-                                                     seeds[2])
+        image = tf.image.stateless_random_saturation(
+            image, 1 - saturation, 1 + saturation, seeds[2]
+        )
     if hue:
         image = tf.image.stateless_random_hue(image, hue, seeds[3])
     return tf.clip_by_value(image, 0.0, 1.0) * 255.0
@@ -391,8 +434,9 @@ def color_jitter(image: tf.Tensor, seed: tf.Tensor, jitter: DictConfig | dict | 
 TRANSFORMS = ("crop", "resize")
 
 
-def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, data: DictConfig
-            ) -> tuple[tf.Tensor, tf.Tensor]:
+def augment(
+    image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, data: DictConfig
+) -> tuple[tf.Tensor, tf.Tensor]:
     """The training transform to `data.crop_size`, then flip and jitter.
 
     `data.transform=crop` (default): random scale, pad (`data.pad_value`), random crop.
@@ -402,14 +446,23 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, data: DictConfig
     crop = list(data.crop_size)
     transform = data.get("transform", "crop")
     if transform not in TRANSFORMS:
-        raise UserError(f"config key data.transform must be one of {', '.join(TRANSFORMS)}, "
-                        f"got {transform!r}; e.g. data.transform=crop")
+        raise UserError(
+            f"config key data.transform must be one of {', '.join(TRANSFORMS)}, "
+            f"got {transform!r}; e.g. data.transform=crop"
+        )
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     if transform == "resize":
         image, mask = resize_pair(image, mask, crop)
     else:
-        image, mask = random_scaled_crop(image, mask, data.scale_range, crop, data.ignore_label,
-                                         crop_seed, data.get("pad_value", 0))
+        image, mask = random_scaled_crop(
+            image,
+            mask,
+            data.scale_range,
+            crop,
+            data.ignore_label,
+            crop_seed,
+            data.get("pad_value", 0),
+        )
     if data.hflip:
         image, mask = random_hflip(image, mask, flip_seed, data.get("flip_pairs"))
     image = color_jitter(image, jitter_seed, data.get("jitter"))
@@ -444,9 +497,13 @@ def should_cache(source: Source, split: str, setting: bool | str) -> bool:
     budget = min(AUTO_CACHE_MAX_BYTES, _total_memory_bytes() // 4)
     cache = estimate is not None and estimate <= budget
     if estimate is not None:
-        log.info("data.cache=auto: split '%s' is ~%.2f GB decoded; %s (budget %.1f GB)", split,
-                 estimate / 2**30, "caching it in memory after the first epoch" if cache else
-                 "decoding it every epoch", budget / 2**30)
+        log.info(
+            "data.cache=auto: split '%s' is ~%.2f GB decoded; %s (budget %.1f GB)",
+            split,
+            estimate / 2**30,
+            "caching it in memory after the first epoch" if cache else "decoding it every epoch",
+            budget / 2**30,
+        )
     return cache
 
 
@@ -454,8 +511,9 @@ def _total_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = False,
-                  start_batch: int = 0) -> tf.data.Dataset:
+def train_dataset(
+    source: Source, data: DictConfig, seed: int, repeat: bool = False, start_batch: int = 0
+) -> tf.data.Dataset:
     """Shuffled, augmented, batched training data: (float32 [B, H, W, 3], uint8 [B, H, W]).
 
     The stream is a function of `seed` and the position in it only: pass k over the split is
@@ -496,7 +554,8 @@ def train_dataset(source: Source, data: DictConfig, seed: int, repeat: bool = Fa
         ordered = passes.flat_map(lambda k: shuffled_pass(records, k)).skip(offset)
         examples = decoded_dataset(source, "train", parallel, records=ordered)
     seeds = tf.data.Dataset.range(first, _ENDLESS).map(
-        lambda i: tf.stack([tf.constant(seed, tf.int64), i]))
+        lambda i: tf.stack([tf.constant(seed, tf.int64), i])
+    )
     pairs = tf.data.Dataset.zip((examples, seeds))
     transform = _matting().augment if _matting().is_matting(source) else augment
     batches = pairs.map(lambda pair, s: transform(*pair, s, data), num_parallel_calls=parallel)
@@ -535,6 +594,7 @@ def val_dataset(source: Source, data: DictConfig, split: str = "val") -> tf.data
         examples = examples.cache()
     crop = list(data.crop_size)
     resize = _matting().resize if _matting().is_matting(source) else resize_pair
-    resized = examples.map(lambda image, mask: resize(image, mask, crop),
-                           num_parallel_calls=parallel)
+    resized = examples.map(
+        lambda image, mask: resize(image, mask, crop), num_parallel_calls=parallel
+    )
     return resized.batch(data.batch_size).prefetch(AUTOTUNE)

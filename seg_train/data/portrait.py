@@ -63,31 +63,46 @@ class PortraitSource(FileSource):
     layout = LAYOUT
     dataset_num_classes = NUM_CLASSES
 
-    def __init__(self, root: str, splits: Mapping[str, str] | None = None,
-                 matte_threshold: int = 0, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise",
-                 task: str = "segmentation"):
+    def __init__(
+        self,
+        root: str,
+        splits: Mapping[str, str] | None = None,
+        matte_threshold: int = 0,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+        task: str = "segmentation",
+    ):
         if task not in TASKS:
             raise UserError(f"data.task must be one of {', '.join(TASKS)}, got {task!r}")
         self.task = task
         self.folders = dict(splits or DEFAULT_SPLITS)
         self.splits = tuple(self.folders)
         if not (isinstance(matte_threshold, int) and 0 <= matte_threshold < 255):
-            raise UserError(f"data.matte_threshold must be an integer in 0..254, got "
-                            f"{matte_threshold!r}")
+            raise UserError(
+                f"data.matte_threshold must be an integer in 0..254, got {matte_threshold!r}"
+            )
         self.matte_threshold = matte_threshold
         # Alpha values are no class ids: matting skips the label range checks.
-        super().__init__(root, num_classes=None if task == "matting" else num_classes,
-                         ignore_label=ignore_label, on_error=on_error)
+        super().__init__(
+            root,
+            num_classes=None if task == "matting" else num_classes,
+            ignore_label=ignore_label,
+            on_error=on_error,
+        )
 
     def check_root(self) -> None:
         if not self.root.is_dir():
-            raise UserError(f"data.root {self.root} is not a directory; expected {LAYOUT} "
-                            "(see configs/data/portrait.yaml)")
+            raise UserError(
+                f"data.root {self.root} is not a directory; expected {LAYOUT} "
+                "(see configs/data/portrait.yaml)"
+            )
         missing = [f for f in self.folders.values() if not (self.root / f).is_dir()]
         if missing:
-            raise UserError(f"data.root {self.root} has no {missing[0]}/ folder; expected "
-                            f"{LAYOUT} (see configs/data/portrait.yaml)")
+            raise UserError(
+                f"data.root {self.root} has no {missing[0]}/ folder; expected "
+                f"{LAYOUT} (see configs/data/portrait.yaml)"
+            )
 
     def describe_split(self, split: str) -> str:
         return str(self.root / self.folders[split])
@@ -101,8 +116,12 @@ class PortraitSource(FileSource):
         for image in images:
             matte = mattes.pop(image.stem, None)
             if matte is None:
-                problems.append(DataError(folder / f"{image.stem}{MATTE_SUFFIX}.png",
-                                          f"missing: image {image.name} has no matte"))
+                problems.append(
+                    DataError(
+                        folder / f"{image.stem}{MATTE_SUFFIX}.png",
+                        f"missing: image {image.name} has no matte",
+                    )
+                )
             else:
                 examples.append(Example(str(image), str(matte)))
         for stem, matte in sorted(mattes.items()):

@@ -25,8 +25,10 @@ def one_of(*choices: str) -> Rule:
 
     def rule(key: str, value: Any) -> None:
         if value not in choices:
-            raise UserError(f"config key {key} must be one of {', '.join(choices)}, got "
-                            f"{value!r}; e.g. {key}={choices[0]}")
+            raise UserError(
+                f"config key {key} must be one of {', '.join(choices)}, got "
+                f"{value!r}; e.g. {key}={choices[0]}"
+            )
 
     return rule
 
@@ -36,21 +38,26 @@ def fraction(upper: float) -> Rule:
 
     def rule(key: str, value: Any) -> None:
         if not (_is_number(value) and 0 <= value <= upper):
-            raise UserError(f"config key {key} must be a number in 0..{upper} (0 = off), got "
-                            f"{value!r}; e.g. {key}=0.1")
+            raise UserError(
+                f"config key {key} must be a number in 0..{upper} (0 = off), got "
+                f"{value!r}; e.g. {key}=0.1"
+            )
 
     return rule
 
 
 def matte_threshold(key: str, value: Any) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 254):
-        raise UserError(f"config key {key} must be an alpha value in 0..254 (pixels above it are "
-                        f"person), got {value!r}; e.g. {key}=127")
+        raise UserError(
+            f"config key {key} must be an alpha value in 0..254 (pixels above it are "
+            f"person), got {value!r}; e.g. {key}=127"
+        )
 
 
 def flip_pairs(key: str, value: Any) -> None:
     ok = OmegaConf.is_list(value) and all(
-        OmegaConf.is_list(pair) and len(pair) == 2
+        OmegaConf.is_list(pair)
+        and len(pair) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 255 for v in pair)
         and pair[0] != pair[1]
         for pair in value
@@ -59,9 +66,11 @@ def flip_pairs(key: str, value: Any) -> None:
         labels = [v for pair in value for v in pair]
         ok = len(labels) == len(set(labels))
     if not ok:
-        raise UserError(f"config key {key} must list [left, right] class-id pairs that swap on a "
-                        f"horizontal flip, each id once, got {value!r}; e.g. "
-                        f"'{key}=[[14,15],[16,17]]' or '{key}=[]'")
+        raise UserError(
+            f"config key {key} must list [left, right] class-id pairs that swap on a "
+            f"horizontal flip, each id once, got {value!r}; e.g. "
+            f"'{key}=[[14,15],[16,17]]' or '{key}=[]'"
+        )
 
 
 def decoder_node(key: str, value: Any) -> None:
@@ -69,22 +78,31 @@ def decoder_node(key: str, value: Any) -> None:
         hint = ""
         if value in ("raw", "tfds"):
             hint = f" (for Oxford-IIIT Pet use data.format={value})"
-        raise UserError(f"config key {key} must be the dataset decoder (a node with _target_), "
-                        f"got {value!r}{hint}; pick a dataset with data=NAME instead")
+        raise UserError(
+            f"config key {key} must be the dataset decoder (a node with _target_), "
+            f"got {value!r}{hint}; pick a dataset with data=NAME instead"
+        )
 
 
 def split_names(key: str, value: Any) -> None:
-    ok = value is None or (OmegaConf.is_list(value) and len(value) > 0
-                           and all(isinstance(v, str) and v for v in value))
+    ok = value is None or (
+        OmegaConf.is_list(value) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
+    )
     if not ok:
-        raise UserError(f"config key {key} must be null (every split) or a list of split names, "
-                        f"got {value!r}; e.g. '{key}=[train,val]'")
+        raise UserError(
+            f"config key {key} must be null (every split) or a list of split names, "
+            f"got {value!r}; e.g. '{key}=[train,val]'"
+        )
 
 
 def split_specs(key: str, value: Any) -> None:
-    ok = OmegaConf.is_dict(value) and len(value) > 0 and all(
-        isinstance(v, str) and v for v in value.values()
+    ok = (
+        OmegaConf.is_dict(value)
+        and len(value) > 0
+        and all(isinstance(v, str) and v for v in value.values())
     )
     if not ok or "train" not in value or "val" not in value:
-        raise UserError(f"config key {key} must map split names (at least train and val) to "
-                        f"their source, got {value!r}; e.g. {key}.val=test")
+        raise UserError(
+            f"config key {key} must map split names (at least train and val) to "
+            f"their source, got {value!r}; e.g. {key}.val=test"
+        )

@@ -32,8 +32,9 @@ def _class_colour(cls: int, rng: np.random.Generator) -> np.ndarray:
     return np.array(rgb, dtype=np.float32) * 255.0
 
 
-def _shape_region(cls: int, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, radius: float,
-                  angle: float) -> np.ndarray:
+def _shape_region(
+    cls: int, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, radius: float, angle: float
+) -> np.ndarray:
     dx, dy = xx - cx, yy - cy
     if cls == DISC:
         return dx**2 + dy**2 <= radius**2
@@ -144,13 +145,25 @@ class SyntheticSource(FolderSource):
     name = "synthetic"
     dataset_num_classes = 4
 
-    def __init__(self, root: str, num_train: int = 320, num_val: int = 64,
-                 image_size: int = 128, seed: int = 0, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise"):
+    def __init__(
+        self,
+        root: str,
+        num_train: int = 320,
+        num_val: int = 64,
+        image_size: int = 128,
+        seed: int = 0,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+    ):
         root_path = Path(root).expanduser()
         if not (root_path / "splits" / "val.txt").is_file():
-            print(f"Generating the synthetic dataset ({num_train} train + {num_val} val images) "
-                  f"in {root_path} ...", flush=True)
+            print(
+                f"Generating the synthetic dataset ({num_train} train + {num_val} val images) "
+                f"in {root_path} ...",
+                flush=True,
+            )
             write_dataset(root_path, num_train, num_val, image_size, seed)
-        super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
-                         on_error=on_error)
+        super().__init__(
+            root, num_classes=num_classes, ignore_label=ignore_label, on_error=on_error
+        )

@@ -34,17 +34,37 @@ from seg_train.errors import UserError
 from seg_train.viz import voc_palette
 
 CLASS_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 
 
 # The devkit colour map (bit-interleaved ids); SegmentationClass PNGs carry it as their palette.
 PALETTE = voc_palette(NUM_CLASSES).tolist()
-LAYOUT = ("VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
-          "ImageSets/Segmentation/{train,val,trainval}.txt}")
+LAYOUT = (
+    "VOC2012/{JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
+    "ImageSets/Segmentation/{train,val,trainval}.txt}"
+)
 AUG_MASKS = "SegmentationClassAug"
 AUG_LIST = "ImageSets/Segmentation/train_aug.txt"
 SPLIT_DIR = "ImageSets/Segmentation"
@@ -68,38 +88,53 @@ class VOCSource(FileSource):
     splits = ("train", "val")
     dataset_num_classes = NUM_CLASSES
 
-    def __init__(self, root: str, aug: bool = False, num_classes: int | None = None,
-                 ignore_label: int = IGNORE_LABEL, on_error: str = "raise",
-                 train_list: str | None = None):
+    def __init__(
+        self,
+        root: str,
+        aug: bool = False,
+        num_classes: int | None = None,
+        ignore_label: int = IGNORE_LABEL,
+        on_error: str = "raise",
+        train_list: str | None = None,
+    ):
         self.aug = aug
         self.train_list = train_list
-        super().__init__(root, num_classes=num_classes, ignore_label=ignore_label,
-                         on_error=on_error)
+        super().__init__(
+            root, num_classes=num_classes, ignore_label=ignore_label, on_error=on_error
+        )
 
     def check_root(self) -> None:
         if not all((self.root / sub).is_dir() for sub in ("JPEGImages", "SegmentationClass")):
             hint = subdir_hint(self.root, ("VOC2012", "VOCdevkit/VOC2012"))
-            raise UserError(f"data.root {self.root} is not the VOC2012 folder{hint}; expected "
-                            f"{LAYOUT} (from VOCtrainval_11-May-2012.tar, see "
-                            "configs/data/voc.yaml)")
+            raise UserError(
+                f"data.root {self.root} is not the VOC2012 folder{hint}; expected "
+                f"{LAYOUT} (from VOCtrainval_11-May-2012.tar, see "
+                "configs/data/voc.yaml)"
+            )
         if self.aug and not ((self.root / AUG_MASKS).is_dir() and (self.root / AUG_LIST).is_file()):
-            raise UserError(f"data.aug=true needs {self.root / AUG_MASKS}/ and "
-                            f"{self.root / AUG_LIST}; build them from the SBD release with "
-                            "scripts/prepare_voc_aug.py, or set data.aug=false")
+            raise UserError(
+                f"data.aug=true needs {self.root / AUG_MASKS}/ and "
+                f"{self.root / AUG_LIST}; build them from the SBD release with "
+                "scripts/prepare_voc_aug.py, or set data.aug=false"
+            )
         if self.train_list is not None:
             listed = self.root / SPLIT_DIR / f"{self.train_list}.txt"
             if not self.aug or not listed.is_file():
-                raise UserError(f"data.train_list={self.train_list} needs {listed} and data.aug="
-                                "true (its masks are in SegmentationClassAug/); build them with "
-                                "scripts/prepare_voc_aug.py, or set data.train_list=null")
+                raise UserError(
+                    f"data.train_list={self.train_list} needs {listed} and data.aug="
+                    "true (its masks are in SegmentationClassAug/); build them with "
+                    "scripts/prepare_voc_aug.py, or set data.train_list=null"
+                )
 
     def check_split(self, split: str) -> None:
         # Any list in ImageSets/Segmentation is a split (trainval, or seg11valid for FCN's
         # protocol); only train and val are scanned by default, as the others repeat them.
         if split not in self.splits and not self._split_file_and_masks(split)[0].is_file():
-            raise UserError(f"data=voc has no split '{split}': "
-                            f"{self._split_file_and_masks(split)[0]} is missing (splits: "
-                            f"{', '.join(self.splits)}, or any list in ImageSets/Segmentation)")
+            raise UserError(
+                f"data=voc has no split '{split}': "
+                f"{self._split_file_and_masks(split)[0]} is missing (splits: "
+                f"{', '.join(self.splits)}, or any list in ImageSets/Segmentation)"
+            )
 
     def _split_file_and_masks(self, split: str):
         if split == "train" and self.train_list is not None:
