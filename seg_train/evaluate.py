@@ -27,6 +27,7 @@ from seg_train.data.base import build_source
 from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
 from seg_train.errors import UserError
 from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
+from seg_train.matting import is_matting_data
 from seg_train.metrics import ConfusionMatrix
 from seg_train.postprocess.crf import CRFRunner, runner_from_config
 from seg_train.predict import Predictor, predictor_from_config
@@ -143,7 +144,7 @@ def evaluate_model(
     added to the report. `evaluator` reuses a `SplitEvaluator` of `model` (e.g. the one that
     validated during training: its predictor is traced and its split decoded already).
     """
-    if cfg.data.get("task") == "matting":  # the four matting errors + the thresholded IoU
+    if is_matting_data(cfg.data):  # the four matting errors + the thresholded IoU
         from seg_train.matting.run import evaluate_and_report
 
         return evaluate_and_report(model, cfg, split, out_dir, checkpoint, extra, evaluator)
@@ -285,7 +286,7 @@ def optimized_value(report: dict, metric: str) -> float | None:
 
 def output_channels(cfg: DictConfig) -> int:
     """The channels a checkpoint of this config predicts: classes, or the one alpha."""
-    return 1 if cfg.data.get("task") == "matting" else cfg.data.num_classes
+    return 1 if is_matting_data(cfg.data) else cfg.data.num_classes
 
 
 def run(cfg: DictConfig) -> float | None:

@@ -42,7 +42,9 @@ from seg_train.config_checks import boolean, check_config
 from seg_train.data.base import build_source
 from seg_train.data.pipeline import decoded_dataset, pad_image
 from seg_train.errors import UserError
+from seg_train.evaluate import output_channels
 from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
+from seg_train.matting import is_matting_data
 from seg_train.predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -347,8 +349,7 @@ def run(cfg: DictConfig) -> float | None:
     check_config(cfg)
     _warn_about_ignored_eval_options(cfg)
     runtime.seed_everything(cfg.seed)
-    matting = cfg.data.get("task") == "matting"  # one alpha channel, not class logits
-    model = checkpoints.load_model(checkpoint, 1 if matting else cfg.data.num_classes)
+    model = checkpoints.load_model(checkpoint, output_channels(cfg))
     # Whole (or resize) mode without TTA: what a single forward graph can reproduce.
     resize = cfg.eval.mode == "resize"
     predictor = Predictor(
@@ -360,7 +361,7 @@ def run(cfg: DictConfig) -> float | None:
         # The export runs every image whole: compare like with like.
         max_whole_pixels=None,
     )
-    if matting:  # alpha output; parity by the largest absolute difference
+    if is_matting_data(cfg.data):  # alpha output; parity by the largest absolute difference
         from seg_train.matting.export import run as export_alpha
 
         return export_alpha(cfg, predictor, checkpoint, out_dir)

@@ -20,6 +20,7 @@ from seg_train.data.base import displayed
 from seg_train.data.folder import IMAGE_SUFFIXES
 from seg_train.errors import UserError
 from seg_train.io_utils import write_atomic
+from seg_train.matting import is_matting_data
 from seg_train.postprocess.crf import CRFRunner, runner_from_config
 from seg_train.predict import Predictor, predictor_from_config
 from seg_train.viz import full_palette, overlay, save_id_png
@@ -195,7 +196,7 @@ def run(cfg: DictConfig) -> None:
     check_config(cfg)
     images = find_images(str(cfg.infer.input), cfg.infer.recursive)
     out_dir = Path(cfg.infer.output_dir or Path(cfg.paths.output_dir) / "predictions")
-    if cfg.data.get("task") == "matting":  # alpha, cut-out and overlay PNGs instead of ids
+    if is_matting_data(cfg.data):  # alpha, cut-out and overlay PNGs instead of ids
         from seg_train.matting.run import infer as infer_alpha
 
         runtime.seed_everything(cfg.seed)

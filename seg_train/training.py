@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from seg_train import loggers, losses, resume
 from seg_train.errors import UserError
+from seg_train.matting import is_matting_data
 from seg_train.viz import full_palette
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def compile_model(
     )
     loss = instantiate(losses.resolve_class_weights(cfg.loss, auto_class_weights))
     metrics = [mean_iou]
-    if cfg.data.get("task") == "matting":  # a one-channel alpha: no class ids to count
+    if is_matting_data(cfg.data):  # a one-channel alpha: no class ids to count
         from seg_train.matting.run import fit_metrics
 
         metrics = fit_metrics()
@@ -186,7 +187,7 @@ def original_resolution_validation(cfg: DictConfig, model: keras.Model, source):
     from seg_train.evaluate import SplitEvaluator
 
     cache = should_cache(source, "val", cfg.data.cache)
-    if cfg.data.get("task") == "matting":  # SAD, MSE, Grad, Conn and the thresholded IoU
+    if is_matting_data(cfg.data):  # SAD, MSE, Grad, Conn and the thresholded IoU
         from seg_train.matting.run import MattingEvaluator, MattingValidation
 
         evaluator = MattingEvaluator(model, cfg, "val", cache=cache)
@@ -391,7 +392,7 @@ def check_label_sample(dataset: tf.data.Dataset, data: DictConfig) -> None:
     learn the background only. The first masks of the train split tell: real datasets show
     some class other than 0 there, and ignore bands only ever surround objects.
     """
-    if data.get("task") == "matting":  # alpha mattes: 0 and 255 are alpha values, not labels
+    if is_matting_data(data):  # alpha mattes: 0 and 255 are alpha values, not labels
         return
     counts = np.zeros(256, np.int64)
     for _, mask in dataset.take(LABEL_SAMPLE).as_numpy_iterator():

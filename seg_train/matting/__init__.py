@@ -8,3 +8,8 @@ outputs.py   the alpha, cut-out and overlay PNGs of inference
 run.py       the task inside seg-train runs: fit metrics, validation, report, infer
 export.py    the alpha SavedModel and its parity check
 """
+
+
+def is_matting_data(data) -> bool:
+    """Whether a run's `data` config selects the matting task (`data.task=matting`)."""
+    return data.get("task", "segmentation") == "matting"

@@ -34,11 +34,6 @@ from seg_train.matting.evaluate import MattingScores, predict_alpha
 log = logging.getLogger(__name__)
 
 
-def is_matting(cfg: DictConfig) -> bool:
-    """Whether the run trains / evaluates a matting model (`data.task=matting`)."""
-    return cfg.data.get("task", "segmentation") == "matting"
-
-
 def fit_metrics() -> list[keras.metrics.Metric]:
     """Metrics `fit` reports on its batches: the mean absolute alpha difference."""
     return [keras.metrics.MeanAbsoluteError(name="mad")]
