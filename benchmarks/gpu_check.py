@@ -48,7 +48,7 @@ def visible_gpus() -> tuple[int, str]:
     """How many GPUs TensorFlow sees, and if none, the one-line reason."""
     import tensorflow as tf
 
-    from seg_train import devices
+    from seg_train.training import devices
 
     count = len(tf.config.list_physical_devices("GPU"))
     return count, "" if count else f"TensorFlow sees no GPU: {devices.missing_gpu_causes()}"
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if not gpus:
         print(f"gpu_check: {reason}", file=sys.stderr)
         return EXIT_NO_GPU
-    from seg_train import devices
+    from seg_train.training import devices
 
     described = devices.describe()
     info = {

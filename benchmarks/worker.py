@@ -210,9 +210,9 @@ def bench_train(spec: dict) -> dict:
     import tensorflow as tf
     from hydra.utils import instantiate
 
-    from seg_train import resume, training
-    from seg_train.callbacks import DataStallMonitor
     from seg_train.data import pipeline
+    from seg_train.training import backup, fit
+    from seg_train.training.callbacks import DataStallMonitor
 
     out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
     cfg = compose(
@@ -247,23 +247,23 @@ def bench_train(spec: dict) -> dict:
         # Our path, as train.py runs it: parameter groups, loss, mean IoU, every default
         # callback (checkpoint, CSV, TensorBoard, prediction images, data stall), NaN guard,
         # backups.
-        train_model = training.training_view(model)
-        training.compile_model(
+        train_model = fit.training_view(model)
+        fit.compile_model(
             train_model, cfg, warmup + spec["max_steps"], lambda: [1.0] * cfg.data.num_classes
         )
-        callbacks = [resume.NaNGuard("bench")]
-        callbacks += training.build_callbacks(cfg, (images[:2], labels[:2]), model, train_model)
+        callbacks = [backup.NaNGuard("bench")]
+        callbacks += fit.build_callbacks(cfg, (images[:2], labels[:2]), model, train_model)
         checkpoint = next(
             (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
         )
         callbacks.append(
-            resume.BackupCallback(
-                out, cfg.trainer.backup_every_steps, checkpoint, resume.TrainingState()
+            backup.BackupCallback(
+                out, cfg.trainer.backup_every_steps, checkpoint, backup.TrainingState()
             )
         )
         callbacks += [timer.callback, timer.stop_when(steps, min_seconds)]
         stall_monitor = next((c for c in callbacks if isinstance(c, DataStallMonitor)), None)
-        tensors = training.labels_per_output(tensors, training.output_names(train_model))
+        tensors = fit.labels_per_output(tensors, fit.output_names(train_model))
     gpu = tf.config.list_logical_devices("GPU")
     if gpu:  # peak GPU memory of this run's steps (scripts/gpu_check.sh)
         tf.config.experimental.reset_memory_stats(gpu[0].name)
@@ -291,7 +291,7 @@ def bench_train(spec: dict) -> dict:
 
         source = VOCSource(spec["stall_root"], num_classes=21)
         real = pipeline.train_dataset(source, cfg.data, seed=0, repeat=True)
-        real = training.labels_per_output(real, training.output_names(train_model))
+        real = fit.labels_per_output(real, fit.output_names(train_model))
         train_model.fit(
             real,
             epochs=2,
@@ -310,7 +310,7 @@ def bench_infer(spec: dict) -> dict:
     import tensorflow as tf
     from hydra.utils import instantiate
 
-    from seg_train.predict import Predictor
+    from seg_train.inference.predictor import Predictor
 
     out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
     cfg = compose(spec["overrides"] + [f"paths.output_dir={out}"])
@@ -345,7 +345,7 @@ def bench_infer(spec: dict) -> dict:
 def bench_crf(spec: dict) -> dict:
     import numpy as np
 
-    from seg_train.postprocess.crf import CRFParams, CRFRunner
+    from seg_train.inference.crf import CRFParams, CRFRunner
 
     rng = np.random.default_rng(0)
     height, width, classes = spec["height"], spec["width"], spec["classes"]

@@ -26,9 +26,10 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from seg_train import preemption, run_lock
 from seg_train.errors import Preempted, UserError
-from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir, is_no_space
+from seg_train.files import RESTARTABLE, ensure_fresh_run_dir, is_no_space
+from seg_train.tasks import run_lock
+from seg_train.training import preemption
 
 # The configs live beside the package in a source checkout (the README installs it editable);
 # SEG_TRAIN_CONFIG_DIR points elsewhere, e.g. for a copy of the configs you edit.
@@ -72,8 +73,9 @@ _show_tracebacks = False
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _run_task(cfg: DictConfig) -> float | None:
     """Checks the composed config, prepares the process, and runs `cfg.mode.task`."""
-    from seg_train import devices, runtime
+    from seg_train import runtime
     from seg_train.config_checks import check_config, check_user_config_files
+    from seg_train.training import devices
 
     try:
         hydra_cfg = HydraConfig.get()

@@ -390,3 +390,8 @@ def _compare(new: DictConfig, known: DictConfig, prefix: str, file: Path) -> Non
             and not (old._is_none() or old._is_missing() or old._is_interpolation())
         ):
             _compare(child, old, f"{full_key}.", file)
+
+
+def is_matting_data(data) -> bool:
+    """Whether a run's `data` config selects the matting task (`data.task=matting`)."""
+    return data.get("task", "segmentation") == "matting"

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from seg_train.io_utils import write_json_atomic
+from seg_train.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def test_the_verb_is_mode_benchmark():
 
 def test_mode_benchmark_composes_and_its_settings_are_checked():
     cfg = compose_config(["mode=benchmark", "benchmark.steps=7", "benchmark.eval_images=0"])
-    assert cfg.mode.name == "benchmark" and cfg.mode.task == "seg_train.benchmark.run"
+    assert cfg.mode.name == "benchmark" and cfg.mode.task == "seg_train.tasks.benchmark.run"
     assert cfg.benchmark.steps == 7 and cfg.benchmark.eval_images == 0
     check_config(cfg)
     for bad in ("benchmark.steps=0", "benchmark.warmup_steps=-1", "benchmark.eval_images=-2"):
@@ -49,7 +49,7 @@ def test_help_names_the_verb():
 
 
 def test_training_speed_counts_only_the_steps_after_the_warm_up():
-    from seg_train.benchmark import training_speed
+    from seg_train.tasks.benchmark import training_speed
 
     # Step ends at 10.0 (tracing), 10.5, then 10.7, 11.0, 11.4: three steps after 2 warm-up
     # steps take 11.4 - 10.5 = 0.9 s; 4 images per step.
@@ -141,7 +141,7 @@ def test_benchmark_verb_writes_a_sane_report_and_prints_a_table(cache_dir, tmp_p
 
 
 def test_a_run_dir_with_a_benchmark_report_is_not_reused(tmp_path):
-    from seg_train.io_utils import ensure_fresh_run_dir
+    from seg_train.files import ensure_fresh_run_dir
 
     (tmp_path / "benchmark.json").write_text("{}\n")
     with pytest.raises(UserError, match="benchmark.json"):

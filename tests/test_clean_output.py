@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from seg_train.training import progress_verbosity
+from seg_train.training.fit import progress_verbosity
 from tests.helpers import TINY_TRAIN, run_cli
 
 

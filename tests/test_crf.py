@@ -3,7 +3,7 @@
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from seg_train.postprocess.crf import CRFParams, CRFRunner, dense_crf, runner_from_config
+from seg_train.inference.crf import CRFParams, CRFRunner, dense_crf, runner_from_config
 from tests.helpers import compose_config
 
 

@@ -20,9 +20,9 @@ from seg_train.data import graph_decode, pipeline
 from seg_train.data.base import DataError
 from seg_train.data.folder import FolderSource
 from seg_train.data.voc import VOCSource
-from seg_train.doctor import check_dataset
 from seg_train.errors import UserError
-from seg_train.infer import load_rgb
+from seg_train.tasks.check import check_dataset
+from seg_train.tasks.infer import load_rgb
 from tests.helpers import compose_config
 
 ORIENTATION = 0x0112

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from seg_train.callbacks import DataStallMonitor
+from seg_train.training.callbacks import DataStallMonitor
 
 BATCH, SIZE, CLASSES = 2, 16, 3
 
@@ -80,7 +80,7 @@ def _fit(
 
 
 def test_slow_pipeline_stalls_and_warns(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="seg_train.callbacks"):
+    with caplog.at_level(logging.INFO, logger="seg_train.training.callbacks"):
         monitor = _fit(_slow_dataset(), tmp_path)
     assert len(monitor.history) == 2
     assert all(share > 0.5 for share in monitor.history), monitor.history
@@ -90,7 +90,7 @@ def test_slow_pipeline_stalls_and_warns(tmp_path, caplog):
 
 
 def test_cached_pipeline_stalls_little(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="seg_train.callbacks"):
+    with caplog.at_level(logging.INFO, logger="seg_train.training.callbacks"):
         # A step of real work (tens of ms): with a 4-filter model the step is ~2 ms and Keras'
         # fixed per-step overhead alone can reach half of it on a busy machine.
         monitor = _fit(_cached_dataset(), tmp_path, width=256)
@@ -102,7 +102,7 @@ def test_cached_pipeline_stalls_little(tmp_path, caplog):
         r
         for r in caplog.records
         if r.levelno == logging.WARNING
-        and r.name == "seg_train.callbacks"
+        and r.name == "seg_train.training.callbacks"
         and "data stall" in r.getMessage()
         and max(monitor.history) <= monitor.warn_above
     ]
@@ -130,7 +130,7 @@ def test_second_fit_keeps_measuring(tmp_path):
 
 @pytest.mark.parametrize("jit", [True])
 def test_xla_is_reported_not_measured(tmp_path, caplog, jit):
-    with caplog.at_level(logging.INFO, logger="seg_train.callbacks"):
+    with caplog.at_level(logging.INFO, logger="seg_train.training.callbacks"):
         monitor = _fit(_cached_dataset(), tmp_path, epochs=1, steps=2, jit_compile=jit)
     assert monitor.history == []
     assert any("not measured" in r.getMessage() for r in caplog.records)
@@ -148,7 +148,7 @@ def op_determinism():
 def test_op_determinism_trains_and_says_the_stall_is_not_measured(tmp_path, caplog, op_determinism):
     # tf.timestamp inside the step used to fail the first step under op determinism.
     op_determinism()
-    with caplog.at_level(logging.INFO, logger="seg_train.callbacks"):
+    with caplog.at_level(logging.INFO, logger="seg_train.training.callbacks"):
         monitor = _fit(_cached_dataset(), tmp_path, epochs=1, steps=2)
     assert monitor.history == []
     assert any(

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from seg_train import devices
 from seg_train.errors import UserError
+from seg_train.training import devices
 from tests.helpers import REPO, TINY_TRAIN, error_lines, run_cli
 
 # Hiding every GPU makes the refusal testable on any machine.

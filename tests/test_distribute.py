@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from seg_train import distribute
 from seg_train.errors import UserError
+from seg_train.training import distribute
 from tests.helpers import TINY_TRAIN, cli_command, cli_env
 
 MIRRORED_VS_SINGLE = textwrap.dedent(
     """
     import json, keras, numpy as np, tensorflow as tf
     from omegaconf import OmegaConf
-    from seg_train import distribute
+    from seg_train.training import distribute
     from seg_train.models.unet import build_unet
 
     strategy = distribute.make_strategy(OmegaConf.create({"cpu_logical_devices": 2}))

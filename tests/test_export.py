@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from seg_train import export
 from seg_train.errors import UserError
-from seg_train.export import (
+from seg_train.inference.predictor import Predictor
+from seg_train.models.unet import build_unet
+from seg_train.tasks import export
+from seg_train.tasks.export import (
     _check_export_config,
     check_parity,
     pixel_agreement,
@@ -20,8 +22,6 @@ from seg_train.export import (
     refuse_existing,
     write_saved_model,
 )
-from seg_train.models.unet import build_unet
-from seg_train.predict import Predictor
 from tests.helpers import TINY_TRAIN, compose_config, error_lines, run_cli
 
 NUM_CLASSES = 4

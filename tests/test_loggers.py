@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from seg_train import loggers
 from seg_train.config_checks import check_config
 from seg_train.errors import UserError
+from seg_train.tasks import loggers
 from tests.helpers import TINY_TRAIN, compose_config, run_cli
 
 LEARNING_RATE = 0.0123  # set by the tests below, read back as a logged param
@@ -131,7 +131,7 @@ def test_mlflow_resumed_run_continues_the_same_run(tmp_path, mlflow_store):
 
 
 def test_csv_logger_writes_history_csv_and_no_tensorboard(tmp_path):
-    from seg_train.training import build_callbacks
+    from seg_train.training.fit import build_callbacks
 
     cfg = tracking_config(tmp_path, "logger=csv")
     OmegaConf.set_struct(cfg, False)

@@ -12,8 +12,8 @@ import tensorflow as tf
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from seg_train import losses
 from seg_train.errors import UserError
+from seg_train.training import losses
 from tests.helpers import CONFIG_DIR, compose_config
 
 # The alpha_* losses take alphas, not logits and labels: tests/test_matting_losses.py.

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_train.matting import outputs
-from seg_train.matting.evaluate import evaluate_alpha, predict_alpha
+from seg_train.inference import matting_outputs as outputs
+from seg_train.inference.matting import evaluate_alpha, predict_alpha
 
 
 def red_alpha_model():

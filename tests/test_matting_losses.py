@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 
 from seg_train.errors import UserError
-from seg_train.matting import losses
+from seg_train.training import matting_losses as losses
 from tests.helpers import CONFIG_DIR, compose_config
 
 ALPHA_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("alpha_*.yaml"))

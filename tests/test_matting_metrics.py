@@ -3,7 +3,7 @@
 The independent implementation below is written from the definitions of Rhemann et al.
 (CVPR 2009) and the benchmark's MATLAB reference (`gaussgradient.m`, `compute_*_loss.m`):
 an explicit kernel with loops, an explicit replicate-padded convolution and a flood fill; it
-shares no code with `seg_train.matting.metrics` (which uses scipy.ndimage).
+shares no code with `seg_train.inference.matting_metrics` (which uses scipy.ndimage).
 """
 
 import math
@@ -12,7 +12,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from seg_train.matting import metrics
+from seg_train.inference import matting_metrics as metrics
 
 # --------------------------------------------------------------------------------------------
 # Independent reference

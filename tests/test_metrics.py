@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from seg_train.errors import UserError
-from seg_train.metrics import ConfusionMatrix
+from seg_train.inference.metrics import ConfusionMatrix
 
 NAMES = ["bg", "a", "b", "c"]
 

@@ -17,10 +17,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from skimage.transform import rescale
 
-from seg_train import losses
 from seg_train.errors import UserError
 from seg_train.models import backbones, deeplabv2, deeplabv3plus, fcn, unet, unet_mobilenetv2
 from seg_train.models.layers import BilinearUpsampling, bilinear_kernel
+from seg_train.training import losses
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MODEL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))

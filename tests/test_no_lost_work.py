@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_train import infer, io_utils, resume
+from seg_train import files
 from seg_train.errors import UserError
-from seg_train.io_utils import DiskFull
+from seg_train.files import DiskFull
+from seg_train.tasks import infer
+from seg_train.training import backup
 from tests.helpers import cli_command, cli_env, error_lines, run_cli
 
 
@@ -62,7 +64,7 @@ def test_write_atomic_out_of_space_keeps_the_old_file(tmp_path):
         enospc()
 
     with pytest.raises(DiskFull) as caught:
-        io_utils.write_atomic(target, half_then_enospc)
+        files.write_atomic(target, half_then_enospc)
     message = str(caught.value)
     assert str(target) in message and "No space left on device" in message
     assert "free there" in message and "\n" not in message
@@ -74,7 +76,7 @@ def test_write_json_atomic_out_of_space(tmp_path, monkeypatch):
     target = tmp_path / "history.json"
     monkeypatch.setattr(Path, "write_text", enospc)
     with pytest.raises(DiskFull, match="history.json"):
-        io_utils.write_json_atomic(target, {"loss": [1.0]})
+        files.write_json_atomic(target, {"loss": [1.0]})
     monkeypatch.undo()
     assert not target.exists() and leftovers(tmp_path) == []
 
@@ -84,14 +86,14 @@ def test_other_os_errors_are_not_disk_full(tmp_path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     with pytest.raises(PermissionError):
-        io_utils.write_atomic(tmp_path / "a.png", denied)
+        files.write_atomic(tmp_path / "a.png", denied)
     assert leftovers(tmp_path) == []
 
 
 def test_human_bytes():
-    assert io_utils.human_bytes(512) == "512 B"
-    assert io_utils.human_bytes(1536) == "1.5 KiB"
-    assert io_utils.human_bytes(3 * 1024**3) == "3.0 GiB"
+    assert files.human_bytes(512) == "512 B"
+    assert files.human_bytes(1536) == "1.5 KiB"
+    assert files.human_bytes(3 * 1024**3) == "3.0 GiB"
 
 
 # --- backups and checkpoints -------------------------------------------------------------------
@@ -99,7 +101,7 @@ def test_human_bytes():
 
 def test_backup_out_of_space_keeps_the_last_good_backup(tmp_path, monkeypatch):
     model = tiny_model()
-    resume.write_backup(tmp_path, model, resume.TrainingState(epoch=1, step=3))
+    backup.write_backup(tmp_path, model, backup.TrainingState(epoch=1, step=3))
     weights = tmp_path / "backup" / "state.weights.h5"
     before = digest(weights)
 
@@ -109,10 +111,10 @@ def test_backup_out_of_space_keeps_the_last_good_backup(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "save_weights", partial_then_enospc)
     with pytest.raises(DiskFull) as caught:
-        resume.write_backup(tmp_path, model, resume.TrainingState(epoch=2, step=0))
+        backup.write_backup(tmp_path, model, backup.TrainingState(epoch=2, step=0))
     assert "last good backup was kept" in str(caught.value)
     assert digest(weights) == before
-    state, _ = resume.load_state(tmp_path)
+    state, _ = backup.load_state(tmp_path)
     assert (state.epoch, state.step) == (1, 3)
     assert leftovers(tmp_path) == [] and not (tmp_path / "backup.prev").exists()
 
@@ -120,21 +122,21 @@ def test_backup_out_of_space_keeps_the_last_good_backup(tmp_path, monkeypatch):
 def test_backup_refused_before_writing_when_free_space_is_short(tmp_path, monkeypatch):
     """h5py crashes after an out-of-space error, so the space is checked before the write."""
     model = tiny_model(units=64)
-    resume.write_backup(tmp_path, model, resume.TrainingState(epoch=1))
+    backup.write_backup(tmp_path, model, backup.TrainingState(epoch=1))
     weights = tmp_path / "backup" / "state.weights.h5"
     size, before = weights.stat().st_size, digest(weights)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(io_utils.shutil, "disk_usage", lambda path: usage._replace(free=size // 2))
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage._replace(free=size // 2))
     saved = []
     monkeypatch.setattr(model, "save_weights", lambda *a, **k: saved.append(a))
     with pytest.raises(DiskFull) as caught:
-        resume.write_backup(tmp_path, model, resume.TrainingState(epoch=2))
+        backup.write_backup(tmp_path, model, backup.TrainingState(epoch=2))
     message = str(caught.value)
     assert saved == [], "the weights writer ran although the space was short"
     # needed: the previous backup's size plus the 1 MiB head room kept free
-    assert io_utils.human_bytes(size + (1 << 20)) in message
+    assert files.human_bytes(size + (1 << 20)) in message
     assert str(tmp_path / "backup") in message
-    assert io_utils.human_bytes(size // 2) in message  # what is free
+    assert files.human_bytes(size // 2) in message  # what is free
     assert digest(weights) == before and leftovers(tmp_path) == []
 
 
@@ -163,15 +165,15 @@ def test_backup_on_a_real_full_disk(small_disk):
     head = keras.layers.Dense(900)(keras.layers.Flatten()(inputs))  # 192 x 900 + 900 floats
     model = keras.Model(inputs, head)
     model.compile(optimizer="sgd", loss="mse")
-    resume.write_backup(small_disk, model, resume.TrainingState(epoch=1))
+    backup.write_backup(small_disk, model, backup.TrainingState(epoch=1))
     weights = small_disk / "backup" / "state.weights.h5"
     assert weights.stat().st_size >= (192 * 900 + 900) * 4  # 0.66 MiB of float32 weights
     before = digest(weights)
     with pytest.raises(DiskFull) as caught:
-        resume.write_backup(small_disk, model, resume.TrainingState(epoch=2))
+        backup.write_backup(small_disk, model, backup.TrainingState(epoch=2))
     assert "last good backup was kept" in str(caught.value)
     assert digest(weights) == before and leftovers(small_disk) == []
-    assert resume.load_state(small_disk)[0].epoch == 1
+    assert backup.load_state(small_disk)[0].epoch == 1
 
 
 def test_checkpoint_out_of_space_keeps_the_previous_best(tmp_path, monkeypatch):
@@ -179,7 +181,7 @@ def test_checkpoint_out_of_space_keeps_the_previous_best(tmp_path, monkeypatch):
     best = tmp_path / "best.keras"
     model.save(best)
     before = digest(best)
-    callback = resume.AtomicModelCheckpoint(str(best), monitor="loss", save_best_only=False)
+    callback = backup.AtomicModelCheckpoint(str(best), monitor="loss", save_best_only=False)
     callback.set_model(model)
 
     def partial_then_enospc(filepath, *args, **kwargs):

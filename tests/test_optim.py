@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from rich.console import Console
 
-from seg_train import optim
 from seg_train.errors import UserError
+from seg_train.training import optim
 from tests.helpers import CONFIG_DIR, REPO, compose_config
 
 OPTIMIZER_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml"))
@@ -397,7 +397,7 @@ def test_mixed_float16_wraps_the_group_optimizer():
 
 MIRRORED_SCRIPT = textwrap.dedent("""
     import numpy as np, keras, tensorflow as tf
-    from seg_train import optim
+    from seg_train.training import optim
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     rng = np.random.default_rng(0)

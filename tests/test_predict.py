@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from seg_train.errors import UserError
+from seg_train.inference.predictor import Predictor, dynamic_twin
 from seg_train.models.unet import build_unet
-from seg_train.predict import Predictor, dynamic_twin
 
 
 def pointwise_model(num_classes: int = 3, size=(None, None)) -> keras.Model:

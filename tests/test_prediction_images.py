@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seg_train.callbacks import PredictionImageLogger
+from seg_train.training.callbacks import PredictionImageLogger
 from seg_train.viz import full_palette
 
 SIZE = 32

@@ -20,8 +20,8 @@ from PIL import Image
 from seg_train.config_checks import check_config
 from seg_train.data import pipeline
 from seg_train.errors import UserError
-from seg_train.evaluate import evaluate_model
-from seg_train.predict import Predictor, predictor_from_config
+from seg_train.inference.predictor import Predictor, predictor_from_config
+from seg_train.tasks.evaluate import evaluate_model
 from tests.helpers import TINY_TRAIN, compose_config, run_cli
 from tests.test_pipeline import data_config, write_folder_dataset
 
@@ -195,7 +195,7 @@ def fixed_only_model(num_classes: int = 3) -> keras.Model:
 
 
 def test_fixed_size_fallback_is_a_warning_naming_the_change(caplog):
-    with caplog.at_level(logging.WARNING, logger="seg_train.predict"):
+    with caplog.at_level(logging.WARNING, logger="seg_train.inference.predictor"):
         predictor = Predictor(fixed_only_model())
     assert predictor.protocol_change and "16x16" in predictor.protocol_change
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -237,14 +237,14 @@ def test_multi_output_view_monitors_fused_only_when_fit_validates(tmp_path):
     OmegaConf.set_struct(cfg, False)
     cfg.callbacks = {
         "model_checkpoint": {
-            "_target_": "seg_train.resume.AtomicModelCheckpoint",
+            "_target_": "seg_train.training.backup.AtomicModelCheckpoint",
             "filepath": str(tmp_path / "best.keras"),
             "monitor": "val_mean_iou",
             "mode": "max",
             "save_best_only": True,
         }
     }
-    from seg_train.training import build_callbacks
+    from seg_train.training.fit import build_callbacks
 
     (resized,) = build_callbacks(cfg, None, model, view, "resized")
     (original,) = build_callbacks(cfg, None, model, view, "original")
@@ -287,7 +287,7 @@ def test_selection_metric_equals_the_final_report_and_mode_eval(cache_dir, tmp_p
 def test_saved_model_pads_with_pad_value(tmp_path):
     import tensorflow as tf
 
-    from seg_train.export import write_saved_model
+    from seg_train.tasks.export import write_saved_model
 
     predictor = Predictor(mean_colour_model(), size_divisor=32, pad_value=[10, 20, 30])
     write_saved_model(predictor, tmp_path / "sm", with_probabilities=True)
@@ -301,7 +301,7 @@ def test_saved_model_pads_with_pad_value(tmp_path):
 
 def test_an_epoch_without_validation_keeps_the_best_checkpoint(tmp_path):
     """trainer.validation_freq > 1: epochs without val_mean_iou must not replace best.keras."""
-    from seg_train.resume import AtomicModelCheckpoint
+    from seg_train.training.backup import AtomicModelCheckpoint
 
     model = fixed_only_model()
     path = tmp_path / "best.keras"
@@ -323,7 +323,7 @@ def test_eval_of_a_run_dir_uses_the_runs_own_eval_protocol(tmp_path):
     # `mode=eval ckpt_path=RUN` must score it the same way unless told otherwise.
     from hydra.core.hydra_config import HydraConfig
 
-    from seg_train import checkpoints
+    from seg_train.tasks import checkpoint
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
@@ -333,6 +333,6 @@ def test_eval_of_a_run_dir_uses_the_runs_own_eval_protocol(tmp_path):
     # The command line this "process" was given (adopt_run_config re-applies its overrides).
     HydraConfig.instance().set_config(cfg)
     assert cfg.eval.mode == "whole" and cfg.postprocess.get("iterations") is None
-    checkpoints.adopt_run_config(cfg, run)
+    checkpoint.adopt_run_config(cfg, run)
     assert cfg.eval.mode == "resize" and list(cfg.eval.crop_size) == [128, 128]
     assert cfg.postprocess.iterations == 10

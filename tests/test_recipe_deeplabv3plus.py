@@ -138,7 +138,7 @@ def test_cihp_recipe_has_keras_io_training_values():
     assert cfg.optimizer.weight_decay == 0
     assert cfg.trainer.epochs == 25
     # SparseCategoricalCrossentropy(from_logits=True) = our `ce` loss.
-    assert cfg.loss._target_ == "seg_train.losses.CrossEntropy"
+    assert cfg.loss._target_ == "seg_train.training.losses.CrossEntropy"
     assert cfg.loss.class_weights is None
 
 
@@ -150,7 +150,7 @@ def test_voc_recipe_has_mmsegmentation_values():
     assert cfg.optimizer.inner._target_ == "keras.optimizers.SGD"
     assert cfg.optimizer.inner.momentum == 0.9
     assert cfg.optimizer.learning_rate == 0.01
-    assert cfg.optimizer.schedule._target_ == "seg_train.optim.PolyDecay"
+    assert cfg.optimizer.schedule._target_ == "seg_train.training.optim.PolyDecay"
     assert cfg.optimizer.schedule.power == 0.9
     assert cfg.optimizer.weight_decay == 5e-4
     # One learning rate for every layer (no paramwise_cfg in the mmsegmentation config).
@@ -162,7 +162,7 @@ def test_voc_recipe_has_mmsegmentation_values():
     assert cfg.data.hflip is True
     assert cfg.data.ignore_label == 255  # seg_pad_val
     assert cfg.trainer.epochs * cfg.trainer.steps_per_epoch == 20_000
-    assert cfg.loss._target_ == "seg_train.losses.CrossEntropy"
+    assert cfg.loss._target_ == "seg_train.training.losses.CrossEntropy"
 
 
 def test_voc_recipe_pads_with_zero_after_normalisation():

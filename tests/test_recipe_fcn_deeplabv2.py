@@ -19,11 +19,11 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from PIL import Image
 
-from seg_train import losses
 from seg_train.data import pipeline
 from seg_train.data.voc import VOCSource
 from seg_train.errors import UserError
 from seg_train.models import deeplabv2, fcn
+from seg_train.training import losses
 from tests.helpers import REPO, compose_config
 from tests.test_data_layouts import write_sbd, write_voc
 
@@ -188,7 +188,7 @@ def test_deeplabv2_recipes_have_drsleeps_values(experiment):
     assert opt.learning_rate == 2.5e-4  # LEARNING_RATE
     assert opt.inner._target_ == "keras.optimizers.SGD" and opt.inner.momentum == 0.9
     assert opt.weight_decay == 5e-4  # WEIGHT_DECAY
-    assert opt.schedule._target_ == "seg_train.optim.PolyDecay"
+    assert opt.schedule._target_ == "seg_train.training.optim.PolyDecay"
     assert opt.schedule.power == 0.9 and opt.schedule.warmup_steps == 0  # POWER
     assert cfg.trainer.epochs * cfg.trainer.steps_per_epoch == 20_000  # NUM_STEPS 20001
     assert cfg.data.batch_size == 10  # train.py BATCH_SIZE (train_msc: 1 x 10 accumulated)

@@ -186,7 +186,10 @@ def test_portrait_unet_recipe_values_are_seed_003s():
     assert (cfg.model.batch_norm, cfg.model.dropout) == (False, 0.0)
     assert (cfg.model.input_scaling, cfg.model.up_conv) == ("unit", "transpose3x3_relu")
     assert cfg.trainer.epochs == SEED_003["epochs"]
-    assert cfg.loss._target_ == "seg_train.losses.CrossEntropy" and cfg.loss.class_weights is None
+    assert (
+        cfg.loss._target_ == "seg_train.training.losses.CrossEntropy"
+        and cfg.loss.class_weights is None
+    )
 
     steps = 1700 // SEED_003["batch"]
     optimizer = instantiate(

@@ -18,9 +18,9 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from seg_train.evaluate import WorstImages, _write_outputs
-from seg_train.metrics import ConfusionMatrix
-from seg_train.report import build_report, write_report
+from seg_train.inference.metrics import ConfusionMatrix
+from seg_train.tasks.evaluate import WorstImages, _write_outputs
+from seg_train.tasks.report import build_report, write_report
 from seg_train.viz import sample_panel
 from tests.helpers import TINY_TRAIN, compose_config, run_cli
 
@@ -124,9 +124,9 @@ def make_run_dir(run_dir: Path, overrides=("trainer.epochs=3",)) -> Path:
         "epoch,loss,mean_iou,val_mean_iou\n0,1.5,0.2,0.1\n1,1.0,0.4,0.3\n2,0.8,0.5,0.5\n"
     )
     (run_dir / "seg-train.log").write_text(
-        "[x][seg_train.callbacks][INFO] - Epoch 1: data stall 25.0% of step time "
+        "[x][seg_train.training.callbacks][INFO] - Epoch 1: data stall 25.0% of step time "
         "(50.0 ms of 200.0 ms per step)\n"
-        "[x][seg_train.callbacks][INFO] - Epoch 2: data stall 10.0% of step time "
+        "[x][seg_train.training.callbacks][INFO] - Epoch 2: data stall 10.0% of step time "
         "(10.0 ms of 100.0 ms per step)\n"
     )
     (run_dir / "devices.json").write_text(

@@ -14,11 +14,11 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-import seg_train.losses  # noqa: F401  (registers the loss saved with the model)
-from seg_train import preemption, resume, training
+import seg_train.training.losses  # noqa: F401  (registers the loss saved with the model)
 from seg_train.data import pipeline
 from seg_train.data.base import Pair, Source
 from seg_train.errors import Preempted
+from seg_train.training import backup, fit, preemption
 from tests.helpers import cli_command, cli_env, error_lines, run_cli
 
 EPOCHS, STEPS = 3, 8
@@ -51,7 +51,7 @@ def start(args, cache, cwd):
 
 
 def backup_state(run_dir):
-    found = resume.load_state(run_dir)
+    found = backup.load_state(run_dir)
     return found[0] if found else None
 
 
@@ -140,11 +140,11 @@ def tiny_model():
 def test_backup_round_trip_restores_weights_and_optimizer_slots(tmp_path):
     model = tiny_model()
     model.fit(np.ones((8, 4)), np.ones((8, 2)), epochs=3, verbose=0)
-    resume.write_backup(tmp_path, model, resume.TrainingState(epoch=2, step=5, best=0.5))
-    resume.write_backup(tmp_path, model, resume.TrainingState(epoch=3, step=1, best=0.6))
-    state, weights = resume.load_state(tmp_path)
+    backup.write_backup(tmp_path, model, backup.TrainingState(epoch=2, step=5, best=0.5))
+    backup.write_backup(tmp_path, model, backup.TrainingState(epoch=3, step=1, best=0.6))
+    state, weights = backup.load_state(tmp_path)
     assert (state.epoch, state.step, state.best) == (3, 1, 0.6)
-    assert not (tmp_path / resume.PREVIOUS).exists()
+    assert not (tmp_path / backup.PREVIOUS).exists()
     fresh = tiny_model()
     fresh.optimizer.build(fresh.trainable_variables)
     fresh.load_weights(weights)
@@ -155,17 +155,17 @@ def test_backup_round_trip_restores_weights_and_optimizer_slots(tmp_path):
 
 def test_previous_backup_is_used_when_the_swap_was_interrupted(tmp_path):
     model = tiny_model()
-    resume.write_backup(tmp_path, model, resume.TrainingState(epoch=1))
+    backup.write_backup(tmp_path, model, backup.TrainingState(epoch=1))
     # A kill between the two renames leaves only backup.prev/.
-    (tmp_path / resume.BACKUP).rename(tmp_path / resume.PREVIOUS)
-    state, weights = resume.load_state(tmp_path)
-    assert state.epoch == 1 and weights.parent.name == resume.PREVIOUS
+    (tmp_path / backup.BACKUP).rename(tmp_path / backup.PREVIOUS)
+    state, weights = backup.load_state(tmp_path)
+    assert state.epoch == 1 and weights.parent.name == backup.PREVIOUS
 
 
 def test_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = tiny_model()
     path = tmp_path / "best.keras"
-    checkpoint = resume.AtomicModelCheckpoint(str(path), monitor="loss", save_best_only=False)
+    checkpoint = backup.AtomicModelCheckpoint(str(path), monitor="loss", save_best_only=False)
     checkpoint.set_model(model)
     checkpoint._save_model(epoch=0, batch=None, logs={"loss": 1.0})
     before = path.read_bytes()
@@ -187,8 +187,8 @@ def test_nan_guard_stops_at_the_first_non_finite_loss():
     model = tiny_model()
     x = np.ones((8, 4), np.float32)
     y = np.full((8, 2), np.inf, np.float32)
-    guard = resume.NaNGuard("optimizer.learning_rate=0.1")
-    with pytest.raises(resume.NonFiniteLoss, match=r"epoch 1, batch 1 \(step 1\).*learning rate"):
+    guard = backup.NaNGuard("optimizer.learning_rate=0.1")
+    with pytest.raises(backup.NonFiniteLoss, match=r"epoch 1, batch 1 \(step 1\).*learning rate"):
         model.fit(x, y, epochs=2, batch_size=4, callbacks=[guard], verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 1
 
@@ -223,11 +223,11 @@ def test_backup_after_the_last_batch_records_the_next_epoch_and_resume_runs_its_
     callbacks = [
         keras.callbacks.CSVLogger(str(csv)),
         DieAtFirstEpochEnd(),
-        resume.BackupCallback(tmp_path, 3, None, resume.TrainingState(), steps_per_epoch=3),
+        backup.BackupCallback(tmp_path, 3, None, backup.TrainingState(), steps_per_epoch=3),
     ]
     with pytest.raises(Died):
         first.fit(x, y, batch_size=4, epochs=2, callbacks=callbacks, shuffle=False, verbose=0)
-    state, weights = resume.load_state(tmp_path)
+    state, weights = backup.load_state(tmp_path)
     # Epoch 1 (0-based 0) is trained: the position is epoch 2, batch 0, with epoch 1's end due.
     assert (state.epoch, state.step, state.global_step) == (1, 0, 3)
     assert set(state.pending_epoch_end) == {"loss"}
@@ -237,9 +237,9 @@ def test_backup_after_the_last_batch_records_the_next_epoch_and_resume_runs_its_
     second = tiny_model()
     callbacks = [
         keras.callbacks.CSVLogger(str(csv)),
-        resume.BackupCallback(tmp_path, 3, None, state, steps_per_epoch=3),
+        backup.BackupCallback(tmp_path, 3, None, state, steps_per_epoch=3),
     ]
-    training.restore(second, weights, state, callbacks)
+    fit.restore(second, weights, state, callbacks)
     cfg = OmegaConf.create({"trainer": {"epochs": 2, "validation_freq": 1, "verbose": 0}})
     starts = []
 
@@ -247,22 +247,22 @@ def test_backup_after_the_last_batch_records_the_next_epoch_and_resume_runs_its_
         starts.append(start_batch)
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(4).repeat()
 
-    training.fit_from(second, batches, None, state, 3, callbacks, cfg)
+    fit.fit_from(second, batches, None, state, 3, callbacks, cfg)
     rows = csv_rows(csv)
     assert [r["epoch"] for r in rows] == ["0", "1"]  # each epoch once
     # Epoch 1's row was written again from the saved logs: the first process's numbers.
     assert rows[0]["loss"] == row["loss"]
     assert starts == [3]  # the second epoch's data starts after the 3 batches of the first
-    final, _ = resume.load_state(tmp_path)
+    final, _ = backup.load_state(tmp_path)
     assert (final.epoch, final.step, final.global_step, final.pending_epoch_end) == (2, 0, 6, None)
 
 
 def test_an_old_backup_at_the_end_of_an_epoch_is_read_as_the_next_epoch():
     # Written by earlier versions at the last of 20 batches: "epoch 1, batch 20 of 20".
-    old = resume.TrainingState(epoch=0, step=20, global_step=20)
-    state = resume.normalise(old, steps_per_epoch=20)
+    old = backup.TrainingState(epoch=0, step=20, global_step=20)
+    state = backup.normalise(old, steps_per_epoch=20)
     assert (state.epoch, state.step, state.pending_epoch_end) == (1, 0, {})
-    assert resume.normalise(resume.TrainingState(0, 19), 20) == resume.TrainingState(0, 19)
+    assert backup.normalise(backup.TrainingState(0, 19), 20) == backup.TrainingState(0, 19)
 
 
 def test_stale_temporaries_of_any_process_are_removed(tmp_path):
@@ -276,7 +276,7 @@ def test_stale_temporaries_of_any_process_are_removed(tmp_path):
     for path in keep + stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
-    resume.remove_stale_temporaries(tmp_path)
+    backup.remove_stale_temporaries(tmp_path)
     assert all(path.exists() for path in keep)
     assert not any(path.exists() for path in stale)
     assert not (tmp_path / ".backup.tmp-4242").exists()
@@ -372,11 +372,11 @@ def fit_until_preempted(tmp_path, hook, **fit_args):
     model = tiny_model()
     callbacks = [
         SigtermAt(hook),
-        resume.BackupCallback(tmp_path, 0, None, resume.TrainingState(), steps_per_epoch=3),
+        backup.BackupCallback(tmp_path, 0, None, backup.TrainingState(), steps_per_epoch=3),
     ]
     with pytest.raises(Preempted) as stopped:
         model.fit(x, y, batch_size=4, epochs=2, callbacks=callbacks, verbose=0, **fit_args)
-    return str(stopped.value), resume.load_state(tmp_path)[0]
+    return str(stopped.value), backup.load_state(tmp_path)[0]
 
 
 def test_sigterm_in_an_epoch_end_callback_stops_after_the_epoch_end_backup(

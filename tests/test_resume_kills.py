@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from seg_train import resume, run_lock
+from seg_train.tasks import run_lock
+from seg_train.training import backup
 from tests.helpers import TINY_TRAIN, cli_command, cli_env, error_lines, run_cli
 
 EPOCHS, STEPS = 3, 3  # TINY_TRAIN: 24 images in batches of 8
@@ -45,7 +46,7 @@ phase, nth = sys.argv[1], int(sys.argv[2])
 sys.argv = ["seg-train", *sys.argv[3:]]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if phase == "start-up":  # before training starts: no backup yet
-    from seg_train import training as owner
+    from seg_train.training import fit as owner
     name, when = "fit_from", "before"
 elif phase == "checkpoint":  # best.keras written under its temporary name, not renamed
     import keras
@@ -57,7 +58,7 @@ elif phase == "backup":  # a backup's weights written to its staging folder, no 
     import keras
     owner, name, when = keras.Model, "save_weights", "after"
 elif phase == "validation":  # the epoch's validation, after its last batch's backup
-    from seg_train.evaluate import SplitEvaluator as owner
+    from seg_train.tasks.evaluate import SplitEvaluator as owner
     name, when = "confusion", "before"
 original = getattr(owner, name)
 calls = [0]
@@ -125,7 +126,7 @@ def test_kill_9_at_every_phase_then_resume_equals_the_uninterrupted_run(
     resume_args = [f"trainer.resume={run_dir}"]
     # 1. Killed at start-up, before any backup: the resume starts it again in the same dir.
     kill_at("start-up", 1, [*RUN, f"hydra.run.dir={run_dir}"], cache_dir, tmp_path)
-    assert resume.load_state(run_dir) is None
+    assert backup.load_state(run_dir) is None
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
     # 2. Killed while writing epoch 1's best.keras: the temporary stays; backup (epoch 1, 2).
     kill_at("checkpoint", 1, resume_args, cache_dir, tmp_path)
@@ -138,14 +139,14 @@ def test_kill_9_at_every_phase_then_resume_equals_the_uninterrupted_run(
     assert any(name.startswith(".backup.tmp-") for name in leftovers(run_dir))
     # 5. Killed in epoch 2's validation, after the backup written at its last batch.
     kill_at("validation", 1, resume_args, cache_dir, tmp_path)
-    state, _ = resume.load_state(run_dir)
+    state, _ = backup.load_state(run_dir)
     assert (state.epoch, state.step) == (2, 0)
     assert "loss" in state.pending_epoch_end  # epoch 2's training logs, as Keras keeps them
     # 6. The last resume finishes: within minutes, not forever.
     result = run_cli(resume_args, cache_dir, tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    final, _ = resume.load_state(run_dir)
+    final, _ = backup.load_state(run_dir)
     assert final.finished and final.epoch == EPOCHS
     assert final.global_step == EPOCHS * STEPS  # every step once: none lost, none repeated
     assert leftovers(run_dir) == []
@@ -232,7 +233,7 @@ def test_a_live_holder_keeps_the_lock_until_it_dies(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from seg_train import run_lock; "
+            "import sys, time; from seg_train.tasks import run_lock; "
             f"run_lock.acquire({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -11,7 +11,7 @@ resized nearest-neighbour, so augmentation never invents a class. Images leave a
 0..255; each model normalises them in its own first layer, so train, eval, infer and export
 cannot disagree about preprocessing. Evaluation reads `decoded_dataset` directly: no
 augmentation, and labels at their original resolution. A matting source (`data.task=matting`)
-gets float alpha targets instead, resized bilinearly (seg_train/matting/data.py).
+gets float alpha targets instead, resized bilinearly (seg_train/data/matting.py).
 
 Random choices use stateless ops seeded per element from (seed, position in the stream), so a
 run is reproducible under parallel `map`, differs from epoch to epoch, and a resumed run continues
@@ -563,8 +563,8 @@ def train_dataset(
 
 
 def _matting():
-    """seg_train.matting.data (alpha targets), imported late: it builds on this module."""
-    from seg_train.matting import data as matting_data
+    """seg_train.data.matting (alpha targets), imported late: it builds on this module."""
+    from seg_train.data import matting as matting_data
 
     return matting_data
 

@@ -11,7 +11,7 @@
 A pixel is "person" when its alpha exceeds `data.matte_threshold`; the classic U-Net recipe
 uses any alpha > 0. With `data.task=matting` the mattes are kept as they are (0..255 alpha,
 no threshold, no class-id check); the pipeline then turns them into float alpha targets (see
-seg_train/matting/data.py). There are no split files: every image of a folder with a matte
+seg_train/data/matting.py). There are no split files: every image of a folder with a matte
 beside it is one example, in file-name order.
 """
 

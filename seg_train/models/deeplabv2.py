@@ -167,7 +167,8 @@ def msc_training_model(model: keras.Model) -> keras.Model:
     As in DrSleep's `train_msc.py`, the maps a loss applies to are not upsampled: each scale's
     own output stride-8 score map (41, 31 and 21 px for a 321 px input and scales 1 / 0.75 /
     0.5) and the max-fused map at the full-scale map's size (41 px). The segmentation losses
-    shrink the labels to each map by nearest neighbour (`seg_train.losses`), so the losses on
+    shrink the labels to each map by nearest neighbour
+    (`seg_train.training.losses`), so the losses on
     these four outputs are the four cross-entropy terms of DrSleep's `reduced_loss`.
 
     Args:

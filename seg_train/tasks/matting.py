@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from seg_train.callbacks import OriginalResolutionValidation
 from seg_train.data.base import build_source
 from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
 from seg_train.errors import UserError
-from seg_train.matting import metrics, outputs
-from seg_train.matting.evaluate import MattingScores, predict_alpha
+from seg_train.inference import matting_metrics as metrics
+from seg_train.inference import matting_outputs as outputs
+from seg_train.inference.matting import MattingScores, predict_alpha
+from seg_train.training.callbacks import OriginalResolutionValidation
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,17 @@ def evaluate_and_report(
     extra: dict | None = None,
     evaluator=None,
 ) -> dict:
-    """The matting counterpart of `seg_train.evaluate.evaluate_model`; returns the report.
+    """The matting counterpart of `seg_train.tasks.evaluate.evaluate_model`; returns the report.
 
     Writes metrics.json (the four errors, `segmentation` IoU of the thresholded alpha, also at
     the top level so segmentation and matting runs compare key for key), per_class.csv,
     the confusion matrix and `samples/` (alpha, cut-out, overlay of the first
     `eval.num_samples` images), and prints both tables.
     """
-    from seg_train.evaluate import _write_outputs, print_report  # evaluate imports this module
+    from seg_train.tasks.evaluate import (  # evaluate imports this module
+        _write_outputs,
+        print_report,
+    )
 
     if not isinstance(evaluator, MattingEvaluator):
         evaluator = MattingEvaluator(model, cfg, split)
@@ -186,8 +190,8 @@ def infer(cfg: DictConfig, checkpoint: Path, images: list[Path], out_dir: Path) 
     Raises:
         UserError: if an output exists and `infer.overwrite` is false.
     """
-    from seg_train import checkpoints
-    from seg_train.infer import load_rgb
+    from seg_train.tasks.checkpoint import load_model
+    from seg_train.tasks.infer import load_rgb
 
     if not cfg.infer.overwrite:
         existing = [out_dir / f"{p.stem}_alpha.png" for p in images]
@@ -197,7 +201,7 @@ def infer(cfg: DictConfig, checkpoint: Path, images: list[Path], out_dir: Path) 
                 f"{existing[0]} exists ({len(existing)} outputs in all); set "
                 "infer.overwrite=true or another infer.output_dir"
             )
-    model = checkpoints.load_model(checkpoint, 1)
+    model = load_model(checkpoint, 1)
     size = list(cfg.data.crop_size) if cfg.eval.mode == "resize" else None
     for path in track(images, description="Predicting alpha"):
         image = load_rgb(path)

@@ -2,7 +2,7 @@
 
 Training is crash-safe: backups every `trainer.backup_every_steps` batches and at epoch ends,
 `trainer.resume=RUN_DIR` continues from the newest one, SIGTERM/SIGINT write a backup and stop,
-and a non-finite loss stops the run before anything is saved (see seg_train/resume.py).
+and a non-finite loss stops the run before anything is saved (see seg_train/training/backup.py).
 """
 
 from __future__ import annotations
@@ -18,25 +18,20 @@ import keras
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from seg_train import (
-    checkpoints,
-    devices,
-    distribute,
-    loggers,
-    optim,
-    preemption,
-    resume,
-    run_lock,
-    runtime,
-    training,
-)
-from seg_train.callbacks import OriginalResolutionValidation
+from seg_train import runtime
 from seg_train.data import pipeline
 from seg_train.data.base import build_source
 from seg_train.errors import UserError
-from seg_train.evaluate import SplitEvaluator, evaluate_model, optimized_value, output_channels
-from seg_train.io_utils import RESTARTABLE, ensure_fresh_run_dir
-from seg_train.report import write_report
+from seg_train.files import RESTARTABLE, ensure_fresh_run_dir
+from seg_train.tasks import checkpoint, loggers, run_lock
+from seg_train.tasks.evaluate import (
+    SplitEvaluator,
+    evaluate_model,
+    optimized_value,
+)
+from seg_train.tasks.report import write_report
+from seg_train.training import backup, devices, distribute, fit, optim, preemption
+from seg_train.training.callbacks import OriginalResolutionValidation
 from seg_train.viz import plot_history
 
 log = logging.getLogger(__name__)
@@ -51,13 +46,13 @@ def run(cfg: DictConfig) -> float | None:
     shared = cfg.hardware.get("strategy") == "multi_worker"
     with contextlib.nullcontext() if shared else run_lock.hold(run_dir):
         if not shared:
-            resume.remove_stale_temporaries(run_dir)
+            backup.remove_stale_temporaries(run_dir)
         return _train(cfg, run_dir)
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> float | None:
-    backup = _backup_to_resume(cfg, run_dir)
-    state = backup[0] if backup else resume.TrainingState()
+    saved = _backup_to_resume(cfg, run_dir)
+    state = saved[0] if saved else backup.TrainingState()
     if state.finished:
         log.info("Run %s is complete (%d epochs); nothing to resume", run_dir, state.epoch)
         return optimized_value(
@@ -93,7 +88,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
             steps_per_epoch,
         )
     # Never "at the end" of an epoch: a backup from after an epoch's last batch runs its end.
-    state = resume.normalise(state, steps_per_epoch)
+    state = backup.normalise(state, steps_per_epoch)
 
     def train_stream(start_batch: int) -> tf.data.Dataset:
         """The run's batches from `start_batch` on: the data order depends on the seed and the
@@ -103,21 +98,21 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         stream = pipeline.train_dataset(
             source, cfg.data, cfg.seed, repeat=True, start_batch=start_batch
         )
-        stream = training.shard_by_data(stream)
+        stream = fit.shard_by_data(stream)
         if cfg.trainer.overfit_batches:
             stream = stream.take(cfg.trainer.overfit_batches).cache().repeat()
         return stream
 
     # Resized val batches: fit's validation under trainer.val_protocol=resized, and the
     # TensorBoard prediction images under either protocol.
-    val_ds = training.shard_by_data(pipeline.val_dataset(source, cfg.data))
+    val_ds = fit.shard_by_data(pipeline.val_dataset(source, cfg.data))
     if cfg.trainer.overfit_batches:  # validated on the batches it trains on
         val_ds = train_stream(0).take(cfg.trainer.overfit_batches)
-    protocol = training.val_protocol(cfg)
+    protocol = fit.val_protocol(cfg)
     log.info(
         "Validation (selects best.keras): trainer.val_protocol=%s, %s",
         protocol,
-        training.describe_protocol(cfg, protocol),
+        fit.describe_protocol(cfg, protocol),
     )
     log.info(
         "Data %s: %d train / %d val images, crop %s, %d steps per epoch",
@@ -128,7 +123,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         steps_per_epoch,
     )
 
-    model, train_model = training.build_and_compile(cfg, strategy, source, steps_per_epoch)
+    model, train_model = fit.build_and_compile(cfg, strategy, source, steps_per_epoch)
     log.info("Model %s: %s parameters", model.name, f"{model.count_params():,}")
     if chief:
         optim.print_param_groups(train_model.optimizer, train_model.trainable_variables)
@@ -136,37 +131,37 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
 
     # Keras warns that fit's default shuffle=True is ignored for datasets; we shuffle in tf.data.
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-    outputs = training.output_names(train_model)
+    outputs = fit.output_names(train_model)
     with pipeline.data_errors_as_user_errors():  # a broken file: one line naming it
-        training.check_label_sample(pipeline.decoded_dataset(source, "train"), cfg.data)
+        fit.check_label_sample(pipeline.decoded_dataset(source, "train"), cfg.data)
         val_batch = next(val_ds.as_numpy_iterator()) if chief else None
         # Under the original protocol a callback validates; fit's own validation is not run.
-        fit_val_ds = training.labels_per_output(val_ds, outputs) if protocol == "resized" else None
+        fit_val_ds = fit.labels_per_output(val_ds, outputs) if protocol == "resized" else None
         callbacks = [
-            resume.NaNGuard(
+            backup.NaNGuard(
                 f"optimizer.learning_rate={cfg.optimizer.learning_rate}, "
                 f"trainer.precision={cfg.trainer.precision}"
             )
         ]
         if chief:  # only the chief writes checkpoints, backups, logs and summaries
             if protocol == "original":  # first: the checkpoint and loggers read its val_* logs
-                callbacks.append(training.original_resolution_validation(cfg, model, source))
-            callbacks += training.build_callbacks(cfg, val_batch, model, train_model, protocol)
+                callbacks.append(fit.original_resolution_validation(cfg, model, source))
+            callbacks += fit.build_callbacks(cfg, val_batch, model, train_model, protocol)
             checkpoint = next(
                 (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
             )
             if cfg.trainer.backups:
                 callbacks.append(
-                    resume.BackupCallback(
+                    backup.BackupCallback(
                         run_dir, cfg.trainer.backup_every_steps, checkpoint, state, steps_per_epoch
                     )
                 )
-        if backup:
-            training.restore(train_model, backup[1], state, callbacks)
+        if saved:
+            fit.restore(train_model, saved[1], state, callbacks)
         preemption.stop_on_signals(phase="training")
-        training.fit_from(
+        fit.fit_from(
             train_model,
-            lambda start: training.labels_per_output(train_stream(start), outputs),
+            lambda start: fit.labels_per_output(train_stream(start), outputs),
             fit_val_ds,
             state,
             steps_per_epoch,
@@ -177,7 +172,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         log.info("Worker done; the chief writes checkpoints and the report")
         return None
     if cfg.trainer.overfit_batches:
-        training.check_overfit(train_model, training.labels_per_output(val_ds, outputs))
+        fit.check_overfit(train_model, fit.labels_per_output(val_ds, outputs))
     preemption.stop_on_signals(phase="the final evaluation")
     validation = next((c for c in callbacks if isinstance(c, OriginalResolutionValidation)), None)
     value = _report_best(
@@ -188,7 +183,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         validation.evaluator if validation is not None else None,
     )
     write_report(run_dir, cfg)  # report.html from metrics.json, history, log (never raises)
-    resume.mark_finished(run_dir)
+    backup.mark_finished(run_dir)
     loggers.finish(callbacks, run_dir)  # metrics.json, report.html: to MLflow / W&B
     return value
 
@@ -203,20 +198,20 @@ def _backup_to_resume(cfg: DictConfig, run_dir: Path) -> tuple | None:
             f"trainer.resume={cfg.trainer.resume} but the run dir is {run_dir}; "
             "resume with: seg-train trainer.resume=RUN_DIR (nothing else needed)"
         )
-    backup = resume.load_state(run_dir)
-    if backup is None:
+    saved = backup.load_state(run_dir)
+    if saved is None:
         # Stopped before its first backup: start it again here, so that a requeue script can
         # always run the same command. Refused if it finished (trainer.backups=false).
         ensure_fresh_run_dir(run_dir, ignore=(*RESTARTABLE, "checkpoints"))
         log.info("Run %s has no backup yet: starting it from the beginning", run_dir)
-    return backup
+    return saved
 
 
 def _selection(cfg: DictConfig, protocol: str, checkpoint) -> dict:
     """How best.keras was chosen, for metrics.json: protocol, monitored metric and its value."""
     selection = {
         "protocol": protocol,
-        "description": training.describe_protocol(cfg, protocol),
+        "description": fit.describe_protocol(cfg, protocol),
         "metric": None,
         "value": None,
     }
@@ -244,7 +239,7 @@ def _report_best(
     model from the file, tracing and decoding anew took most of the pause between the last
     epoch and the report.
     """
-    best = run_dir / checkpoints.BEST_CHECKPOINT
+    best = run_dir / checkpoint.BEST_CHECKPOINT
     if not best.is_file():
         log.warning("No %s (is callbacks.model_checkpoint off?); evaluating the last weights", best)
         best = run_dir / "checkpoints" / "last.keras"
@@ -260,7 +255,7 @@ def _report_best(
         log.info("Loaded the weights of %s", best)
         best_model = model
     else:
-        best_model = checkpoints.load_model(best, output_channels(cfg))
+        best_model = checkpoint.load_model(best, checkpoint.output_channels(cfg))
     report = evaluate_model(
         best_model, cfg, "val", run_dir, best, {"selection": selection}, evaluator=evaluator
     )

@@ -1,6 +1,6 @@
 """Runs an exported SavedModel or TFLite file on saved images, in a process of its own.
 
-`seg-train mode=export` calls this as `python -m seg_train.export_check ARTEFACT --format=F
+`seg-train mode=export` calls this as `python -m seg_train.tasks.export_check ARTEFACT --format=F
 --images=IN.npz --output=OUT.npz` to check the export the way a server or phone would see it:
 only TensorFlow (or the TFLite interpreter) and NumPy are imported here, never Keras models or
 this package's layers, so a result proves the artefact is self-contained.
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-# Must match seg_train.export (not imported: it would pull in Keras and the models).
+# Must match seg_train.tasks.export (not imported: it would pull in Keras and the models).
 SIGNATURE = "serving_default"
 INPUT_NAME = "images"
 IDS_NAME = "class_ids"
-ALPHA_NAME = "alpha"  # seg_train.matting.export
+ALPHA_NAME = "alpha"  # seg_train.tasks.export_matting
 
 
 def saved_model_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -67,7 +67,9 @@ RUNNERS = {"saved_model": saved_model_runner, "tflite": tflite_runner}
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Predicts class ids for every image of --images with the artefact; writes --output."""
-    parser = argparse.ArgumentParser(prog="python -m seg_train.export_check", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m seg_train.tasks.export_check", description=__doc__
+    )
     parser.add_argument("artefact", type=Path, help="SavedModel dir or .tflite file")
     parser.add_argument("--format", choices=sorted(RUNNERS), required=True)
     parser.add_argument("--images", type=Path, required=True, help=".npz of uint8 images")

@@ -14,15 +14,15 @@ from PIL import Image, UnidentifiedImageError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from seg_train import checkpoints, runtime
-from seg_train.config_checks import check_config
+from seg_train import runtime
+from seg_train.config_checks import is_matting_data
 from seg_train.data.base import displayed
 from seg_train.data.folder import IMAGE_SUFFIXES
 from seg_train.errors import UserError
-from seg_train.io_utils import write_atomic
-from seg_train.matting import is_matting_data
-from seg_train.postprocess.crf import CRFRunner, runner_from_config
-from seg_train.predict import Predictor, predictor_from_config
+from seg_train.files import write_atomic
+from seg_train.inference.crf import CRFRunner, runner_from_config
+from seg_train.inference.predictor import Predictor, predictor_from_config
+from seg_train.tasks.checkpoint import load_model, open_checkpoint
 from seg_train.viz import full_palette, overlay, save_id_png
 
 log = logging.getLogger(__name__)
@@ -191,13 +191,11 @@ def predictions(
 
 def run(cfg: DictConfig) -> None:
     """Predicts every image of `cfg.infer.input` with `cfg.ckpt_path`."""
-    checkpoint, run_dir = checkpoints.resolve_checkpoint(cfg.ckpt_path)
-    checkpoints.adopt_run_config(cfg, run_dir)
-    check_config(cfg)
+    checkpoint = open_checkpoint(cfg)
     images = find_images(str(cfg.infer.input), cfg.infer.recursive)
     out_dir = Path(cfg.infer.output_dir or Path(cfg.paths.output_dir) / "predictions")
     if is_matting_data(cfg.data):  # alpha, cut-out and overlay PNGs instead of ids
-        from seg_train.matting.run import infer as infer_alpha
+        from seg_train.tasks.matting import infer as infer_alpha
 
         runtime.seed_everything(cfg.seed)
         return infer_alpha(cfg, checkpoint, images, out_dir)
@@ -215,7 +213,7 @@ def run(cfg: DictConfig) -> None:
             len(todo),
         )
     runtime.seed_everything(cfg.seed)
-    model = checkpoints.load_model(checkpoint, cfg.data.num_classes)
+    model = load_model(checkpoint, cfg.data.num_classes)
     stream = predictions(
         [image for image, _ in todo],
         predictor_from_config(model, cfg),

@@ -2,7 +2,7 @@
 
 Each image is fed to the model (resized to the training size, as `eval.mode=resize` does for
 segmentation, or as it is), the predicted alpha is resized bilinearly back to the image's
-original size, and the four errors of `seg_train.matting.metrics` are computed against the
+original size, and the four errors of `seg_train.inference.matting_metrics` are computed against the
 matte / 255 there, then averaged over images (the benchmark's convention). The segmentation
 view of the same prediction, for comparing matting and segmentation runs: person = alpha >
 `alpha_threshold` against person = matte > `data.matte_threshold` (the segmentation runs'
@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from seg_train.matting import metrics
-from seg_train.metrics import ConfusionMatrix
+from seg_train.inference import matting_metrics as metrics
+from seg_train.inference.metrics import ConfusionMatrix
 
 CLASS_NAMES = ("background", "person")
 # A predicted alpha above this is person in the thresholded-IoU view (a two-class softmax's

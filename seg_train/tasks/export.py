@@ -2,7 +2,8 @@
 
 The exported graph takes uint8 images and returns uint8 class ids (optionally float32
 probabilities) at the input size. Everything between is the in-framework whole-image
-prediction of `seg_train.predict.Predictor`, traced into the graph: the cast to float32 0..255,
+prediction of `seg_train.inference.predictor.Predictor`, traced into the graph: the cast to
+float32 0..255,
 the model's own normalisation layers, zero padding bottom/right to a multiple of
 `eval.size_divisor` (or, for a model that cannot take other sizes, a bilinear resize to its
 input size and of the logits back), the crop and the argmax. A client therefore needs no
@@ -16,7 +17,7 @@ and weights, so loading needs neither Keras nor this package. TFLite is converte
 SavedModel (the conversion path Keras' own LiteRT exporter uses) with built-in ops only, so
 the file runs on the plain TFLite runtime without the Flex delegate.
 
-After writing, the artefact is loaded by `python -m seg_train.export_check` in a new process
+After writing, the artefact is loaded by `python -m seg_train.tasks.export_check` in a new process
 and run on val images; its class ids are compared pixel by pixel with `Predictor`'s and the
 agreement goes to `parity.json`. Below `export.parity_threshold` the command fails.
 """
@@ -37,15 +38,14 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
-from seg_train import checkpoints, runtime
-from seg_train.config_checks import boolean, check_config
+from seg_train import runtime
+from seg_train.config_checks import boolean, is_matting_data
 from seg_train.data.base import build_source
 from seg_train.data.pipeline import decoded_dataset, pad_image
 from seg_train.errors import UserError
-from seg_train.evaluate import output_channels
-from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
-from seg_train.matting import is_matting_data
-from seg_train.predict import Predictor
+from seg_train.files import ensure_fresh_run_dir, write_json_atomic
+from seg_train.inference.predictor import Predictor
+from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_channels
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def run_in_fresh_process(artefact: Path, fmt: str, images: list[np.ndarray]) -> 
         command = [
             sys.executable,
             "-m",
-            "seg_train.export_check",
+            "seg_train.tasks.export_check",
             str(artefact),
             f"--format={fmt}",
             f"--images={inputs}",
@@ -344,12 +344,10 @@ def run(cfg: DictConfig) -> float | None:
     out_dir = Path(options.output_dir or run_root / "export").expanduser()
     # Fail before the slow part; publish() checks again before replacing anything.
     refuse_existing(out_dir, options.overwrite)
-    checkpoint, run_dir = checkpoints.resolve_checkpoint(cfg.ckpt_path)
-    checkpoints.adopt_run_config(cfg, run_dir)
-    check_config(cfg)
+    checkpoint = open_checkpoint(cfg)
     _warn_about_ignored_eval_options(cfg)
     runtime.seed_everything(cfg.seed)
-    model = checkpoints.load_model(checkpoint, output_channels(cfg))
+    model = load_model(checkpoint, output_channels(cfg))
     # Whole (or resize) mode without TTA: what a single forward graph can reproduce.
     resize = cfg.eval.mode == "resize"
     predictor = Predictor(
@@ -362,7 +360,7 @@ def run(cfg: DictConfig) -> float | None:
         max_whole_pixels=None,
     )
     if is_matting_data(cfg.data):  # alpha output; parity by the largest absolute difference
-        from seg_train.matting.export import run as export_alpha
+        from seg_train.tasks.export_matting import run as export_alpha
 
         return export_alpha(cfg, predictor, checkpoint, out_dir)
     fmt = options.format

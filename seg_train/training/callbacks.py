@@ -78,7 +78,7 @@ class OriginalResolutionValidation(keras.callbacks.Callback):
     """Validates at original resolution and writes `val_mean_iou` etc. into the epoch logs.
 
     `trainer.val_protocol=original`: every `validation_freq` epochs the val split is evaluated
-    through `evaluator` (a `seg_train.evaluate.SplitEvaluator`: the Predictor, test-time
+    through `evaluator` (a `seg_train.tasks.evaluate.SplitEvaluator`: the Predictor, test-time
     augmentation, CRF and `ConfusionMatrix` of the final report), so the `val_mean_iou` that
     ModelCheckpoint selects `best.keras` on is the number the report prints for it. Place it
     before ModelCheckpoint, CSVLogger and TensorBoard, which read the logs it fills.

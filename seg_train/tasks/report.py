@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from seg_train.io_utils import write_atomic
+from seg_train.files import write_atomic
 from seg_train.viz import full_palette
 
 log = logging.getLogger(__name__)
@@ -431,7 +431,7 @@ def peak_memory() -> dict:
 
 
 def _memory_section() -> str:
-    from seg_train.io_utils import human_bytes
+    from seg_train.files import human_bytes
 
     peak = peak_memory()
     rows = [("host (peak RSS of this process)", human_bytes(peak["host_rss_bytes"]))]
@@ -459,7 +459,7 @@ def _training_run(cfg: DictConfig) -> Path | None:
     """The training run dir behind `cfg.ckpt_path` (mode=eval), None for a bare .keras file."""
     if not cfg.get("ckpt_path"):
         return None
-    from seg_train.checkpoints import resolve_checkpoint
+    from seg_train.tasks.checkpoint import resolve_checkpoint
 
     try:
         return resolve_checkpoint(cfg.ckpt_path)[1]
@@ -580,7 +580,7 @@ def _environment_section(run_dir: Path) -> str:
     if devices_file.is_file():
         info = json.loads(devices_file.read_text())
     else:  # mode=eval does not record devices; describe those of this process
-        from seg_train import devices
+        from seg_train.training import devices
 
         info = devices.describe()
     gpus = info.get("gpus") or []

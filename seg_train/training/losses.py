@@ -42,7 +42,7 @@ def _class_weights(value: Any, key: str = "loss.class_weights") -> list[float] |
         if value == AUTO:
             raise UserError(
                 f"{key}=auto needs the training set's class histogram: build the "
-                "loss with seg_train.losses.resolve_class_weights(cfg.loss, ...) "
+                "loss with seg_train.training.losses.resolve_class_weights(cfg.loss, ...) "
                 f"or give one weight per class, e.g. '{key}=[1.0,2.0,...]'"
             )
         raise UserError(f"{key} must be null, auto or a list of numbers, got {value!r}")

@@ -1,4 +1,7 @@
-"""Finding and loading checkpoints, and reusing a training run's data/model config."""
+"""Finding and loading checkpoints, and reusing a training run's data/model config.
+
+`open_checkpoint` is the prologue that mode=eval, mode=infer and mode=export share.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from seg_train.config_checks import check_config, is_matting_data
 from seg_train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,10 +82,11 @@ def load_model(checkpoint: Path, num_classes: int):
     """Loads a .keras model in safe mode (no arbitrary code) and checks its class count."""
     import keras
 
-    # Register our custom layers, losses and optimizers for deserialisation.
-    import seg_train.losses  # noqa: F401
     import seg_train.models  # noqa: F401
-    import seg_train.optim  # noqa: F401
+
+    # Register our custom layers, losses and optimizers for deserialisation.
+    import seg_train.training.losses  # noqa: F401
+    import seg_train.training.optim  # noqa: F401
 
     try:
         model = keras.saving.load_model(checkpoint, compile=False, safe_mode=True)
@@ -96,3 +101,22 @@ def load_model(checkpoint: Path, num_classes: int):
         )
     log.info("Loaded %s (%s parameters)", checkpoint, f"{model.count_params():,}")
     return model
+
+
+def output_channels(cfg: DictConfig) -> int:
+    """The channels a checkpoint of this config predicts: classes, or the one alpha."""
+    return 1 if is_matting_data(cfg.data) else cfg.data.num_classes
+
+
+def open_checkpoint(cfg: DictConfig) -> Path:
+    """Finds `cfg.ckpt_path` and takes over its training run's config; returns the .keras file.
+
+    The training run's data / model / eval / postprocess sections replace this command's (except
+    where the command line set them), so the merged config is checked again here: the CLI
+    checked only the composed one.
+    """
+    checkpoint, run_dir = resolve_checkpoint(cfg.ckpt_path)
+    if run_dir is not None:
+        adopt_run_config(cfg, run_dir)
+        check_config(cfg)
+    return checkpoint

@@ -15,9 +15,10 @@ import tensorflow as tf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from seg_train import loggers, losses, resume
+from seg_train.config_checks import is_matting_data
 from seg_train.errors import UserError
-from seg_train.matting import is_matting_data
+from seg_train.tasks import loggers
+from seg_train.training import backup, losses
 from seg_train.viz import full_palette
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def compile_model(
     loss = instantiate(losses.resolve_class_weights(cfg.loss, auto_class_weights))
     metrics = [mean_iou]
     if is_matting_data(cfg.data):  # a one-channel alpha: no class ids to count
-        from seg_train.matting.run import fit_metrics
+        from seg_train.tasks.matting import fit_metrics
 
         metrics = fit_metrics()
     if names := output_names(model):
@@ -143,7 +144,7 @@ def build_callbacks(
                 val_masks=val_batch[1],
                 palette=full_palette(cfg.data.palette),
             )
-        if isinstance(callback, resume.AtomicModelCheckpoint):
+        if isinstance(callback, backup.AtomicModelCheckpoint):
             callback.model_to_save = keras.Model(model.input, model.output, name=model.name)
             fit_validates = protocol == "resized"
             if fit_validates and output_names(train_model) and callback.monitor.startswith("val_"):
@@ -182,13 +183,13 @@ def describe_protocol(cfg: DictConfig, protocol: str) -> str:
 def original_resolution_validation(cfg: DictConfig, model: keras.Model, source):
     """The callback that validates `model` (the saved single-output model) as the final report
     evaluates it, every `trainer.validation_freq` epochs (`trainer.val_protocol=original`)."""
-    from seg_train.callbacks import OriginalResolutionValidation
     from seg_train.data.pipeline import should_cache
-    from seg_train.evaluate import SplitEvaluator
+    from seg_train.tasks.evaluate import SplitEvaluator
+    from seg_train.training.callbacks import OriginalResolutionValidation
 
     cache = should_cache(source, "val", cfg.data.cache)
     if is_matting_data(cfg.data):  # SAD, MSE, Grad, Conn and the thresholded IoU
-        from seg_train.matting.run import MattingEvaluator, MattingValidation
+        from seg_train.tasks.matting import MattingEvaluator, MattingValidation
 
         evaluator = MattingEvaluator(model, cfg, "val", cache=cache)
         return MattingValidation(evaluator, cfg.data.class_names, cfg.trainer.validation_freq)
@@ -210,7 +211,7 @@ def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def restore(
-    model: keras.Model, weights: Path, state: resume.TrainingState, callbacks: list
+    model: keras.Model, weights: Path, state: backup.TrainingState, callbacks: list
 ) -> None:
     """Loads a backup into a compiled model and its callbacks, and says what was restored.
 
@@ -259,7 +260,7 @@ def fit_from(
     model: keras.Model,
     train_data: Callable[[int], tf.data.Dataset],
     val_ds: tf.data.Dataset | None,
-    state: resume.TrainingState,
+    state: backup.TrainingState,
     steps_per_epoch: int,
     callbacks: list,
     cfg: DictConfig,
@@ -279,7 +280,7 @@ def fit_from(
         callbacks: The callbacks of the run.
         cfg: The composed config.
     """
-    state = resume.normalise(state, steps_per_epoch)
+    state = backup.normalise(state, steps_per_epoch)
     if state.pending_epoch_end is not None:
         finish_epoch(model, val_ds, state.epoch - 1, state.pending_epoch_end, callbacks, cfg)
     segments = []
@@ -367,10 +368,10 @@ def median_frequency_weights(cfg: DictConfig, source) -> list[float]:
 
     Uses the dataset doctor's scan, so the weights are the ones `mode=check` suggests.
     """
-    from seg_train import doctor
+    from seg_train.tasks import check
 
-    tally = doctor.Tally(cfg.data.num_classes)
-    doctor.scan_split(source, "train", tally, workers=os.cpu_count() or 1)
+    tally = check.Tally(cfg.data.num_classes)
+    check.scan_split(source, "train", tally, workers=os.cpu_count() or 1)
     weights = tally.class_weights()
     if weights is None:
         raise UserError(

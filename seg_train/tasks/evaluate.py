@@ -21,17 +21,18 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from seg_train import checkpoints, loggers, runtime
-from seg_train.config_checks import check_config
+from seg_train import runtime
+from seg_train.config_checks import is_matting_data
 from seg_train.data.base import build_source
 from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
 from seg_train.errors import UserError
-from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
-from seg_train.matting import is_matting_data
-from seg_train.metrics import ConfusionMatrix
-from seg_train.postprocess.crf import CRFRunner, runner_from_config
-from seg_train.predict import Predictor, predictor_from_config
-from seg_train.report import write_report
+from seg_train.files import ensure_fresh_run_dir, write_json_atomic
+from seg_train.inference.crf import CRFRunner, runner_from_config
+from seg_train.inference.metrics import ConfusionMatrix
+from seg_train.inference.predictor import Predictor, predictor_from_config
+from seg_train.tasks import loggers
+from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_channels
+from seg_train.tasks.report import write_report
 from seg_train.viz import full_palette, plot_confusion, sample_panel
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class SplitEvaluator:
     """A split's original-resolution evaluation: the one code path behind every reported mIoU.
 
     The final report (`evaluate_model`, `mode=eval`) and in-training validation
-    (`trainer.val_protocol=original`, `seg_train.callbacks.OriginalResolutionValidation`) both
+    (`trainer.val_protocol=original`,
+    `seg_train.training.callbacks.OriginalResolutionValidation`) both
     count predictions into a `ConfusionMatrix` through this class, with the Predictor, test-time
     augmentation and CRF built from the same config, so the number that selects `best.keras`
     is the number the report prints.
@@ -145,7 +147,7 @@ def evaluate_model(
     validated during training: its predictor is traced and its split decoded already).
     """
     if is_matting_data(cfg.data):  # the four matting errors + the thresholded IoU
-        from seg_train.matting.run import evaluate_and_report
+        from seg_train.tasks.matting import evaluate_and_report
 
         return evaluate_and_report(model, cfg, split, out_dir, checkpoint, extra, evaluator)
     data = cfg.data
@@ -284,21 +286,14 @@ def optimized_value(report: dict, metric: str) -> float | None:
     return report[metric]
 
 
-def output_channels(cfg: DictConfig) -> int:
-    """The channels a checkpoint of this config predicts: classes, or the one alpha."""
-    return 1 if is_matting_data(cfg.data) else cfg.data.num_classes
-
-
 def run(cfg: DictConfig) -> float | None:
     """Evaluates `cfg.ckpt_path` on `cfg.eval.split`; returns the mean IoU."""
     out_dir = Path(cfg.paths.output_dir)
     ensure_fresh_run_dir(out_dir, ignore=(".hydra",))
-    checkpoint, run_dir = checkpoints.resolve_checkpoint(cfg.ckpt_path)
-    checkpoints.adopt_run_config(cfg, run_dir)
-    check_config(cfg)
+    checkpoint = open_checkpoint(cfg)
     trackers = loggers.build(cfg)  # logger=mlflow / wandb: before the evaluation
     runtime.seed_everything(cfg.seed)
-    model = checkpoints.load_model(checkpoint, output_channels(cfg))
+    model = load_model(checkpoint, output_channels(cfg))
     try:
         report = evaluate_model(model, cfg, cfg.eval.split, out_dir, checkpoint)
     except KeyboardInterrupt:

@@ -28,8 +28,8 @@ from rich.table import Table
 
 from seg_train.data.base import DataError, Source, build_source, label_counts
 from seg_train.errors import UserError
-from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
-from seg_train.losses import median_frequency_weights
+from seg_train.files import ensure_fresh_run_dir, write_json_atomic
+from seg_train.training.losses import median_frequency_weights
 
 log = logging.getLogger(__name__)
 

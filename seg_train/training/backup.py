@@ -12,7 +12,7 @@ batch says "next epoch, batch 0, and the end of the previous epoch (validation, 
 CSV row) is still to run", with that epoch's training logs, and a resume runs that end first
 (`training.fit_from`). SIGTERM/SIGINT stop the run with exit status 75 and the resume command
 at every phase: between batches and during validation after a backup, elsewhere at once
-(`seg_train.preemption`).
+(`seg_train.training.preemption`).
 
 Keras' own `BackupAndRestore` restores only the epoch, writes in place, and keeps neither the
 checkpoint callback's best value nor the step within the epoch, hence this module.
@@ -33,8 +33,8 @@ import keras
 import numpy as np
 
 from seg_train.errors import Preempted, UserError
-from seg_train.io_utils import ensure_free_space, no_partial_files
-from seg_train.preemption import resume_hint
+from seg_train.files import ensure_free_space, no_partial_files
+from seg_train.training.preemption import resume_hint
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ The true alpha may come as [B, H, W] or [B, H, W, 1]; when its size differs from
 prediction's it is resized bilinearly (alpha is continuous, unlike class ids). Every loss is a
 mean over the pixels of the batch (trimap-free: the portrait set has no trimap, so every pixel
 counts), computes in float32 under mixed precision, and is registered for `.keras`
-(de)serialisation. Weighted sums use `seg_train.losses.WeightedSum` through the `loss` group
-(see configs/loss/alpha_*.yaml).
+(de)serialisation. Weighted sums use `seg_train.training.losses.WeightedSum` through the `loss`
+group (see configs/loss/alpha_*.yaml).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 For any config `mode=train` accepts (e.g. `seg-train benchmark experiment=voc_deeplabv2`) it
 builds the model, optimizer, compiled train step and tf.data pipeline with the same functions
-as `seg_train.train`, runs `benchmark.warmup_steps` steps (the first holds the tracing, the
+as `seg_train.tasks.train`, runs `benchmark.warmup_steps` steps (the first holds the tracing, the
 next ones fill the shuffle and prefetch buffers), then times `benchmark.steps` steps of the real
 input pipeline. It then predicts `benchmark.eval_images` images of `eval.split` through the
 evaluation's own `SplitEvaluator` (Predictor, test-time augmentation, CRF) and records:
@@ -12,7 +12,7 @@ evaluation's own `SplitEvaluator` (Predictor, test-time augmentation, CRF) and r
 * evaluation images/s after one warm-up image;
 * peak host memory (`ru_maxrss`) and, with a GPU, TensorFlow's peak GPU memory, for training
   and for evaluation;
-* the environment (`seg_train.devices.describe` plus Python, Keras and CPU).
+* the environment (`seg_train.training.devices.describe` plus Python, Keras and CPU).
 
 A table goes to stdout and `benchmark.json` into the run dir. Nothing else is written there: no
 checkpoints, backups, CSV or TensorBoard logs (their callbacks act at epoch ends, not per step).
@@ -36,13 +36,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from seg_train import devices, distribute, resume, runtime, training
-from seg_train.callbacks import DataStallMonitor
+from seg_train import runtime
 from seg_train.data import pipeline
 from seg_train.data.base import build_source
 from seg_train.errors import UserError
-from seg_train.evaluate import SplitEvaluator, predict_stream
-from seg_train.io_utils import ensure_fresh_run_dir, write_json_atomic
+from seg_train.files import ensure_fresh_run_dir, write_json_atomic
+from seg_train.tasks.evaluate import SplitEvaluator, predict_stream
+from seg_train.training import backup, devices, distribute, fit
+from seg_train.training.callbacks import DataStallMonitor
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +183,17 @@ def measure_training(
     # The schedule's length as a training run of this config would set it; it changes the
     # learning rate, not the cost of a step.
     steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // batch_size)
-    model, train_model = training.build_and_compile(cfg, strategy, source, steps_per_epoch)
-    outputs = training.output_names(train_model)
+    model, train_model = fit.build_and_compile(cfg, strategy, source, steps_per_epoch)
+    outputs = fit.output_names(train_model)
     # The stream train.py fits on (train_stream there): seeded order, augmentation, batching.
     stream = pipeline.train_dataset(source, cfg.data, cfg.seed, repeat=True)
-    stream = training.labels_per_output(training.shard_by_data(stream), outputs)
+    stream = fit.labels_per_output(fit.shard_by_data(stream), outputs)
     per_call = cfg.trainer.steps_per_execution
     clock = StepClock()
     # The warm-up's steps are left out of the stall share too (it counts Keras' calls).
     stall = DataStallMonitor(skip_steps=warmup_steps // per_call)
     callbacks = [
-        resume.NaNGuard(f"optimizer.learning_rate={cfg.optimizer.learning_rate}"),
+        backup.NaNGuard(f"optimizer.learning_rate={cfg.optimizer.learning_rate}"),
         stall,
         clock,
     ]

@@ -1,1 +1,0 @@
-"""Post-processing of predicted class probabilities (dense CRF)."""
