@@ -2,7 +2,9 @@
 
 Hydra already rejects unknown keys (the config is in struct mode); these checks add types and
 ranges for the keys that scripts rely on, and the cross-key rules of each mode, so a mistake
-fails at once with a message naming the key instead of deep inside TensorFlow.
+fails at once with a message naming the key instead of deep inside TensorFlow. One table
+(`RULES`) holds every key's rule, the data keys' included. This module must stay free of
+TensorFlow: the CLI checks the config before TensorFlow is imported.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from seg_train.data import rules as data_rules
 from seg_train.errors import UserError
+
+# A rule takes (key, value) and raises `UserError` naming the key and a valid example.
+Rule = Callable[[str, Any], None]
 
 
 def _is_int(value: Any) -> bool:
@@ -104,6 +108,98 @@ def device_list(key: str, value: Any) -> None:
         )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def one_of(*choices: str) -> Rule:
+    """A rule accepting exactly one of `choices`."""
+
+    def rule(key: str, value: Any) -> None:
+        if value not in choices:
+            raise UserError(
+                f"config key {key} must be one of {', '.join(choices)}, got "
+                f"{value!r}; e.g. {key}={choices[0]}"
+            )
+
+    return rule
+
+
+def fraction(upper: float) -> Rule:
+    """A rule accepting numbers in [0, upper] (jitter strengths)."""
+
+    def rule(key: str, value: Any) -> None:
+        if not (_is_number(value) and 0 <= value <= upper):
+            raise UserError(
+                f"config key {key} must be a number in 0..{upper} (0 = off), got "
+                f"{value!r}; e.g. {key}=0.1"
+            )
+
+    return rule
+
+
+def matte_threshold(key: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 254):
+        raise UserError(
+            f"config key {key} must be an alpha value in 0..254 (pixels above it are "
+            f"person), got {value!r}; e.g. {key}=127"
+        )
+
+
+def flip_pairs(key: str, value: Any) -> None:
+    ok = OmegaConf.is_list(value) and all(
+        OmegaConf.is_list(pair)
+        and len(pair) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 255 for v in pair)
+        and pair[0] != pair[1]
+        for pair in value
+    )
+    if ok:
+        labels = [v for pair in value for v in pair]
+        ok = len(labels) == len(set(labels))
+    if not ok:
+        raise UserError(
+            f"config key {key} must list [left, right] class-id pairs that swap on a "
+            f"horizontal flip, each id once, got {value!r}; e.g. "
+            f"'{key}=[[14,15],[16,17]]' or '{key}=[]'"
+        )
+
+
+def decoder_node(key: str, value: Any) -> None:
+    if not (OmegaConf.is_dict(value) and "_target_" in value):
+        hint = ""
+        if value in ("raw", "tfds"):
+            hint = f" (for Oxford-IIIT Pet use data.format={value})"
+        raise UserError(
+            f"config key {key} must be the dataset decoder (a node with _target_), "
+            f"got {value!r}{hint}; pick a dataset with data=NAME instead"
+        )
+
+
+def split_names(key: str, value: Any) -> None:
+    ok = value is None or (
+        OmegaConf.is_list(value) and len(value) > 0 and all(isinstance(v, str) and v for v in value)
+    )
+    if not ok:
+        raise UserError(
+            f"config key {key} must be null (every split) or a list of split names, "
+            f"got {value!r}; e.g. '{key}=[train,val]'"
+        )
+
+
+def split_specs(key: str, value: Any) -> None:
+    ok = (
+        OmegaConf.is_dict(value)
+        and len(value) > 0
+        and all(isinstance(v, str) and v for v in value.values())
+    )
+    if not ok or "train" not in value or "val" not in value:
+        raise UserError(
+            f"config key {key} must map split names (at least train and val) to "
+            f"their source, got {value!r}; e.g. {key}.val=test"
+        )
+
+
 # The loggers that need an optional package (pyproject.toml extras of the same names).
 LOGGER_PACKAGES = ("mlflow", "wandb")
 
@@ -130,7 +226,7 @@ def logger_packages(loggers: Any) -> None:
                 raise UserError(missing_logger_package(name))
 
 
-RULES: dict[str, Callable[[str, Any], None]] = {
+RULES: dict[str, Rule] = {
     "seed": any_int,
     "data.num_classes": positive_int,
     "data.ignore_label": label_value,
@@ -138,7 +234,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "data.crop_size": size_hw,
     "data.scale_range": scale_range,
     "data.hflip": boolean,
-    "data.transform": data_rules.one_of("crop", "resize"),
+    "data.transform": one_of("crop", "resize"),
     "data.pad_value": pad_value,
     "data.cache": auto_or_boolean,
     "data.shuffle_buffer": positive_int,
@@ -148,7 +244,7 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "trainer.steps_per_epoch": optional_positive_int,
     "trainer.total_steps": optional_positive_int,
     "trainer.validation_freq": positive_int,
-    "trainer.val_protocol": data_rules.one_of("original", "resized"),
+    "trainer.val_protocol": one_of("original", "resized"),
     "trainer.steps_per_execution": positive_int,
     "eval.num_samples": lambda k, v: v == 0 or positive_int(k, v),
     "eval.report_worst": lambda k, v: v == 0 or positive_int(k, v),
@@ -164,21 +260,21 @@ RULES: dict[str, Callable[[str, Any], None]] = {
     "trainer.overfit_batches": lambda k, v: v == 0 or positive_int(k, v),
     "trainer.backup_every_steps": lambda k, v: v == 0 or positive_int(k, v),
     "logger": lambda k, v: logger_packages(v),
-    # Dataset keys; their rules live beside the datasets in seg_train/data/rules.py.
-    "data.source": data_rules.decoder_node,
-    "data.on_error": data_rules.one_of("raise", "skip"),
-    "data.flip_pairs": data_rules.flip_pairs,
-    "data.jitter.brightness": data_rules.fraction(1.0),
-    "data.jitter.contrast": data_rules.fraction(0.99),
-    "data.jitter.saturation": data_rules.fraction(0.99),
-    "data.jitter.hue": data_rules.fraction(0.5),
+    # Dataset-specific keys (not every data config has them).
+    "data.source": decoder_node,
+    "data.on_error": one_of("raise", "skip"),
+    "data.flip_pairs": flip_pairs,
+    "data.jitter.brightness": fraction(1.0),
+    "data.jitter.contrast": fraction(0.99),
+    "data.jitter.saturation": fraction(0.99),
+    "data.jitter.hue": fraction(0.5),
     "data.aug": boolean,
-    "data.format": data_rules.one_of("tfds", "raw"),
+    "data.format": one_of("tfds", "raw"),
     "data.border_as_ignore": boolean,
-    "data.splits": data_rules.split_specs,
+    "data.splits": split_specs,
     "data.tfds.download": boolean,
-    "data.matte_threshold": data_rules.matte_threshold,
-    "check.splits": data_rules.split_names,
+    "data.matte_threshold": matte_threshold,
+    "check.splits": split_names,
     "check.max_printed": positive_int,
     "benchmark.warmup_steps": positive_int,
     "benchmark.steps": positive_int,
