@@ -91,6 +91,7 @@ def bench_input(spec: dict) -> dict:
     from omegaconf import OmegaConf
 
     from seg_train.data import pipeline
+    from seg_train.data.options import PipelineOptions
 
     data = OmegaConf.create(spec["data"])
     batch, crop = data.batch_size, list(data.crop_size)
@@ -108,7 +109,8 @@ def bench_input(spec: dict) -> dict:
         # every epoch decodes, as on a dataset too large to cache.
         if variant == "ours_no_cache":
             data.cache = False
-        dataset = pipeline.train_dataset(source, data, seed=0, repeat=True)
+        options = PipelineOptions.from_mapping(OmegaConf.to_container(data, resolve=True))
+        dataset = pipeline.train_dataset(source, options, seed=0, repeat=True)
     elif variant == "ours_decode":
         # Our decode alone (in-graph decode + checks, Pillow fallback), single images.
         dataset = pipeline.decoded_dataset(source, "train").repeat()
@@ -211,6 +213,7 @@ def bench_train(spec: dict) -> dict:
     from hydra.utils import instantiate
 
     from seg_train.data import pipeline
+    from seg_train.tasks.sources import pipeline_options
     from seg_train.training import backup, fit
     from seg_train.training.callbacks import DataStallMonitor
 
@@ -290,7 +293,7 @@ def bench_train(spec: dict) -> dict:
         from seg_train.data.voc import VOCSource
 
         source = VOCSource(spec["stall_root"], num_classes=21)
-        real = pipeline.train_dataset(source, cfg.data, seed=0, repeat=True)
+        real = pipeline.train_dataset(source, pipeline_options(cfg), seed=0, repeat=True)
         real = fit.labels_per_output(real, fit.output_names(train_model))
         train_model.fit(
             real,

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from seg_train.data import cihp, pipeline
+from seg_train.data import augment, cihp, pipeline
 from seg_train.data.cihp import CIHPSource
 from seg_train.errors import UserError
+from seg_train.tasks.sources import pipeline_options
 from tests.helpers import compose_config, train_through_cli
 from tests.test_data_layouts import H, W, write_cihp
 
@@ -70,7 +71,7 @@ def test_flip_swaps_exactly_the_left_right_pairs():
     assert (expected != np.arange(256)).sum() == 6  # only the six left/right ids move
     outcomes = set()
     for seed in range(12):
-        out_image, out_mask = pipeline.random_hflip(
+        out_image, out_mask = augment.random_hflip(
             tf.constant(image), tf.constant(mask), tf.constant([seed, 7]), cihp.FLIP_PAIRS
         )
         out_image, out_mask = out_image.numpy(), out_mask.numpy()
@@ -95,7 +96,7 @@ def test_training_labels_only_gain_flip_partners(cihp_root):
         a for a, b in cihp.FLIP_PAIRS if b in written
     }
     seen = set()
-    for _, labels in pipeline.train_dataset(source, cfg.data, seed=1).repeat(2):
+    for _, labels in pipeline.train_dataset(source, pipeline_options(cfg), seed=1).repeat(2):
         seen |= set(np.unique(labels.numpy()).tolist())
     assert seen <= written | partners | {255}
 

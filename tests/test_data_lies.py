@@ -16,9 +16,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from seg_train.data import graph_decode, pipeline
-from seg_train.data.base import DataError
+from seg_train.data import decode, pipeline
 from seg_train.data.folder import FolderSource
+from seg_train.data.readers import DataError
 from seg_train.data.voc import VOCSource
 from seg_train.errors import UserError
 from seg_train.tasks.check import check_dataset
@@ -95,7 +95,7 @@ def folder(
 
 
 def decoded(source: FolderSource, split: str = "train") -> list[tuple[np.ndarray, np.ndarray]]:
-    with pipeline.data_errors_as_user_errors():
+    with decode.data_errors_as_user_errors():
         return list(pipeline.decoded_dataset(source, split).as_numpy_iterator())
 
 
@@ -143,15 +143,15 @@ def test_graph_reads_the_orientation_tag_pillow_reads(make, orientation):
     with Image.open(io.BytesIO(data)) as image:
         expected = image.getexif().get(ORIENTATION)
     assert expected == orientation
-    assert int(graph_decode.jpeg_orientation(tf.constant(data))) == orientation
+    assert int(decode.jpeg_orientation(tf.constant(data))) == orientation
     # Only upright files stay on the in-graph path, which cannot rotate.
-    assert bool(graph_decode.is_plain_jpeg(tf.constant(data))) == (orientation == 1)
+    assert bool(decode.is_plain_jpeg(tf.constant(data))) == (orientation == 1)
 
 
 def test_jpeg_without_exif_stays_plain():
     data = jpeg_bytes(STORED)
-    assert int(graph_decode.jpeg_orientation(tf.constant(data))) == 1
-    assert bool(graph_decode.is_plain_jpeg(tf.constant(data)))
+    assert int(decode.jpeg_orientation(tf.constant(data))) == 1
+    assert bool(decode.is_plain_jpeg(tf.constant(data)))
 
 
 # Displayed = stored turned as the tag says: 3 = 180°, 6 = 90° clockwise, 8 = 90° anticlockwise.

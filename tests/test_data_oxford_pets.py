@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_train.data import oxford_pets, pipeline
-from seg_train.data.base import DataError
+from seg_train.data import decode, oxford_pets, pipeline
 from seg_train.data.oxford_pets import OxfordPetsRaw, OxfordPetsTFDS, make_source
+from seg_train.data.readers import DataError
 from seg_train.errors import UserError
 from tests.helpers import (
     REPO,
@@ -110,7 +110,7 @@ def test_bad_trimap_and_missing_root_are_named(pets_root, tmp_path):
     Image.fromarray(bad, mode="L").save(root / "annotations" / "trimaps" / f"{TEST[1]}.png")
     with (
         pytest.raises(UserError, match=f"{TEST[1]}.png: trimap holds value"),
-        pipeline.data_errors_as_user_errors(),
+        decode.data_errors_as_user_errors(),
     ):
         list(pipeline.decoded_dataset(OxfordPetsRaw(str(root)), "val"))
     with pytest.raises(UserError) as info:

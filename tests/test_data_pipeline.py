@@ -7,9 +7,12 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
+from seg_train import config_checks
 from seg_train.config_checks import check_config
-from seg_train.data import pipeline
-from seg_train.data.base import DataError, Pair, Source
+from seg_train.data import augment, decode, pipeline
+from seg_train.data.base import Source
+from seg_train.data.options import PipelineOptions
+from seg_train.data.readers import DataError, Pair
 from seg_train.errors import UserError
 from tests.helpers import compose_config
 
@@ -46,7 +49,7 @@ def data_config(**overrides):
         flip_pairs=[],
         jitter=dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0),
     )
-    return OmegaConf.create({**base, **overrides})
+    return PipelineOptions.from_mapping({**base, **overrides})
 
 
 def labelled_pairs(rng, count, shape, values):
@@ -117,7 +120,7 @@ def test_cardinality_is_known_and_broken_files_raise_or_skip(caplog):
     pairs[1] = (None, None)
     with (
         pytest.raises(UserError, match=r"image1.jpg: cannot read image.*data.on_error=skip"),
-        pipeline.data_errors_as_user_errors(),
+        decode.data_errors_as_user_errors(),
     ):
         list(pipeline.decoded_dataset(ArraySource(pairs), "val"))
     skipping = pipeline.decoded_dataset(ArraySource(pairs, on_error="skip"), "val")
@@ -135,11 +138,14 @@ def test_size_mismatch_and_out_of_range_labels_are_problems():
     assert "label(s) 7 outside 0..3 and 255" in problems[1].problem
 
 
-def test_flip_table_rejects_bad_pairs():
-    assert pipeline.flip_table([]) is None
+def test_flip_table_swaps_pairs_and_the_config_check_rejects_bad_ones():
+    assert augment.flip_table([]) is None
+    table = augment.flip_table([[3, 4], [7, 9]])
+    assert (table[[3, 4, 7, 9]] == [4, 3, 9, 7]).all() and table[5] == 5 and table[255] == 255
+    # flip_table trusts its pairs: the config check refuses bad ones before any data is read.
     for bad in ([[1, 1]], [[1, 2], [2, 3]], [[1, 255]], [[1, 2, 3]]):
         with pytest.raises(UserError, match="data.flip_pairs"):
-            pipeline.flip_table(bad)
+            config_checks.flip_pairs("data.flip_pairs", OmegaConf.create(bad))
 
 
 @pytest.mark.parametrize(

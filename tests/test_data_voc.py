@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_train.data import pipeline
-from seg_train.data.base import DataError
+from seg_train.data import decode, pipeline
+from seg_train.data.readers import DataError
 from seg_train.data.voc import CLASS_NAMES, PALETTE, VOCSource
 from seg_train.errors import UserError
+from seg_train.tasks.sources import pipeline_options
 from tests.helpers import REPO, TINY_DATASET_RUN, compose_config, error_lines, run_cli
 from tests.test_data_layouts import H, W, save_palette_png, write_sbd, write_voc
 
@@ -60,7 +61,7 @@ def test_augmented_labels_stay_in_the_mask(voc_root):
     )
     written = set().union(*(set(np.unique(m).tolist()) for m in masks.values()))
     seen = set()
-    for _, labels in pipeline.train_dataset(source, cfg.data, seed=3).repeat(3):
+    for _, labels in pipeline.train_dataset(source, pipeline_options(cfg), seed=3).repeat(3):
         seen |= set(np.unique(labels.numpy()).tolist())
     assert seen <= written and 255 in seen
 
@@ -125,14 +126,14 @@ def test_broken_file_raises_one_line_or_is_skipped_and_counted(voc_root, caplog)
     root, _ = voc_root
     broken = root / "JPEGImages" / f"{VAL[0]}.jpg"
     broken.write_bytes(broken.read_bytes()[:200])  # truncated JPEG
-    with pytest.raises(UserError) as info, pipeline.data_errors_as_user_errors():
+    with pytest.raises(UserError) as info, decode.data_errors_as_user_errors():
         list(pipeline.decoded_dataset(VOCSource(str(root)), "val"))
     message = str(info.value)
     assert str(broken) in message and "cannot read image" in message and "\n" not in message
-    before = pipeline.SKIPPED.count
+    before = decode.SKIPPED.count
     with caplog.at_level(logging.WARNING):
         kept = list(pipeline.decoded_dataset(VOCSource(str(root), on_error="skip"), "val"))
-    assert len(kept) == 1 and pipeline.SKIPPED.count == before + 1
+    assert len(kept) == 1 and decode.SKIPPED.count == before + 1
     assert any(str(broken) in r.message and "skipped so far" in r.message for r in caplog.records)
 
 
@@ -143,7 +144,7 @@ def test_label_out_of_range_is_named(voc_root):
     save_palette_png(root / "SegmentationClass" / f"{VAL[0]}.png", bad)
     with (
         pytest.raises(UserError, match=r"label\(s\) 37 outside 0..20"),
-        pipeline.data_errors_as_user_errors(),
+        decode.data_errors_as_user_errors(),
     ):
         list(pipeline.decoded_dataset(VOCSource(str(root), num_classes=21), "val"))
 

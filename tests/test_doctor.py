@@ -9,8 +9,8 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
+from seg_train.data.stats import median_frequency_weights
 from seg_train.tasks.check import check_dataset
-from seg_train.training.losses import median_frequency_weights
 from tests.helpers import compose_config, error_lines, run_cli
 from tests.test_data_layouts import (
     H,

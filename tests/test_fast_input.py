@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image, PngImagePlugin
 from scipy import ndimage
 
-from seg_train.data import graph_decode, pipeline
+from seg_train.data import augment, decode, pipeline
 from seg_train.data.folder import FolderSource
 from seg_train.errors import UserError
 
@@ -55,15 +55,15 @@ NOT_MASKS = {
 
 @pytest.mark.parametrize("kind", sorted(MASKS))
 def test_mask_pngs_decode_to_the_values_pillow_reads(kind):
-    readable, png = graph_decode.mask_png_plan(tf.constant(MASKS[kind]))
+    readable, png = decode.mask_png_plan(tf.constant(MASKS[kind]))
     assert bool(readable)
     expected = np.asarray(Image.open(io.BytesIO(MASKS[kind])))
-    np.testing.assert_array_equal(graph_decode.decode_mask_png(png).numpy(), expected)
+    np.testing.assert_array_equal(decode.decode_mask_png(png).numpy(), expected)
 
 
 @pytest.mark.parametrize("kind", sorted(NOT_MASKS))
 def test_other_files_are_left_to_pillow(kind):
-    readable, _ = graph_decode.mask_png_plan(tf.constant(NOT_MASKS[kind]))
+    readable, _ = decode.mask_png_plan(tf.constant(NOT_MASKS[kind]))
     assert not bool(readable)
 
 
@@ -83,11 +83,9 @@ def test_plain_jpegs_decode_bit_identical_to_pillow(variant):
     elif variant == "444":
         options["subsampling"] = 0
     data = encode(source, **options)
-    assert bool(graph_decode.is_plain_jpeg(tf.constant(data)))
+    assert bool(decode.is_plain_jpeg(tf.constant(data)))
     expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    np.testing.assert_array_equal(
-        graph_decode.decode_image_jpeg(tf.constant(data)).numpy(), expected
-    )
+    np.testing.assert_array_equal(decode.decode_image_jpeg(tf.constant(data)).numpy(), expected)
 
 
 def test_truncated_and_non_jpeg_files_are_not_plain_jpegs():
@@ -99,7 +97,7 @@ def test_truncated_and_non_jpeg_files_are_not_plain_jpegs():
         b"",
         b"\xff",
     ):
-        assert not bool(graph_decode.is_plain_jpeg(tf.constant(data)))
+        assert not bool(decode.is_plain_jpeg(tf.constant(data)))
 
 
 @pytest.mark.parametrize(
@@ -115,7 +113,7 @@ def test_truncated_and_non_jpeg_files_are_not_plain_jpegs():
 def test_label_table_accepts_exactly_the_accepted_values(accepted_values):
     lookup = np.full(256, -1, np.int32)
     lookup[accepted_values] = accepted_values
-    table = graph_decode.LabelTable(lookup)
+    table = decode.LabelTable(lookup)
     rng = np.random.default_rng(2)
     accepted = np.array(accepted_values)
     for trial in range(40):
@@ -129,7 +127,7 @@ def test_label_table_accepts_exactly_the_accepted_values(accepted_values):
 def test_label_table_maps_values_through_the_lookup():
     lookup = np.full(256, -1, np.int32)
     lookup[[1, 2, 3]] = [0, 1, 255]
-    table = graph_decode.LabelTable(lookup)
+    table = decode.LabelTable(lookup)
     assert not table.identity
     mask = np.array([[1, 2, 3, 3]], np.uint8)
     np.testing.assert_array_equal(table.labels(tf.constant(mask)).numpy(), [[0, 1, 255, 255]])
@@ -194,7 +192,7 @@ def test_doubtful_pairs_fall_back_and_are_named(tmp_path, problem, culprit):
             "bad": (jpeg, ".jpg", mask),
         },
     )
-    with pytest.raises(UserError, match=culprit), pipeline.data_errors_as_user_errors():
+    with pytest.raises(UserError, match=culprit), decode.data_errors_as_user_errors():
         list(pipeline.decoded_dataset(source, "train"))
     skipping = FolderSource(str(tmp_path), num_classes=21, on_error="skip")
     kept = list(pipeline.decoded_dataset(skipping, "train").as_numpy_iterator())
@@ -218,7 +216,7 @@ def test_files_corrupt_inside_give_one_line_or_are_skipped(tmp_path, kind):
     source = write_folder(tmp_path, {"good": good, "bad": (jpeg, ".jpg", mask)})
     with (
         pytest.raises(UserError, match="corrupt inside .*mode=check.*data.on_error=skip"),
-        pipeline.data_errors_as_user_errors(),
+        decode.data_errors_as_user_errors(),
     ):
         list(pipeline.decoded_dataset(source, "train"))
     skipping = FolderSource(str(tmp_path), num_classes=21, on_error="skip")
@@ -253,10 +251,10 @@ def test_scaled_crop_equals_a_window_of_the_whole_rescaled_pair(scale, size):
     image = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
     mask = rng.integers(0, 21, (size, size)).astype(np.uint8)
     scaled = int(round(size * scale))
-    full_image, full_mask = pipeline.resize_pair(image, mask, [scaled, scaled])
+    full_image, full_mask = augment.resize_pair(image, mask, [scaled, scaled])
     full_image, full_mask = full_image.numpy(), full_mask.numpy()
     for seed in range(5):
-        out_image, out_mask = pipeline.random_scaled_crop(
+        out_image, out_mask = augment.random_scaled_crop(
             tf.constant(image),
             tf.constant(mask),
             [scale, scale],
@@ -279,7 +277,7 @@ def test_scaled_crop_pads_with_zero_and_ignore_and_keeps_labels_aligned():
     mask = np.kron(rng.integers(0, 21, (5, 5)), np.ones((8, 8), int)).astype(np.uint8)
     image = np.repeat((mask * 10)[..., None], 3, -1).astype(np.uint8)
     for seed in range(20):
-        out_image, out_mask = pipeline.random_scaled_crop(
+        out_image, out_mask = augment.random_scaled_crop(
             tf.constant(image), tf.constant(mask), [0.5, 2.5], [32, 32], 255, tf.constant([seed, 1])
         )
         out_image, out_mask = out_image.numpy(), out_mask.numpy()
@@ -325,7 +323,7 @@ def test_nearest_rows_sample_what_tf_image_resize_nearest_samples():
         length, count, first = (int(v) for v in rng.integers(1, 400, 3))
         column = rng.integers(0, 256, (first + length, 1, 1)).astype(np.uint8)
         expected = tf.image.resize(column[first:], [count, 1], method="nearest").numpy()
-        rows = pipeline._nearest_rows(
+        rows = augment._nearest_rows(
             tf.constant(first), tf.constant(first + length), tf.constant(count)
         ).numpy()
         np.testing.assert_array_equal(column[rows], expected)

@@ -13,9 +13,9 @@ import tensorflow as tf
 from PIL import Image
 
 from seg_train.data import pipeline
-from seg_train.data.base import build_source
 from seg_train.errors import UserError
 from seg_train.tasks.check import check_dataset
+from seg_train.tasks.sources import build_source
 from seg_train.training.fit import check_label_sample
 from tests.helpers import TINY_DATASET_RUN, cli_command, cli_env, compose_config
 from tests.test_data_layouts import blocky_labels, photo

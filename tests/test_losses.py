@@ -12,6 +12,7 @@ import tensorflow as tf
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from seg_train.data.stats import median_frequency_weights
 from seg_train.errors import UserError
 from seg_train.training import losses
 from tests.helpers import CONFIG_DIR, compose_config
@@ -209,15 +210,13 @@ def test_losses_serialise(name, tmp_path):
 
 
 def test_median_frequency_weights():
-    np.testing.assert_allclose(
-        losses.median_frequency_weights([100, 50, 25, 0]), [0.5, 1.0, 2.0, 0.0]
-    )
+    np.testing.assert_allclose(median_frequency_weights([100, 50, 25, 0]), [0.5, 1.0, 2.0, 0.0])
     # Eigen & Fergus: frequency within the images where the class appears.
     np.testing.assert_allclose(
-        losses.median_frequency_weights([100, 50, 25], [200, 100, 100]), [1.0, 1.0, 2.0]
+        median_frequency_weights([100, 50, 25], [200, 100, 100]), [1.0, 1.0, 2.0]
     )
     with pytest.raises(ValueError):
-        losses.median_frequency_weights([0, 0])
+        median_frequency_weights([0, 0])
 
 
 def test_resolve_auto_class_weights():
@@ -225,7 +224,7 @@ def test_resolve_auto_class_weights():
 
     def compute():
         calls.append(1)
-        return losses.median_frequency_weights([400, 200, 100, 100])
+        return median_frequency_weights([400, 200, 100, 100])
 
     cfg = compose_config(["loss=ce_weighted"])
     assert losses.uses_auto_class_weights(cfg.loss)

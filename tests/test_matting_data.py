@@ -8,9 +8,9 @@ import tensorflow as tf
 from PIL import Image
 
 from seg_train.data import pipeline
-from seg_train.data.base import build_source
 from seg_train.data.portrait import PortraitSource
 from seg_train.errors import UserError
+from seg_train.tasks.sources import build_source, pipeline_options
 from tests.helpers import compose_config
 
 H, W = 30, 40
@@ -41,11 +41,11 @@ def data_config(root, *overrides):
         "data.cache=false",
         *overrides,
     ]
-    return compose_config(overrides).data
+    return compose_config(overrides)
 
 
 def test_matting_source_keeps_the_raw_alpha(root):
-    source = build_source(data_config(root))
+    source = build_source(data_config(root).data)
     assert source.task == "matting"
     for image, alpha in pipeline.decoded_dataset(source, "val").as_numpy_iterator():
         assert alpha.dtype == np.uint8
@@ -56,10 +56,12 @@ def test_matting_source_keeps_the_raw_alpha(root):
 
 @pytest.mark.parametrize("transform", ["crop", "resize"])
 def test_training_alpha_moves_and_interpolates_with_the_image(root, transform):
-    data = data_config(
+    cfg = data_config(
         root, f"data.transform={transform}", "data.scale_range=[0.5,1.5]", "data.hflip=true"
     )
-    images, alphas = next(iter(pipeline.train_dataset(build_source(data), data, seed=3)))
+    images, alphas = next(
+        iter(pipeline.train_dataset(build_source(cfg.data), pipeline_options(cfg), seed=3))
+    )
     assert alphas.dtype == tf.float32 and alphas.shape == (2, 16, 16)
     alphas = alphas.numpy()
     assert alphas.min() >= 0.0 and alphas.max() <= 1.0
@@ -70,7 +72,7 @@ def test_training_alpha_moves_and_interpolates_with_the_image(root, transform):
 
 
 def test_validation_alpha_is_resized_bilinearly(root):
-    data = data_config(root)
-    images, alphas = next(iter(pipeline.val_dataset(build_source(data), data)))
+    cfg = data_config(root)
+    images, alphas = next(iter(pipeline.val_dataset(build_source(cfg.data), pipeline_options(cfg))))
     assert alphas.dtype == tf.float32 and alphas.shape == (2, 16, 16)
     np.testing.assert_allclose(alphas.numpy() * 255, images.numpy()[..., 0], atol=1e-3)

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from omegaconf import OmegaConf
 from PIL import Image
 
 from seg_train.data import pipeline
 from seg_train.data.folder import FolderSource
+from seg_train.data.options import PipelineOptions
 
 
 def write_folder_dataset(root, masks, images=None):
@@ -37,7 +37,7 @@ def data_config(**overrides):
         shuffle_buffer=16,
         num_parallel_calls=None,
     )
-    return OmegaConf.create({**base, **overrides})
+    return PipelineOptions.from_mapping({**base, **overrides})
 
 
 def blocky_mask(rng, shape, labels):

@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 
 import seg_train.training.losses  # noqa: F401  (registers the loss saved with the model)
 from seg_train.data import pipeline
-from seg_train.data.base import Pair, Source
+from seg_train.data.base import Source
+from seg_train.data.options import PipelineOptions
+from seg_train.data.readers import Pair
 from seg_train.errors import Preempted
 from seg_train.training import backup, fit, preemption
 from tests.helpers import cli_command, cli_env, error_lines, run_cli
@@ -302,7 +304,7 @@ class IndexSource(Source):
 
 
 def stream_config(cache):
-    return OmegaConf.create(
+    return PipelineOptions.from_mapping(
         dict(
             crop_size=[6, 6],
             scale_range=[0.8, 1.2],

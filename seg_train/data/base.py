@@ -1,4 +1,4 @@
-"""The decoder interface every dataset implements, and the file readers the datasets share.
+"""The decoder interface every dataset implements: `Source`, and `FileSource` for files.
 
 A *source* knows one dataset's layout. It turns a split into records and a record into one
 decoded pair; `pipeline.py` does everything after that:
@@ -15,329 +15,44 @@ decoded pair; `pipeline.py` does everything after that:
 * `problems(pair)` -> what is wrong with a decoded pair (size mismatch, labels out of range).
   Kept apart from `load` so the dataset doctor can still count the labels of a mask it reports.
 
-The user's own remapping (`data.mask_threshold`, then `data.label_map`; `build_source` sets
-it) is one 256-entry table applied after the dataset's mapping: `decode` applies it to what
-`load` returns (the Pillow path), and `checked_lookup` composes it into every `label_lookup`
-(the in-graph path), so both paths give the same labels.
+The user's own remapping (`data.mask_threshold`, then `data.label_map`; the task's
+`seg_train.tasks.sources.build_source` sets it through `set_label_map`) is one 256-entry table
+applied after the dataset's mapping: `decode` applies it to what `load` returns (the Pillow
+path), and `checked_lookup` composes it into every `label_lookup` (the in-graph path), so both
+paths give the same labels.
 
-`load` decodes with Pillow, the reference decode: masks never through an RGB path (TensorFlow
-expands palette PNGs, PASCAL VOC style, to colours, losing the class ids that the palette
-indices are), and a Python decode can name a broken file. The training and evaluation pipeline
-decodes the common file kinds in the graph instead, bit-identical to `load`, and falls back to
-`load` for everything else (`graph_decode.py`); `label_lookup` tells it a source's label
+`load` decodes with Pillow (`readers.py`), the reference decode. The training and evaluation
+pipeline decodes the common file kinds in the graph instead, bit-identical to `load`, and falls
+back to `load` for everything else (`decode.py`); `label_lookup` tells it a source's label
 mapping.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageOps
 
+from seg_train.data.readers import (
+    IGNORE_LABEL,
+    DataError,
+    Example,
+    Pair,
+    label_counts,
+    orientation_cause,
+    read_image,
+    read_mask,
+    remap_table,
+    short_list,
+)
 from seg_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IGNORE_LABEL = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-MASK_SUFFIXES = (".png",)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# The EXIF orientation tag (0x0112): 1 = stored as displayed; 2..8 = mirrored and/or rotated.
-EXIF_ORIENTATION = 0x0112
-_ROTATIONS = {
-    2: "mirrored",
-    3: "rotated 180°",
-    4: "flipped vertically",
-    5: "transposed",
-    6: "rotated 90° clockwise",
-    7: "transversed",
-    8: "rotated 90° anticlockwise",
-}
-_warned_orientation: set[str] = set()
 ON_ERROR_CHOICES = ("raise", "skip")
-# Pillow's complaints about a broken file: unreadable/truncated data (OSError, including
-# UnidentifiedImageError), bad headers (SyntaxError, ValueError), absurd sizes.
-PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-class DataError(Exception):
-    """One broken example: names the file and what is wrong with it.
-
-    Args:
-        file: The culprit: a path, or a record name for datasets that are not files.
-        problem: What is wrong, in a few words.
-    """
-
-    def __init__(self, file: str, problem: str):
-        super().__init__(f"{file}: {problem}")
-        self.file = str(file)
-        self.problem = problem
-
-
-@dataclass(frozen=True)
-class Example:
-    """One image and its mask on disk."""
-
-    image_path: str
-    mask_path: str
-
-
-@dataclass
-class Pair:
-    """One decoded example and the files it came from (for messages)."""
-
-    image: np.ndarray  # uint8 [H, W, 3]
-    mask: np.ndarray  # uint8 [H, W], class ids, 255 = ignore
-    image_file: str
-    mask_file: str
-
-
-def _open(source: str | bytes | Path, name: str | None = None) -> Image.Image:
-    """Opens a path, or encoded bytes when `name` (the record name for messages) is given."""
-    if name is not None:
-        return Image.open(io.BytesIO(source))
-    return Image.open(source.decode() if isinstance(source, bytes) else source)
-
-
-def orientation_of(image: Image.Image) -> int:
-    """The EXIF orientation tag of an open image: 1 (as stored) when absent or invalid."""
-    try:
-        value = image.getexif().get(EXIF_ORIENTATION, 1)
-    except PIL_ERRORS:
-        return 1
-    return value if value in _ROTATIONS else 1
-
-
-def file_orientation(path: str | Path) -> int:
-    """The EXIF orientation tag of an image file (1 when absent or unreadable)."""
-    try:
-        with Image.open(path) as image:
-            return orientation_of(image)
-    except PIL_ERRORS:
-        return 1
-
-
-def displayed(image: Image.Image, label: str) -> Image.Image:
-    """The image as viewers show it: its EXIF orientation applied, with a WARNING (once per file).
-
-    Training, evaluation and inference all see images this way, so a photo taken sideways is
-    learnt and predicted upright, and its mask must match the displayed size.
-    """
-    orientation = orientation_of(image)
-    if orientation == 1:
-        return image
-    if label not in _warned_orientation:
-        _warned_orientation.add(label)
-        log.warning(
-            "%s: EXIF orientation %d: using the image %s, as viewers show it (its mask "
-            "must match that orientation)",
-            label,
-            orientation,
-            _ROTATIONS[orientation],
-        )
-    return ImageOps.exif_transpose(image)
-
-
-def read_image(source: str | bytes | Path, name: str | None = None) -> np.ndarray:
-    """Reads an image file (or encoded bytes) as uint8 RGB [H, W, 3], EXIF orientation applied.
-
-    Grey, palette, CMYK and RGBA images are converted, as the Oxford-IIIT Pet release holds a
-    few of each under `.jpg` names.
-
-    Raises:
-        DataError: if the data is not a readable image.
-    """
-    label = name or (source.decode() if isinstance(source, bytes) else str(source))
-    try:
-        with _open(source, name) as image:
-            return np.asarray(displayed(image, label).convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(label, "image file is missing") from None
-    except PIL_ERRORS as exc:
-        raise DataError(label, f"cannot read image ({exc})") from None
-
-
-def read_mask(source: str | bytes | Path, name: str | None = None) -> np.ndarray:
-    """Reads a class-id mask PNG (8-bit grey or palette) as uint8 [H, W] of its pixel values.
-
-    Raises:
-        DataError: if the file is unreadable, or is a colour image rather than ids.
-    """
-    label = name or (source.decode() if isinstance(source, bytes) else str(source))
-    try:
-        with _open(source, name) as mask:
-            if mask.format != "PNG":
-                # JPEG's lossy compression changes label values at every edge (even creating
-                # ids of no class), so a mask must be a PNG whatever its name says.
-                raise DataError(
-                    label,
-                    f"mask is a {mask.format or 'non-PNG'} file, not a PNG "
-                    "(no PNG signature); lossy formats change class ids: save "
-                    "it as an 8-bit grey or palette PNG from the original labels",
-                )
-            if mask.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
-                raise DataError(
-                    label,
-                    f"mask is an {mask.mode} colour image, not class ids; save "
-                    "one 8-bit grey or palette PNG whose pixel values are the ids",
-                )
-            if mask.mode not in ("L", "P"):
-                raise DataError(
-                    label,
-                    f"mask has mode {mask.mode}; expected an 8-bit grey or "
-                    "palette PNG of class ids",
-                )
-            return np.asarray(mask, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(label, "mask file is missing") from None
-    except PIL_ERRORS as exc:
-        raise DataError(label, f"cannot read mask ({exc})") from None
-
-
-def label_counts(mask: np.ndarray) -> np.ndarray:
-    """Pixel count of each of the 256 uint8 label values."""
-    return np.bincount(mask.ravel(), minlength=256)
-
-
-def read_id_list(path: Path, what: str, whole_line: bool = False) -> list[str]:
-    """Reads a split file: one id per line, skipping blanks and `#` comments.
-
-    A UTF-8 byte-order mark (Windows editors write one) is not part of the first id.
-
-    Args:
-        path: The split file.
-        what: How to name the split in messages, e.g. "split 'train'".
-        whole_line: The id is the whole (stripped) line, spaces included; otherwise its
-            first word (release lists with more columns).
-
-    Raises:
-        UserError: if the file is missing or lists nothing.
-    """
-    if not path.is_file():
-        raise UserError(
-            f"split file {path} for {what} is missing; restore it from the dataset "
-            "release (one id per line)"
-        )
-    ids = []
-    for line in path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            ids.append(line if whole_line else line.split()[0])
-    if not ids:
-        raise UserError(f"split file {path} for {what} lists no ids; add one id per line")
-    return ids
-
-
-def missing_file_hint(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
-    """Why no `folder/<stem><suffix>` exists when a near match does, as '; <hint>', else ''.
-
-    Catches the usual slips of hand-made split files: a suffix in the listed id, a case
-    mismatch (file systems that tell case apart), a file in an unsupported format, and spaces.
-    """
-    names = _folder_names(folder)
-    stem_path = Path(stem)
-    if stem_path.suffix.lower() in (*IMAGE_SUFFIXES, *MASK_SUFFIXES, ".webp", ".tif", ".tiff"):
-        return f"; '{stem}' is listed with its suffix: list the stem '{stem_path.stem}' instead"
-    wanted = {f"{stem}{suffix}".lower() for suffix in suffixes}
-    cased = sorted(n for n in names if n.lower() in wanted)
-    if cased:
-        return (
-            f"; {folder / cased[0]} differs only in letter case from '{stem}' (file names "
-            f"are case-sensitive): list '{Path(cased[0]).stem}' or rename the file"
-        )
-    other = sorted(n for n in names if Path(n).stem == stem)
-    if other:
-        return (
-            f"; {folder / other[0]} has the unsupported suffix {Path(other[0]).suffix} "
-            f"(supported: {', '.join(suffixes)}): convert it"
-        )
-    if any(c.isspace() for c in stem):
-        return f"; the listed stem '{stem}' holds spaces: check the line in the split file"
-    if not stem.isprintable():
-        return f"; the listed stem {stem!r} holds invisible characters: retype that line"
-    return ""
-
-
-_FOLDER_NAMES: dict[Path, list[str]] = {}
-
-
-def _folder_names(folder: Path) -> list[str]:
-    """The file names in a folder, listed once per process (only asked when files are missing)."""
-    if folder not in _FOLDER_NAMES:
-        try:
-            _FOLDER_NAMES[folder] = [p.name for p in folder.iterdir()]
-        except OSError:
-            _FOLDER_NAMES[folder] = []
-    return _FOLDER_NAMES[folder]
-
-
-def pair_ids(
-    ids: Iterable[str], listed_in: str, image_dir: Path, mask_dir: Path
-) -> tuple[list[Example], list[DataError]]:
-    """Pairs `image_dir/<id>.jpg` with `mask_dir/<id>.png` for every id.
-
-    Args:
-        ids: Example ids in order.
-        listed_in: Where the ids come from, quoted in the problem of a missing file.
-        image_dir: Folder of the `<id>.jpg` images.
-        mask_dir: Folder of the `<id>.png` masks.
-
-    Returns:
-        (complete examples in order, one `DataError` per missing image or mask).
-    """
-    examples, problems = [], []
-    for image_id in ids:
-        image = image_dir / f"{image_id}.jpg"
-        mask = mask_dir / f"{image_id}.png"
-        if not image.is_file():
-            hint = missing_file_hint(image_dir, image_id, (".jpg",))
-            problems.append(DataError(image, f"missing ({listed_in}){hint}"))
-        elif not mask.is_file():
-            hint = missing_file_hint(mask_dir, image_id, MASK_SUFFIXES)
-            problems.append(DataError(mask, f"missing ({listed_in}){hint}"))
-        else:
-            examples.append(Example(str(image), str(mask)))
-    return examples, problems
-
-
-def subdir_hint(root: Path, candidates: Iterable[str]) -> str:
-    """' (did you mean data.root=...?)' when the layout sits one level deeper, else ''."""
-    for candidate in candidates:
-        if (root / candidate).is_dir():
-            return f" (did you mean data.root={root / candidate}?)"
-    return ""
-
-
-def slice_ids(spec: str, lists: Mapping[str, Sequence[str]]) -> list[str]:
-    """Selects ids with TFDS split syntax, e.g. 'train[:90%]' or 'train+test[10:20]'.
-
-    Args:
-        spec: The split expression.
-        lists: The named id lists the expression may refer to.
-
-    Raises:
-        UserError: if the expression is malformed or names an unknown list.
-    """
-    import tensorflow_datasets as tfds
-
-    infos = {
-        name: tfds.core.SplitInfo(name=name, shard_lengths=[len(ids)], num_bytes=0)
-        for name, ids in lists.items()
-    }
-    try:
-        instructions = tfds.core.ReadInstruction.from_spec(spec).to_absolute(infos)
-    except (ValueError, AssertionError) as exc:
-        raise UserError(
-            f"split '{spec}': {exc}; use a split of {sorted(lists)} with TFDS "
-            "slicing, e.g. 'train[:90%]'"
-        ) from None
-    return [i for part in instructions for i in lists[part.splitname][part.from_ : part.to]]
 
 
 class Source:
@@ -404,7 +119,7 @@ class Source:
         Returns:
             int32 [256]: the label of each raw mask value, -1 for a value only `load` may
             judge (out of range, or not a value the dataset uses); or None when masks need
-            `load` (e.g. mattes thresholded from any image mode). See `graph_decode.py`.
+            `load` (e.g. mattes thresholded from any image mode). See `decode.py`.
         """
         return None
 
@@ -489,7 +204,7 @@ class Source:
                     pair.mask_file,
                     f"mask is {mw}x{mh} but its image "
                     f"{pair.image_file} is {iw}x{ih}"
-                    f"{_orientation_cause(pair.image_file)}; masks must match "
+                    f"{orientation_cause(pair.image_file)}; masks must match "
                     "their images",
                 )
             )
@@ -500,7 +215,7 @@ class Source:
                 found.append(
                     DataError(
                         pair.mask_file,
-                        f"mask holds label(s) {_short_list(bad)} "
+                        f"mask holds label(s) {short_list(bad)} "
                         f"outside 0..{self.num_classes - 1} and "
                         f"{self.ignore_label} (ignore); fix the mask or "
                         "data.num_classes",
@@ -609,83 +324,3 @@ class FileSource(Source):
         image_file = image.decode() if isinstance(image, bytes) else image
         mask_file = mask.decode() if isinstance(mask, bytes) else mask
         return Pair(read_image(image_file), self.read_label(mask_file), image_file, mask_file)
-
-
-def remap_table(
-    label_map: Mapping[int, int] | None,
-    mask_threshold: int | None,
-    num_classes: int | None = None,
-    ignore_label: int = IGNORE_LABEL,
-) -> np.ndarray | None:
-    """The uint8 [256] table of `data.mask_threshold` then `data.label_map`; None if both unset.
-
-    Raises:
-        UserError: naming the key, for a value outside 0..255 or a label that is no class id.
-    """
-    if not label_map and mask_threshold is None:
-        return None
-    table = np.arange(256)
-    if mask_threshold is not None:
-        if not _is_byte(mask_threshold) or mask_threshold == 255:
-            raise UserError(
-                f"data.mask_threshold must be null or an integer in 0..254 (values "
-                f"above it become 1, the others 0), got {mask_threshold!r}; e.g. "
-                "data.mask_threshold=127"
-            )
-        table = (table > mask_threshold).astype(np.int64)
-    mapping = dict(label_map or {})
-    for value, label in mapping.items():
-        if not (_is_byte(value) and _is_byte(label)):
-            raise UserError(
-                f"data.label_map must map mask values 0..255 to labels 0..255, got "
-                f"{value!r}: {label!r}; e.g. 'data.label_map={{255:1}}'"
-            )
-        if num_classes is not None and label >= num_classes and label != ignore_label:
-            raise UserError(
-                f"data.label_map maps {value} to {label}, which is neither a class "
-                f"id (0..{num_classes - 1}) nor {ignore_label} (ignore); fix the map "
-                "or data.num_classes"
-            )
-    lookup = np.array([mapping.get(int(v), int(v)) for v in range(256)])
-    return lookup[table].astype(np.uint8)
-
-
-def _is_byte(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255
-
-
-def build_source(data: Mapping) -> Source:
-    """Builds `data.source` and applies `data.mask_threshold` and `data.label_map` to it.
-
-    Configs saved before these keys existed have neither: masks are then used as decoded.
-    """
-    from hydra.utils import instantiate  # here: Hydra is only needed by the task entry points
-
-    source = instantiate(data["source"])
-    label_map = data.get("label_map")
-    if label_map is not None and not isinstance(label_map, Mapping):
-        raise UserError(
-            f"data.label_map must be a mapping such as {{255:1}}, got {label_map!r}; "
-            "e.g. 'data.label_map={255:1}'"
-        )
-    source.set_label_map(None if label_map is None else dict(label_map), data.get("mask_threshold"))
-    return source
-
-
-def _short_list(values: Sequence[int], limit: int = 8) -> str:
-    shown = ", ".join(str(v) for v in values[:limit])
-    return shown + (f", ... ({len(values)} values)" if len(values) > limit else "")
-
-
-def _orientation_cause(image_file: str) -> str:
-    """' as displayed (...)' when the image's EXIF orientation explains a size mismatch."""
-    if not Path(image_file).is_file():
-        return ""
-    orientation = file_orientation(image_file)
-    if orientation == 1:
-        return ""
-    return (
-        f" as displayed (its EXIF orientation {orientation}: {_ROTATIONS[orientation]}, "
-        "which training, evaluation and inference apply); rotate the mask the same way, or "
-        "remove the tag if the mask was drawn on the stored pixels (exiftool -Orientation=)"
-    )

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from seg_train.data.base import (
+from seg_train.data.base import FileSource
+from seg_train.data.readers import (
     IGNORE_LABEL,
     DataError,
     Example,
-    FileSource,
     pair_ids,
     read_id_list,
     subdir_hint,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from seg_train.data.base import (
+from seg_train.data.base import FileSource
+from seg_train.data.readers import (
     IGNORE_LABEL,
     IMAGE_SUFFIXES,
     MASK_SUFFIXES,
     DataError,
     Example,
-    FileSource,
     missing_file_hint,
     read_id_list,
     read_mask,

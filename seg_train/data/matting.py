@@ -2,10 +2,11 @@
 
 A matting source (`source.task == "matting"`, e.g. the portrait set with `data.task=matting`)
 decodes each matte as its raw uint8 alpha. Here the training transform stacks that alpha onto
-the image as a fourth channel and runs the segmentation pipeline's own image operations on the
-stack (random scale and crop, or resize; flip), so image and alpha get exactly the same
-geometry and both are interpolated bilinearly (alpha is continuous; nearest-neighbour is for
-class ids). Crop padding gives alpha 0 (background). Colour jitter touches the image only.
+the image as a fourth channel and runs the segmentation transform's own image operations
+(`augment.py`) on the stack (random scale and crop, or resize; flip), so image and alpha get
+exactly the same geometry and both are interpolated bilinearly (alpha is continuous;
+nearest-neighbour is for class ids). Crop padding gives alpha 0 (background). Colour jitter
+touches the image only. `pipeline.py` picks these functions for a source that `is_matting`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import tensorflow as tf
-from omegaconf import DictConfig
 
-from seg_train.data import pipeline
+from seg_train.data.augment import color_jitter, pad_colour, random_hflip, random_scaled_crop
 from seg_train.data.base import Source
-from seg_train.errors import UserError
+from seg_train.data.options import PipelineOptions
 
 MATTING = "matting"
 
@@ -43,36 +43,30 @@ def resize(image: tf.Tensor, alpha: tf.Tensor, size: Sequence[int]) -> tuple[tf.
 
 
 def augment(
-    image: tf.Tensor, alpha: tf.Tensor, seed: tf.Tensor, data: DictConfig
+    image: tf.Tensor, alpha: tf.Tensor, seed: tf.Tensor, options: PipelineOptions
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The training transform of `pipeline.augment`, with a continuous alpha target.
+    """The training transform of `augment.augment`, with a continuous alpha target.
 
-    Draws from the same stateless seeds as `pipeline.augment`, so a matting run's crops and
+    Draws from the same stateless seeds as `augment.augment`, so a matting run's crops and
     flips are those a segmentation run of the same seed would take.
 
     Returns:
         float32 image [crop, crop, 3] in 0..255 and float32 alpha [crop, crop] in 0..1.
     """
-    crop = list(data.crop_size)
-    transform = data.get("transform", "crop")
-    if transform not in pipeline.TRANSFORMS:
-        raise UserError(
-            f"config key data.transform must be one of "
-            f"{', '.join(pipeline.TRANSFORMS)}, got {transform!r}"
-        )
+    crop = options.crop
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     stacked = _stack(image, alpha)
     # The segmentation operations carry a mask; ours rides in the image, theirs is a dummy.
     dummy = tf.zeros(tf.shape(stacked)[:2], tf.uint8)
-    if transform == "resize":
+    if options.transform == "resize":
         stacked = tf.image.resize(stacked, crop, method="bilinear")
     else:
-        fill = [*pipeline.pad_colour(data.get("pad_value", 0)), 0.0]  # alpha 0 where padded
-        stacked, _ = pipeline.random_scaled_crop(
-            stacked, dummy, data.scale_range, crop, data.ignore_label, crop_seed, fill
+        fill = [*pad_colour(options.pad_value), 0.0]  # alpha 0 where padded
+        stacked, _ = random_scaled_crop(
+            stacked, dummy, options.scale_range, crop, options.ignore_label, crop_seed, fill
         )
-    if data.hflip:
-        stacked, _ = pipeline.random_hflip(stacked, tf.zeros(crop, tf.uint8), flip_seed)
+    if options.hflip:
+        stacked, _ = random_hflip(stacked, tf.zeros(crop, tf.uint8), flip_seed)
     image, alpha = _split(stacked)
-    image = pipeline.color_jitter(image, jitter_seed, data.get("jitter"))
+    image = color_jitter(image, jitter_seed, options.jitter)
     return tf.ensure_shape(image, [*crop, 3]), tf.ensure_shape(alpha, crop)

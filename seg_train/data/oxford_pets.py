@@ -36,12 +36,14 @@ import numpy as np
 import tensorflow as tf
 
 from seg_train.data.base import (
+    FileSource,
+    Source,
+)
+from seg_train.data.readers import (
     IGNORE_LABEL,
     DataError,
     Example,
-    FileSource,
     Pair,
-    Source,
     label_counts,
     pair_ids,
     read_id_list,

@@ -22,13 +22,13 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-from seg_train.data.base import (
+from seg_train.data.base import FileSource
+from seg_train.data.readers import (
     IGNORE_LABEL,
     IMAGE_SUFFIXES,
     PIL_ERRORS,
     DataError,
     Example,
-    FileSource,
 )
 from seg_train.errors import UserError
 

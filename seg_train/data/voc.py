@@ -10,7 +10,7 @@
       ImageSets/Segmentation/train_aug.txt
       ImageSets/Segmentation/train_sbd.txt  SBD train (8,498 ids), data.train_list=train_sbd
 
-The masks are read as palette *indices* (by Pillow, or in the graph by `graph_decode.py`);
+The masks are read as palette *indices* (by Pillow, or in the graph by `decode.py`);
 decoding them through RGB would give colours, not ids. With `data.aug=true` the train split
 becomes the 10,582 images of `train_aug.txt` = (VOC train + SBD train + SBD val) - VOC val with
 their SegmentationClassAug masks, as in DeepLab; val stays the official 1,449 images.
@@ -21,11 +21,11 @@ scripts/prepare_voc_aug.py; its masks come from SegmentationClassAug, so it need
 
 from __future__ import annotations
 
-from seg_train.data.base import (
+from seg_train.data.base import FileSource
+from seg_train.data.readers import (
     IGNORE_LABEL,
     DataError,
     Example,
-    FileSource,
     pair_ids,
     read_id_list,
     subdir_hint,

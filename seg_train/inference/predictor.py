@@ -36,7 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seg_train.data.pipeline import pad_colour, pad_image
+from seg_train.data.augment import pad_colour, pad_image
 from seg_train.errors import UserError
 
 log = logging.getLogger(__name__)

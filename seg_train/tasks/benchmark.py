@@ -38,10 +38,11 @@ from rich.table import Table
 
 from seg_train import runtime
 from seg_train.data import pipeline
-from seg_train.data.base import build_source
+from seg_train.data.decode import data_errors_as_user_errors
 from seg_train.errors import UserError
 from seg_train.files import ensure_fresh_run_dir, write_json_atomic
 from seg_train.tasks.evaluate import SplitEvaluator, predict_stream
+from seg_train.tasks.sources import build_source, pipeline_options
 from seg_train.training import backup, devices, distribute, fit
 from seg_train.training.callbacks import DataStallMonitor
 
@@ -186,7 +187,7 @@ def measure_training(
     model, train_model = fit.build_and_compile(cfg, strategy, source, steps_per_epoch)
     outputs = fit.output_names(train_model)
     # The stream train.py fits on (train_stream there): seeded order, augmentation, batching.
-    stream = pipeline.train_dataset(source, cfg.data, cfg.seed, repeat=True)
+    stream = pipeline.train_dataset(source, pipeline_options(cfg), cfg.seed, repeat=True)
     stream = fit.labels_per_output(fit.shard_by_data(stream), outputs)
     per_call = cfg.trainer.steps_per_execution
     clock = StepClock()
@@ -208,7 +209,7 @@ def measure_training(
     _reset_gpu_peaks()
     # Keras warns that fit's default shuffle=True is ignored for datasets; tf.data shuffles.
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-    with pipeline.data_errors_as_user_errors():  # a broken file: one line naming it
+    with data_errors_as_user_errors():  # a broken file: one line naming it
         # One fit call: a second would start a new input iterator, whose buffers refill.
         train_model.fit(
             stream,
@@ -265,7 +266,7 @@ def measure_eval(model: keras.Model, cfg: DictConfig, images: int) -> dict[str, 
     examples = evaluator.examples.take(images + 1).as_numpy_iterator()
     stream = predict_stream(examples, evaluator.predictor, evaluator.crf)
     count = 0
-    with pipeline.data_errors_as_user_errors():
+    with data_errors_as_user_errors():
         if next(stream, None) is not None:  # the warm-up image
             start = time.perf_counter()
             count = sum(1 for _ in stream)

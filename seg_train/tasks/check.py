@@ -7,7 +7,8 @@ are expected, label values outside {0..num_classes-1, ignore}, 0/255 masks where
 expected, the label histogram and the per-class pixel frequencies with median-frequency class
 weights (Eigen & Fergus 2015, https://arxiv.org/abs/1411.4734; only for data without problems).
 The report is printed, written to `check.json` in the run dir, and any problem makes the
-command exit with status 1.
+command exit with status 1. The scan itself (`scan_split`, `Tally`) is `seg_train.data.stats`,
+which training's `class_weights: auto` shares.
 """
 
 from __future__ import annotations
@@ -15,123 +16,24 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
-from seg_train.data.base import DataError, Source, build_source, label_counts
+from seg_train.data.base import Source
+from seg_train.data.stats import Tally, scan_split
 from seg_train.errors import UserError
 from seg_train.files import ensure_fresh_run_dir, write_json_atomic
-from seg_train.training.losses import median_frequency_weights
+from seg_train.tasks.sources import build_source
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "check.json"
 # Exit status when the data has problems; 2 stays reserved for usage errors.
 EXIT_PROBLEMS_FOUND = 1
-# Records decoded per round of the thread pool (bounds memory for TFDS's in-memory records).
-CHUNK = 64
-
-
-class Tally:
-    """Accumulates label statistics over masks.
-
-    Args:
-        num_classes: Number of classes.
-    """
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-        self.histogram = np.zeros(256, dtype=np.int64)
-        self.class_pixels = np.zeros(num_classes, dtype=np.int64)
-        # Labelled pixels of the images in which each class occurs (median-frequency balancing).
-        self.image_pixels = np.zeros(num_classes, dtype=np.int64)
-
-    def add(self, counts: np.ndarray) -> None:
-        """Adds one mask's 256-bin label counts."""
-        self.histogram += counts
-        per_class = counts[: self.num_classes]
-        self.class_pixels += per_class
-        self.image_pixels[per_class > 0] += per_class.sum()
-
-    def class_frequency(self) -> np.ndarray:
-        """Pixel frequency of each class in the images where it occurs; NaN if it never does."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.image_pixels > 0, self.class_pixels / self.image_pixels, np.nan)
-
-    def class_weights(self) -> list[float] | None:
-        """Median-frequency weights median(f) / f_c (0 for absent classes); None if no labels."""
-        try:
-            return median_frequency_weights(self.class_pixels, self.image_pixels)
-        except ValueError:  # no labelled pixel at all
-            return None
-
-
-def check_record(
-    source: Source, record: tuple[bytes, bytes, bytes]
-) -> tuple[np.ndarray | None, list[DataError]]:
-    """Decodes one record and lists its problems; returns (its label counts or None, problems)."""
-    name, image, mask = record
-    try:
-        pair = source.decode(name.decode(), image, mask)
-    except DataError as error:
-        return None, [error]
-    problems = source.problems(pair)
-    counts = label_counts(pair.mask)
-    present = set(np.flatnonzero(counts).tolist())
-    ignore = source.ignore_label
-    if source.num_classes == 2 and ignore in present and present <= {0, ignore}:
-        problems.append(
-            DataError(
-                pair.mask_file,
-                f"0/{ignore} binary mask where class ids 0/1 "
-                f"are expected: {ignore} is the ignore label, so the foreground "
-                "would be ignored; remap it with "
-                f"'data.label_map={{{ignore}:1}}' (or save the foreground as 1)",
-            )
-        )
-    return counts, problems
-
-
-def _chunks(iterator: Iterator, size: int) -> Iterator[list]:
-    while chunk := list(islice(iterator, size)):
-        yield chunk
-
-
-def scan_split(source: Source, split: str, tally: Tally, workers: int) -> tuple[int, list[dict]]:
-    """Checks every pair of a split; returns (pairs checked, problems as {split, file, problem})."""
-    errors = [
-        {"split": split, "file": e.file, "problem": e.problem}
-        for e in source.listing_problems(split)
-    ]
-    try:
-        records = source.records(split)
-    except UserError:
-        if errors:  # nothing complete to read; the listing problems say why
-            return 0, errors
-        raise
-    total = int(records.cardinality())
-    checked = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        chunks = _chunks(records.as_numpy_iterator(), CHUNK)
-        for chunk in track(
-            chunks,
-            total=-(-total // CHUNK) if total >= 0 else None,
-            description=f"Checking {split}",
-        ):
-            for counts, problems in pool.map(lambda r: check_record(source, r), chunk):
-                checked += 1
-                if counts is not None:
-                    tally.add(counts)
-                errors += [{"split": split, "file": e.file, "problem": e.problem} for e in problems]
-    return checked, errors
 
 
 def check_dataset(

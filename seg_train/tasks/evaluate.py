@@ -23,8 +23,8 @@ from rich.table import Table
 
 from seg_train import runtime
 from seg_train.config_checks import is_matting_data
-from seg_train.data.base import build_source
-from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
+from seg_train.data.decode import data_errors_as_user_errors
+from seg_train.data.pipeline import decoded_dataset
 from seg_train.errors import UserError
 from seg_train.files import ensure_fresh_run_dir, write_json_atomic
 from seg_train.inference.crf import CRFRunner, runner_from_config
@@ -33,6 +33,7 @@ from seg_train.inference.predictor import Predictor, predictor_from_config
 from seg_train.tasks import loggers
 from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_channels
 from seg_train.tasks.report import write_report
+from seg_train.tasks.sources import build_source
 from seg_train.viz import full_palette, plot_confusion, sample_panel
 
 log = logging.getLogger(__name__)

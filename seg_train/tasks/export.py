@@ -40,12 +40,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from seg_train import runtime
 from seg_train.config_checks import boolean, is_matting_data
-from seg_train.data.base import build_source
-from seg_train.data.pipeline import decoded_dataset, pad_image
+from seg_train.data.augment import pad_image
+from seg_train.data.pipeline import decoded_dataset
 from seg_train.errors import UserError
 from seg_train.files import ensure_fresh_run_dir, write_json_atomic
 from seg_train.inference.predictor import Predictor
 from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_channels
+from seg_train.tasks.sources import build_source
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from seg_train import runtime
 from seg_train.config_checks import is_matting_data
-from seg_train.data.base import displayed
 from seg_train.data.folder import IMAGE_SUFFIXES
+from seg_train.data.readers import displayed
 from seg_train.errors import UserError
 from seg_train.files import write_atomic
 from seg_train.inference.crf import CRFRunner, runner_from_config

@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from seg_train.data.base import build_source
-from seg_train.data.pipeline import data_errors_as_user_errors, decoded_dataset
+from seg_train.data.decode import data_errors_as_user_errors
+from seg_train.data.pipeline import decoded_dataset
 from seg_train.errors import UserError
 from seg_train.inference import matting_metrics as metrics
 from seg_train.inference import matting_outputs as outputs
 from seg_train.inference.matting import MattingScores, predict_alpha
+from seg_train.tasks.sources import build_source
 from seg_train.training.callbacks import OriginalResolutionValidation
 
 log = logging.getLogger(__name__)

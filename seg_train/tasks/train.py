@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from seg_train import runtime
 from seg_train.data import pipeline
-from seg_train.data.base import build_source
+from seg_train.data.decode import data_errors_as_user_errors
 from seg_train.errors import UserError
 from seg_train.files import RESTARTABLE, ensure_fresh_run_dir
 from seg_train.tasks import checkpoint, loggers, run_lock
@@ -30,6 +30,7 @@ from seg_train.tasks.evaluate import (
     optimized_value,
 )
 from seg_train.tasks.report import write_report
+from seg_train.tasks.sources import build_source, pipeline_options
 from seg_train.training import backup, devices, distribute, fit, optim, preemption
 from seg_train.training.callbacks import OriginalResolutionValidation
 from seg_train.viz import plot_history
@@ -96,7 +97,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         if cfg.trainer.overfit_batches:  # the same few batches over and over (debug=overfit)
             start_batch = 0
         stream = pipeline.train_dataset(
-            source, cfg.data, cfg.seed, repeat=True, start_batch=start_batch
+            source, pipeline_options(cfg), cfg.seed, repeat=True, start_batch=start_batch
         )
         stream = fit.shard_by_data(stream)
         if cfg.trainer.overfit_batches:
@@ -105,7 +106,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
 
     # Resized val batches: fit's validation under trainer.val_protocol=resized, and the
     # TensorBoard prediction images under either protocol.
-    val_ds = fit.shard_by_data(pipeline.val_dataset(source, cfg.data))
+    val_ds = fit.shard_by_data(pipeline.val_dataset(source, pipeline_options(cfg)))
     if cfg.trainer.overfit_batches:  # validated on the batches it trains on
         val_ds = train_stream(0).take(cfg.trainer.overfit_batches)
     protocol = fit.val_protocol(cfg)
@@ -132,7 +133,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     # Keras warns that fit's default shuffle=True is ignored for datasets; we shuffle in tf.data.
     warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
     outputs = fit.output_names(train_model)
-    with pipeline.data_errors_as_user_errors():  # a broken file: one line naming it
+    with data_errors_as_user_errors():  # a broken file: one line naming it
         fit.check_label_sample(pipeline.decoded_dataset(source, "train"), cfg.data)
         val_batch = next(val_ds.as_numpy_iterator()) if chief else None
         # Under the original protocol a callback validates; fit's own validation is not run.

@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -309,44 +308,6 @@ class WeightedSum(keras.losses.Loss):
 # --------------------------------------------------------------------------------------------
 # Class weights from the label histogram
 # --------------------------------------------------------------------------------------------
-
-
-def median_frequency_weights(
-    class_pixels: Sequence[float], image_pixels: Sequence[float] | None = None
-) -> list[float]:
-    """Median-frequency class weights (Eigen & Fergus 2015; SegNet): `median(f) / f_c`.
-
-    `f_c = class_pixels[c] / image_pixels[c]`, where `image_pixels[c]` is the number of
-    labelled (non-ignored) pixels of the images in which class c appears. Without
-    `image_pixels`, `f_c` is the class's share of all labelled pixels (the same weights up to
-    the per-image presence correction). The median is taken over the classes that occur;
-    classes that never occur get weight 0 (they have no pixel to weigh).
-
-    Args:
-        class_pixels: Labelled pixels per class over the training set (ignore label excluded).
-        image_pixels: Optional per class, labelled pixels of the images containing that class.
-
-    Returns:
-        One weight per class.
-    """
-    counts = np.asarray(class_pixels, dtype=np.float64)
-    if counts.ndim != 1 or counts.size == 0 or (counts < 0).any():
-        raise ValueError(f"class_pixels must be a non-empty list of counts >= 0, got {counts}")
-    if image_pixels is None:
-        totals = np.full_like(counts, counts.sum())
-    else:
-        totals = np.asarray(image_pixels, dtype=np.float64)
-        if totals.shape != counts.shape:
-            raise ValueError("image_pixels needs one entry per class")
-    present = (counts > 0) & (totals > 0)
-    if not present.any():
-        raise ValueError("the label histogram has no labelled pixel")
-    frequency = np.zeros_like(counts)
-    frequency[present] = counts[present] / totals[present]
-    median = np.median(frequency[present])
-    weights = np.zeros_like(counts)
-    weights[present] = median / frequency[present]
-    return [float(w) for w in weights]
 
 
 def resolve_class_weights(

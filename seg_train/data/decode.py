@@ -1,9 +1,10 @@
-"""In-graph decoding of the common file kinds, so most examples never enter Python.
+"""Decoding records into (image, mask) pairs, in the graph where it can and else by Pillow.
 
-The Pillow decode in `base.py` is the reference: it reads every format, names a broken file and
-decides what `data.on_error` does. It runs through `tf.numpy_function`, though, which costs a
-Python call, two copies and the GIL per example. This module decodes the two kinds that make up
-almost every segmentation dataset with TensorFlow's own C++ decoders instead:
+The Pillow decode (`Source.load`, `readers.py`) is the reference: it reads every format, names
+a broken file and decides what `data.on_error` does. It runs through `tf.numpy_function`,
+though, which costs a Python call, two copies and the GIL per example. So `decode_op` decodes
+the two kinds that make up almost every segmentation dataset with TensorFlow's own C++ decoders
+instead:
 
 * images that are complete baseline/progressive JPEGs (start-of-image marker first, end-of-image
   marker last; a truncated file lacks the latter), via `tf.io.decode_jpeg`;
@@ -15,17 +16,30 @@ almost every segmentation dataset with TensorFlow's own C++ decoders instead:
 Everything else (PNG images, truncated JPEGs or PNGs, 16-bit or colour masks) and every example
 whose decoded pair fails the checks (sizes differ, a label out of range) goes to the Pillow path,
 which gives the same result, or the same error naming the file. A file with intact start and end
-markers but corrupt data inside fails in TensorFlow's decoder, which cannot name it: the
-pipeline turns that into a one-line error pointing at `seg-train mode=check`, or skips it under
-`data.on_error=skip`.
+markers but corrupt data inside fails in TensorFlow's decoder, which cannot name it:
+`data_errors_as_user_errors` turns that into a one-line error pointing at `seg-train
+mode=check`, and the pipeline skips it under `data.on_error=skip` (`SKIPPED` counts the files
+skipped by the Pillow path).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
+import re
+import threading
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
+
+from seg_train.data.base import Source
+from seg_train.data.readers import DataError
+from seg_train.errors import UserError
+
+log = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The IEND chunk every complete PNG ends with (length 0, type, CRC); a truncated file lacks it.
@@ -257,3 +271,169 @@ class LabelTable:
         if self.identity:
             return raw
         return tf.gather(self._labels, tf.cast(raw, tf.int32))
+
+
+# ----- the decode op ---------------------------------------------------------------------------
+# A `DataError` raised inside the decode op reaches Python as a TensorFlow error whose message
+# holds "DataError: <file>: <problem>" followed by the Python traceback.
+_DATA_ERROR = re.compile(r"DataError: ([^\n]+)")
+# What TensorFlow's own decoders say about a file that passed the in-graph checks (intact start
+# and end markers) but is corrupt inside; the op cannot say which file it was.
+_GRAPH_DECODE_ERROR = re.compile(r"jpeg::Uncompress failed|Invalid PNG data|Decode(Jpeg|Png)")
+
+
+class _SkipCounter:
+    """Counts the broken files dropped under `data.on_error=skip` (decodes run on threads).
+
+    Each file is logged once, however many epochs meet it again.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.files: set[str] = set()
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+    def add(self, error: DataError) -> None:
+        with self._lock:
+            if error.file in self.files:
+                return
+            self.files.add(error.file)
+            count = len(self.files)
+        log.warning(
+            "data.on_error=skip: skipped %s (%d broken file%s skipped so far)",
+            error,
+            count,
+            "" if count == 1 else "s",
+        )
+
+
+SKIPPED = _SkipCounter()
+
+
+def _python_decode_op(source: Source):
+    """(name, image, mask) record -> (image, mask, ok) through `source.load` (Pillow).
+
+    The reference decode: every format, and the `DataError` naming a broken file.
+    """
+
+    def load(name: bytes, image: bytes, mask: bytes):
+        try:
+            pair = source.decode(name.decode(), image, mask)  # with data.label_map
+            problems = source.problems(pair)
+            if problems:
+                raise problems[0]
+            return pair.image, pair.mask, True
+        except DataError as error:
+            if source.on_error != "skip":
+                raise
+            SKIPPED.add(error)
+            return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), False
+
+    def decode(name, image, mask):
+        image, mask, ok = tf.numpy_function(
+            load, [name, image, mask], [tf.uint8, tf.uint8, tf.bool], stateful=False
+        )
+        image.set_shape([None, None, 3])
+        mask.set_shape([None, None])
+        ok.set_shape([])
+        return image, mask, ok
+
+    return decode
+
+
+def decode_op(source: Source):
+    """The map function: (name, image, mask) record -> (image, mask, ok).
+
+    Plain JPEGs with grey or palette PNG masks decode in the graph (the functions above); any
+    other file, and any pair the graph's checks doubt (sizes differ, a raw value the label
+    table does not accept), goes through `_python_decode_op`, which decodes it the same way or
+    names what is wrong.
+    """
+    python_decode = _python_decode_op(source)
+    lookup = source.label_lookup()
+    if lookup is None:
+        return python_decode
+    table = LabelTable(lookup)
+
+    def decode(name, image, mask):
+        image_bytes = tf.io.read_file(image) if source.records_are_paths else image
+        mask_bytes = tf.io.read_file(mask) if source.records_are_paths else mask
+        mask_readable, mask_png = mask_png_plan(mask_bytes)
+
+        def in_python():
+            return python_decode(name, image, mask)
+
+        def in_graph():
+            pixels = decode_image_jpeg(image_bytes)
+            raw = decode_mask_png(mask_png)
+            same_size = tf.reduce_all(tf.equal(tf.shape(raw), tf.shape(pixels)[:2]))
+            return tf.cond(
+                tf.logical_and(same_size, table.accepts(raw)),
+                lambda: (pixels, table.labels(raw), tf.constant(True)),
+                in_python,
+            )
+
+        return tf.cond(
+            tf.logical_and(is_plain_jpeg(image_bytes), mask_readable),
+            in_graph,
+            in_python,
+        )
+
+    return decode
+
+
+@contextlib.contextmanager
+def data_errors_as_user_errors() -> Iterator[None]:
+    """Turns a broken example met while iterating a dataset into a one-line `UserError`.
+
+    Wrap the code that pulls data (`model.fit`, evaluation loops): a `DataError` raised in the
+    decode op arrives there as a TensorFlow error carrying a traceback.
+    """
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        match = _DATA_ERROR.search(exc.message or "")
+        if match is not None:
+            _release_frames(exc)
+            raise UserError(
+                f"{match.group(1)}; fix or remove the file (seg-train mode=check "
+                "lists every broken file), or set data.on_error=skip"
+            ) from None
+        if _GRAPH_DECODE_ERROR.search(exc.message or ""):
+            first = (exc.message or "").strip().splitlines()[0]
+            _release_frames(exc)
+            raise UserError(
+                f"an image or mask is corrupt inside ({first}); seg-train mode=check "
+                "with the same data options names it: fix or remove it, or set "
+                "data.on_error=skip"
+            ) from None
+        raise
+
+
+def _release_frames(error: BaseException) -> None:
+    """Frees what the finished frames of an error's traceback hold, then collects garbage.
+
+    Those frames hold the input iterator Keras was running. Kept alive (as the new error's
+    context) until the interpreter exits, its decode threads deadlock the exit; released now,
+    they stop cleanly. Keras filters its own frames out of tracebacks, so they are reached
+    through `f_back` of the frames that remain.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            while frame is not None:
+                try:
+                    frame.clear()
+                except RuntimeError:  # still executing: it and its callers stay intact
+                    break
+                frame = frame.f_back
+            tb = tb.tb_next
+        error.__traceback__ = None
+        error = error.__context__ or error.__cause__
+    gc.collect()

@@ -1,0 +1,233 @@
+"""The training transform: joint geometry of image and mask, then flip and photometric jitter.
+
+`augment` turns one decoded (uint8 image, uint8 mask) pair into a `crop_size` sample:
+`transform=crop` = joint random scale / crop (padding images with `pad_value` and labels with
+the ignore value; only the cropped part is resized), or `transform=resize` = the whole image
+resized to the crop size; then horizontal flip (swapping left/right class ids where the dataset
+has them) and optional colour jitter. Labels are only ever resized nearest-neighbour, so
+augmentation never invents a class. Images leave as float32 in 0..255.
+
+Every random choice is drawn with stateless ops from the `seed` passed in, so the pipeline can
+make a run reproducible under parallel `map` (see `pipeline.train_dataset`). The matting
+transform (`matting.py`) runs these same operations on image + alpha.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from seg_train.data.options import PipelineOptions
+
+
+def resize_pair(
+    image: tf.Tensor, mask: tf.Tensor, size: tf.Tensor | Sequence[int]
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Resizes an image bilinearly (to float32) and its mask nearest-neighbour (keeping dtype)."""
+    image = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear")
+    mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
+    return image, mask
+
+
+def _source_span(
+    size: tf.Tensor, scaled_size: tf.Tensor, start: tf.Tensor, count: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The source rows [first, end) behind rows [start, start + count) of a rescaled axis."""
+    ratio = tf.cast(size, tf.float32) / tf.cast(scaled_size, tf.float32)
+    first = tf.cast(tf.floor(tf.cast(start, tf.float32) * ratio), tf.int32)
+    first = tf.clip_by_value(first, 0, size - 1)
+    end = tf.cast(tf.math.ceil(tf.cast(start + count, tf.float32) * ratio), tf.int32)
+    return first, tf.clip_by_value(end, first + 1, size)
+
+
+def _nearest_rows(first: tf.Tensor, end: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+    """The rows tf.image.resize(method="nearest") samples when it resizes rows [first, end) to
+    `count` rows: floor((i + 0.5) * scale), half-pixel centres. Two gathers with these indices
+    give its exact result at a fraction of its cost on a uint8 mask."""
+    scale = tf.cast(end - first, tf.float32) / tf.cast(count, tf.float32)
+    offsets = tf.cast(tf.floor((tf.cast(tf.range(count), tf.float32) + 0.5) * scale), tf.int32)
+    return first + tf.minimum(offsets, end - first - 1)
+
+
+def pad_colour(pad_value: float | Sequence[float] | None) -> list[float]:
+    """`data.pad_value` (0 or [r, g, b] in 0..255) as one float per channel."""
+    if pad_value is None:
+        return [0.0, 0.0, 0.0]
+    if isinstance(pad_value, (int, float)):
+        return [float(pad_value)] * 3
+    return [float(v) for v in pad_value]
+
+
+def pad_image(image: tf.Tensor, padding: Sequence[Sequence], colour: Sequence[float]) -> tf.Tensor:
+    """Pads a float [..., H, W, 3] image with a constant RGB colour (`padding` covers H, W).
+
+    Each channel is padded with its own constant, so the image's own pixels stay bit-exact.
+    """
+    lead = [[0, 0]] * (len(image.shape) - 3)
+    if not any(colour):
+        return tf.pad(image, lead + list(padding) + [[0, 0]])
+    channels = [
+        tf.pad(image[..., k], lead + list(padding), constant_values=float(c))
+        for k, c in enumerate(colour)
+    ]
+    return tf.stack(channels, axis=-1)
+
+
+def random_scaled_crop(
+    image: tf.Tensor,
+    mask: tf.Tensor,
+    scale_range: Sequence[float],
+    size: Sequence[int],
+    ignore_label: int,
+    seed: tf.Tensor,
+    pad_value: float | Sequence[float] = 0,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random scale, then a random `size` crop (padded where the scaled image is smaller).
+
+    Equivalent to rescaling the whole pair by a factor drawn from `scale_range`, padding it
+    bottom/right to `size` (image `pad_value`, a value or an RGB colour in 0..255; mask
+    `ignore_label`) and cutting a random window, but only
+    the part of the image under the window is resized, so the cost follows the crop, not the
+    image. The window's source rows and columns are rounded outwards to whole pixels, which
+    changes the drawn scale by under one source pixel across the window; image (bilinear) and
+    mask (nearest) are resized from the same source window, so they stay aligned. At scale 1 the
+    crop is an exact copy.
+
+    Returns:
+        float32 image [size, size, 3] in 0..255 and a mask of the input dtype.
+    """
+    low, high = float(scale_range[0]), float(scale_range[1])
+    scale_seed, top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    hw = tf.shape(image)[:2]
+    scale = tf.random.stateless_uniform([], scale_seed, low, high)
+    scaled = (
+        hw
+        if low == high == 1.0
+        else tf.maximum(tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32), 1)
+    )
+    canvas = tf.maximum(scaled, size)
+    top = tf.random.stateless_uniform([], top_seed, 0, canvas[0] - size[0] + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], left_seed, 0, canvas[1] - size[1] + 1, dtype=tf.int32)
+    # The window's part that lies on the scaled image; the rest is padding.
+    height = tf.minimum(size[0], scaled[0] - top)
+    width = tf.minimum(size[1], scaled[1] - left)
+    row0, row1 = _source_span(hw[0], scaled[0], top, height)
+    col0, col1 = _source_span(hw[1], scaled[1], left, width)
+    image = tf.image.resize(
+        tf.cast(image[row0:row1, col0:col1], tf.float32),
+        tf.stack([height, width]),
+        method="bilinear",
+    )
+    mask = tf.gather(
+        tf.gather(mask, _nearest_rows(row0, row1, height)), _nearest_rows(col0, col1, width), axis=1
+    )
+    padding = [[0, size[0] - height], [0, size[1] - width]]
+    image = pad_image(image, padding, pad_colour(pad_value))
+    mask = tf.pad(mask, padding, constant_values=ignore_label)
+    return image, mask
+
+
+def flip_table(flip_pairs: Sequence[Sequence[int]] | None) -> np.ndarray | None:
+    """The 256-entry label map of a horizontal flip: each (left, right) pair swapped.
+
+    The pairs are taken as valid: the config check (`data.flip_pairs` in
+    `seg_train.config_checks`) refuses pairs that are not two distinct labels 0..254 or that
+    repeat a label, before any data is read.
+
+    Returns:
+        uint8 [256], or None when there is nothing to swap.
+    """
+    if not flip_pairs:
+        return None
+    table = np.arange(256, dtype=np.uint8)
+    for left, right in flip_pairs:
+        table[left], table[right] = right, left
+    return table
+
+
+def random_hflip(
+    image: tf.Tensor,
+    mask: tf.Tensor,
+    seed: tf.Tensor,
+    flip_pairs: Sequence[Sequence[int]] | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mirrors image and mask together with probability 0.5.
+
+    A mirrored person's left arm is on the right: with `flip_pairs` (e.g. CIHP's
+    [[14, 15], ...]) the mirrored mask also swaps the ids of each pair.
+    """
+    table = flip_table(flip_pairs)
+    flip = tf.random.stateless_uniform([], seed) < 0.5
+
+    def mirrored():
+        flipped = tf.reverse(mask, [1])
+        if table is not None:
+            flipped = tf.gather(tf.constant(table), tf.cast(flipped, tf.int32))
+        return tf.reverse(image, [1]), flipped
+
+    return tf.cond(flip, mirrored, lambda: (image, mask))
+
+
+def color_jitter(
+    image: tf.Tensor, seed: tf.Tensor, jitter: Mapping[str, float] | None
+) -> tf.Tensor:
+    """Random brightness / contrast / saturation / hue on a float32 0..255 image.
+
+    Args:
+        image: float32 [H, W, 3] in 0..255.
+        seed: Stateless seed [2].
+        jitter: Strengths, each 0 = off: `brightness` (max shift as a fraction of 255),
+            `contrast` and `saturation` (max relative change), `hue` (max shift as a fraction
+            of the colour wheel, at most 0.5).
+    """
+    jitter = jitter or {}
+    brightness, contrast = float(jitter.get("brightness", 0)), float(jitter.get("contrast", 0))
+    saturation, hue = float(jitter.get("saturation", 0)), float(jitter.get("hue", 0))
+    if not (brightness or contrast or saturation or hue):
+        return image
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    image = image / 255.0
+    if brightness:
+        image = tf.image.stateless_random_brightness(image, brightness, seeds[0])
+    if contrast:
+        image = tf.image.stateless_random_contrast(image, 1 - contrast, 1 + contrast, seeds[1])
+    if saturation:
+        image = tf.image.stateless_random_saturation(
+            image, 1 - saturation, 1 + saturation, seeds[2]
+        )
+    if hue:
+        image = tf.image.stateless_random_hue(image, hue, seeds[3])
+    return tf.clip_by_value(image, 0.0, 1.0) * 255.0
+
+
+def augment(
+    image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, options: PipelineOptions
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The training transform to `options.crop_size`, then flip and jitter.
+
+    `transform="crop"` (default): random scale, pad (`pad_value`), random crop.
+    `transform="resize"`: the whole image resized to the crop size (image bilinear, mask
+    nearest), so every sample shows the whole scene, as the TF / keras-io tutorials train.
+    """
+    crop = options.crop
+    crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    if options.transform == "resize":
+        image, mask = resize_pair(image, mask, crop)
+    else:
+        image, mask = random_scaled_crop(
+            image,
+            mask,
+            options.scale_range,
+            crop,
+            options.ignore_label,
+            crop_seed,
+            options.pad_value,
+        )
+    if options.hflip:
+        image, mask = random_hflip(image, mask, flip_seed, options.flip_pairs)
+    image = color_jitter(image, jitter_seed, options.jitter)
+    image = tf.ensure_shape(image, [crop[0], crop[1], 3])
+    mask = tf.ensure_shape(mask, [crop[0], crop[1]])
+    return image, mask
