@@ -1,34 +1,24 @@
-"""Optimizers with per-parameter-group learning rates, L2 weight decay and gradient accumulation.
+"""Parameter groups: one inner Keras optimizer per group of variables, each with its own rate.
 
 Keras 3 has one learning rate per optimizer. Recipes such as DeepLab (Chen et al. 2017,
 https://arxiv.org/abs/1606.00915) train the new head layers 10x (weights) and 20x (biases)
 faster than the pretrained backbone. Scaling gradients is no substitute: Adam, RMSprop and
 friends normalise the gradient, so a scaled gradient gives the same step. `ParamGroupOptimizer`
 therefore runs one inner Keras optimizer per group of variables, each with its own learning
-rate (`schedule(step) * lr_mult`) and its own slots (momentum, Adam moments, ...).
+rate (`schedule(step) * lr_mult`) and its own slots (momentum, Adam moments, ...), and adds
+L2 weight decay and gradient accumulation.
 
 Variables are assigned to groups by regular expressions searched (`re.search`) in the variable
 path, e.g. `aspp_conv_2/kernel` or, for a layer inside a nested model,
 `scale_net/aspp_conv_2/kernel`; the first matching group wins and unmatched variables form the
-default group (multipliers 1).
-
-`build_optimizer` is the Hydra entry point of every `configs/optimizer/*.yaml`:
-
-    optimizer = hydra.utils.instantiate(cfg.optimizer, total_steps=N, steps_per_epoch=M)
-
-where N is the number of batches `fit` runs (epochs x steps per epoch) and M the batches per
-epoch. Schedules count optimizer updates (`optimizer.iterations`); with gradient accumulation
-an update consumes `accumulation_steps` batches, and `build_optimizer` converts N and M.
+default group (multipliers 1). `param_group_rows` / `print_param_groups` tabulate the groups.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import numbers
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +26,7 @@ import keras
 from keras import ops
 
 from seg_train.errors import UserError
+from seg_train.training.optim.schedules import ScaledSchedule
 
 log = logging.getLogger(__name__)
 
@@ -45,155 +36,6 @@ DEFAULT_DECAY_PATTERN = r"kernel$"
 DEFAULT_GROUP_PATTERN = "(default)"
 _GROUP_KEYS = {"pattern", "lr_mult", "wd_mult"}
 _Schedule = keras.optimizers.schedules.LearningRateSchedule
-
-
-# --------------------------------------------------------------------------------------------
-# Learning-rate schedules (step = optimizer update, starting at 0)
-# --------------------------------------------------------------------------------------------
-
-
-@keras.saving.register_keras_serializable(package="seg_train")
-class PolyDecay(_Schedule):
-    """DeepLab's "poly" schedule with an optional linear warmup.
-
-    `lr(step) = initial * (1 - min(step, total) / total) ** power * min(1, (step + 1) / warmup)`
-
-    `keras.optimizers.schedules.PolynomialDecay` computes the same decay only with
-    `end_learning_rate=0` (its default is 1e-4) and has no warmup, so warmup and decay live here
-    in one serialisable schedule. The warmup factor starts at `1 / warmup_steps` rather than 0
-    so the first update is not wasted, and reaches 1 at `step = warmup_steps - 1`, where it
-    joins the poly curve without a jump.
-
-    Args:
-        initial_learning_rate: Base learning rate.
-        total_steps: Number of optimizer updates of the whole run; the rate is 0 from there on.
-        power: Exponent of the decay (0.9 in DeepLab).
-        warmup_steps: Length of the linear warmup in updates; 0 disables it.
-        name: Name of the schedule.
-    """
-
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        total_steps: int,
-        power: float = 0.9,
-        warmup_steps: int = 0,
-        name: str = "PolyDecay",
-    ):
-        super().__init__()
-        if not (isinstance(total_steps, numbers.Integral) and total_steps > 0):
-            raise UserError(
-                f"the poly schedule needs total_steps > 0 optimizer updates, got "
-                f"{total_steps!r}; raise trainer.epochs or trainer.steps_per_epoch"
-            )
-        if not (isinstance(warmup_steps, numbers.Integral) and warmup_steps >= 0):
-            raise UserError(
-                f"optimizer.schedule.warmup_steps must be an integer >= 0, got {warmup_steps!r}"
-            )
-        self.initial_learning_rate = float(initial_learning_rate)
-        self.total_steps = int(total_steps)
-        self.power = float(power)
-        self.warmup_steps = int(warmup_steps)
-        self.name = name
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        progress = ops.minimum(step, float(self.total_steps)) / float(self.total_steps)
-        rate = self.initial_learning_rate * ops.power(1.0 - progress, self.power)
-        if self.warmup_steps:
-            rate = rate * ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
-        return rate
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "total_steps": self.total_steps,
-            "power": self.power,
-            "warmup_steps": self.warmup_steps,
-            "name": self.name,
-        }
-
-
-@keras.saving.register_keras_serializable(package="seg_train")
-class StepDecay(_Schedule):
-    """Step decay: the rate is multiplied by `decay_rate` every `decay_epochs` epochs.
-
-    `lr(step) = initial * decay_rate ** floor(step / (decay_epochs * steps_per_epoch))`, as
-    PyTorch's `StepLR(step_size=7, gamma=0.1)` of the PyTorch U-Net recipe. It equals
-    `keras.optimizers.schedules.ExponentialDecay(staircase=True)` with `decay_steps =
-    decay_epochs * steps_per_epoch`; this class only takes epochs so the config can stay in
-    epochs while `build_optimizer` supplies the steps per epoch.
-
-    Args:
-        initial_learning_rate: Rate of the first `decay_epochs` epochs.
-        steps_per_epoch: Optimizer updates per epoch (may be fractional with accumulation).
-        decay_epochs: Epochs between two decays.
-        decay_rate: Factor applied at each decay.
-        name: Name of the schedule.
-    """
-
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        steps_per_epoch: float,
-        decay_epochs: float = 7,
-        decay_rate: float = 0.1,
-        name: str = "StepDecay",
-    ):
-        super().__init__()
-        if not (steps_per_epoch and steps_per_epoch > 0):
-            raise UserError(f"the step schedule needs steps_per_epoch > 0, got {steps_per_epoch!r}")
-        if not decay_epochs > 0:
-            raise UserError(f"optimizer.schedule.decay_epochs must be > 0, got {decay_epochs!r}")
-        self.initial_learning_rate = float(initial_learning_rate)
-        self.steps_per_epoch = float(steps_per_epoch)
-        self.decay_epochs = float(decay_epochs)
-        self.decay_rate = float(decay_rate)
-        self.name = name
-
-    def __call__(self, step):
-        period = self.decay_epochs * self.steps_per_epoch
-        drops = ops.floor(ops.cast(step, "float32") / period)
-        return self.initial_learning_rate * ops.power(self.decay_rate, drops)
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "steps_per_epoch": self.steps_per_epoch,
-            "decay_epochs": self.decay_epochs,
-            "decay_rate": self.decay_rate,
-            "name": self.name,
-        }
-
-
-@keras.saving.register_keras_serializable(package="seg_train")
-class ScaledSchedule(_Schedule):
-    """`schedule(step) * multiplier`: one parameter group's share of the base schedule."""
-
-    def __init__(self, schedule: _Schedule, multiplier: float):
-        super().__init__()
-        self.schedule = schedule
-        self.multiplier = float(multiplier)
-
-    def __call__(self, step):
-        return self.schedule(step) * self.multiplier
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "schedule": keras.saving.serialize_keras_object(self.schedule),
-            "multiplier": self.multiplier,
-        }
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ScaledSchedule:
-        config = dict(config)
-        config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
-        return cls(**config)
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter groups
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -336,7 +178,7 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
         )
         if isinstance(optimizer, dict):
             optimizer = keras.saving.deserialize_keras_object(optimizer)
-        _check_template(optimizer)
+        check_template(optimizer)
         if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
             raise UserError(
                 f"optimizer.accumulation_steps must be an integer >= 1, got {accumulation_steps!r}"
@@ -604,7 +446,13 @@ class ParamGroupOptimizer(keras.optimizers.Optimizer):
         return cls(**config)
 
 
-def _check_template(optimizer) -> None:
+def check_template(optimizer) -> None:
+    """Raises `UserError` unless `optimizer` can serve as the per-group template.
+
+    Args:
+        optimizer: The built `optimizer.inner`: a plain Keras optimizer without its own
+            weight decay, gradient accumulation or global clipnorm.
+    """
     if not isinstance(optimizer, keras.optimizers.Optimizer):
         raise UserError(
             f"optimizer.inner must build a keras.optimizers.Optimizer, got "
@@ -630,118 +478,6 @@ def _check_template(optimizer) -> None:
             "optimizer.inner.global_clipnorm would clip each parameter group "
             "separately; use optimizer.inner.clipnorm (per variable) instead"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Hydra entry point
-# --------------------------------------------------------------------------------------------
-
-
-def build_optimizer(
-    inner: keras.optimizers.Optimizer | Callable[[], keras.optimizers.Optimizer],
-    learning_rate: float,
-    schedule: Callable[..., _Schedule] | _Schedule | None = None,
-    param_groups: Iterable[Mapping[str, Any]] | None = None,
-    weight_decay: float = 0.0,
-    decay_pattern: str = DEFAULT_DECAY_PATTERN,
-    accumulation_steps: int = 1,
-    head_pattern: str | None = None,
-    total_steps: int | None = None,
-    steps_per_epoch: int | None = None,
-) -> keras.optimizers.Optimizer:
-    """Builds the optimizer of a `configs/optimizer/*.yaml` (call it under the strategy scope).
-
-    Returns the plain `inner` optimizer (with the schedule as its learning rate) when there is
-    nothing group-specific to do — no parameter groups, no weight decay, no accumulation — so
-    the default Adam run stays a plain Keras Adam; otherwise a `ParamGroupOptimizer`. The model
-    need not exist yet: Keras calls `build(model.trainable_variables)` later.
-
-    Args:
-        inner: Keras optimizer (or a zero-argument factory, e.g. a Hydra `_partial_`) whose
-            class and hyper-parameters every group uses; its learning rate is ignored.
-        learning_rate: Base learning rate (`optimizer.learning_rate`).
-        schedule: None for a constant rate, a `LearningRateSchedule`, or a factory (Hydra
-            `_partial_: true`) called with `initial_learning_rate` and whichever of
-            `total_steps` / `steps_per_epoch` it accepts, both in optimizer updates.
-        param_groups: `[{pattern, lr_mult, wd_mult}, ...]`, see `ParamGroupOptimizer`.
-        weight_decay: L2 coefficient on kernels (`decay_pattern`); 0 disables it.
-        decay_pattern: Regex selecting the decayed variables by path.
-        accumulation_steps: Batches per optimizer update (DeepLab's `iter_size`).
-        head_pattern: Unused here; lets a config define the head-layer regex once and
-            interpolate it into several `param_groups` patterns.
-        total_steps: Batches `fit` will run in total (epochs x steps per epoch).
-        steps_per_epoch: Batches per epoch.
-    """
-    del head_pattern  # only a config convenience, see Args
-    if not isinstance(inner, keras.optimizers.Optimizer) and callable(inner):
-        inner = inner()
-    _check_template(inner)
-    if (
-        isinstance(learning_rate, bool)
-        or not isinstance(learning_rate, (int, float))
-        or (learning_rate <= 0)
-    ):
-        raise UserError(
-            f"optimizer.learning_rate must be a positive number, got "
-            f"{learning_rate!r}; e.g. optimizer.learning_rate=1e-3"
-        )
-    if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
-        raise UserError(
-            f"optimizer.accumulation_steps must be an integer >= 1, got {accumulation_steps!r}"
-        )
-    rate = _make_schedule(
-        schedule, float(learning_rate), total_steps, steps_per_epoch, accumulation_steps
-    )
-    groups = parse_param_groups(param_groups)
-    if not groups and not weight_decay and accumulation_steps == 1:
-        config = dict(inner.get_config(), learning_rate=rate)
-        return type(inner).from_config(config)
-    return ParamGroupOptimizer(
-        inner,
-        learning_rate=rate,
-        param_groups=groups,
-        weight_decay=weight_decay,
-        decay_pattern=decay_pattern,
-        accumulation_steps=accumulation_steps,
-    )
-
-
-def _make_schedule(
-    schedule,
-    learning_rate: float,
-    total_steps: int | None,
-    steps_per_epoch: int | None,
-    accumulation_steps: int,
-) -> float | _Schedule:
-    if schedule is None:
-        return learning_rate
-    if isinstance(schedule, _Schedule):
-        return schedule
-    for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
-        if value is not None and not (isinstance(value, numbers.Integral) and value > 0):
-            raise UserError(f"build_optimizer: {name} must be a positive integer, got {value!r}")
-    # Schedules count optimizer updates; one update consumes `accumulation_steps` batches.
-    available = {
-        "total_steps": None if total_steps is None else int(total_steps) // accumulation_steps,
-        "steps_per_epoch": None
-        if steps_per_epoch is None
-        else steps_per_epoch / accumulation_steps,
-    }
-    parameters = inspect.signature(schedule).parameters
-    bound = schedule.keywords if isinstance(schedule, functools.partial) else {}
-    kwargs = {"initial_learning_rate": learning_rate}
-    for name, value in available.items():
-        if name not in parameters or name in bound:
-            continue
-        if value is None:
-            if parameters[name].default is inspect.Parameter.empty:
-                raise UserError(
-                    f"the learning-rate schedule needs {name}; build the optimizer "
-                    f"with instantiate(cfg.optimizer, {name}=...)"
-                )
-            continue
-        kwargs[name] = value
-    return schedule(**kwargs)
 
 
 # --------------------------------------------------------------------------------------------
