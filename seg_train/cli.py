@@ -120,6 +120,7 @@ def main() -> None:
         _exit_with_one_line(exc)
     if _trains(args):
         preemption.stop_on_signals()  # SIGTERM/SIGINT from here on: one line, exit 75
+    hide_private_options()
     try:
         lock_named_run_dir(args)
         sys.argv[1:] = prepare_args(args)
@@ -139,6 +140,24 @@ def main() -> None:
         _exit_with_one_line(exc)
     finally:
         run_lock.release_all()
+
+
+def hide_private_options() -> None:
+    """Leaves config files named `_*.yaml` (e.g. data/_pipeline.yaml, a block that options
+    include through their defaults list) out of the options Hydra lists: `--help`, the
+    "available:" of an unknown option, tab completion and `glob()` sweeps. They still load as
+    defaults of other files."""
+    from hydra._internal.config_repository import CachingConfigRepository
+
+    listed = CachingConfigRepository.get_group_options
+    if getattr(listed, "hides_private", False):
+        return
+
+    def get_group_options(self, *args, **kwargs) -> list[str]:
+        return [name for name in listed(self, *args, **kwargs) if not name.startswith("_")]
+
+    get_group_options.hides_private = True  # type: ignore[attr-defined]
+    CachingConfigRepository.get_group_options = get_group_options
 
 
 def expand_verb(args: list[str]) -> list[str]:

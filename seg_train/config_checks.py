@@ -439,18 +439,28 @@ def check_user_config_files(config_name: str, overrides: list[str], packaged: Pa
     repo = CachingConfigRepository(loader.repository)
     defaults = loader.compute_defaults_list(config_name, overrides, RunMode.RUN).defaults
     merged = OmegaConf.create()
+    # Packages that only `_*.yaml` blocks (data/_pipeline.yaml) have filled so far: a user's
+    # option including such a block still defines its node afresh.
+    from_blocks: set[str] = set()
     for default in defaults:
         loaded = loader._load_single_config(default=default, repo=repo)
         scheme, _, path = loaded.path.partition("://")
         source = Path(path).resolve() if scheme == "file" else None
+        package = default.package or ""
         if (
             not default.primary
             and source is not None
             and source != packaged.resolve()
             and isinstance(loaded.config, DictConfig)
+            and package not in from_blocks
         ):
             file = source / f"{default.config_path}.yaml"
-            _check_keys_known(loaded.config, merged, file, default.package or "")
+            _check_keys_known(loaded.config, merged, file, package)
+        if Path(default.config_path or "").name.startswith("_"):
+            if OmegaConf.select(merged, package, default=None) is None:
+                from_blocks.add(package)
+        else:
+            from_blocks.discard(package)
         merged.merge_with(loaded.config)
 
 

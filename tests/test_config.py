@@ -18,7 +18,13 @@ from tests.helpers import CONFIG_DIR, REPO, compose_config
 GROUPS = sorted(
     p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "local")
 )
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
+# `_*.yaml` files are blocks other options include (data/_pipeline.yaml), not options.
+OPTIONS = [
+    (g, p.stem)
+    for g in GROUPS
+    for p in sorted((CONFIG_DIR / g).glob("*.yaml"))
+    if not p.stem.startswith("_")
+]
 
 
 def _targets(node):
