@@ -160,7 +160,8 @@ def test_flip_table_swaps_pairs_and_the_config_check_rejects_bad_ones():
 )
 def test_config_rules_for_data_keys(override, fragment):
     dataset = ["data=oxford_pets"] if "source" in override else []
-    cfg = compose_config([*dataset, override])
+    mode = ["mode=check"] if override.startswith("check.") else []
+    cfg = compose_config([*dataset, *mode, override])
     with pytest.raises(UserError) as info:
         check_config(cfg)
     assert fragment in str(info.value)

@@ -27,7 +27,7 @@ VAL = ["2007_000033", "2007_000042", "2007_000061", "2007_000123", "2007_000129"
 
 
 def doctor(overrides: list[str]) -> dict:
-    cfg = compose_config(overrides)
+    cfg = compose_config(["mode=check", *overrides])
     splits = list(cfg.check.splits) if cfg.check.splits else None
     return check_dataset(instantiate(cfg.data.source), cfg.data, splits)
 
