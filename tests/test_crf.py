@@ -3,7 +3,8 @@
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from seg_train.inference.crf import CRFParams, CRFRunner, dense_crf, runner_from_config
+from seg_train.inference.crf import CRFParams, CRFRunner, dense_crf
+from seg_train.tasks.postprocess import crf_runner
 from tests.helpers import compose_config
 
 
@@ -56,7 +57,8 @@ def seed_002_dense_crf(probs, img):
 
 
 def test_defaults_are_seed_002s():
-    cfg = compose_config(["postprocess=crf"]).postprocess
+    composed = compose_config(["postprocess=crf"])
+    cfg = composed.postprocess
     assert {
         "iterations": cfg.iterations,
         "gaussian_sxy": cfg.gaussian.sxy,
@@ -67,15 +69,15 @@ def test_defaults_are_seed_002s():
     } == SEED_002
     defaults = CRFParams()
     assert {k: getattr(defaults, k) for k in SEED_002} == SEED_002
-    assert runner_from_config(cfg).params == CRFParams(**SEED_002)
+    assert crf_runner(composed).params == CRFParams(**SEED_002)
+    assert crf_runner(compose_config(["postprocess=none"])) is None
 
 
 def test_default_crf_equals_seed_002s_dense_crf():
     # Square, so the seed's (h, w) argument order does not matter; probabilities >= ~1e-3, so
     # pydensecrf's unary_from_softmax clipping at 1e-5 (ours) does not either.
     image, probs = make_case(0, height=23, width=23)
-    cfg = compose_config(["postprocess=crf", "postprocess.workers=1"]).postprocess
-    params = runner_from_config(cfg).params
+    params = crf_runner(compose_config(["postprocess=crf", "postprocess.workers=1"])).params
     np.testing.assert_allclose(
         dense_crf(image, probs, params), seed_002_dense_crf(probs, image), atol=1e-5
     )

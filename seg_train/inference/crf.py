@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -125,16 +125,29 @@ def _leave_ctrl_c_to_parent() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def runner_from_config(postprocess) -> CRFRunner | None:
-    """A CRFRunner for `postprocess=crf`, None for `postprocess=none`."""
-    if postprocess.name == "none":
-        return None
+def build_runner(
+    *,
+    iterations: int = 10,
+    gaussian: Mapping[str, float] | None = None,
+    bilateral: Mapping[str, float] | None = None,
+    workers: int | None = None,
+) -> CRFRunner:
+    """A `CRFRunner`, as configs/postprocess/crf.yaml describes one (its `_target_`).
+
+    Args:
+        iterations: Mean-field iterations.
+        gaussian: The smoothness kernel, {sxy, compat}; None = `CRFParams`' defaults.
+        bilateral: The appearance kernel, {sxy, srgb, compat}; None = `CRFParams`' defaults.
+        workers: Worker processes; None = all cores; 0 or 1 = in this process.
+    """
+    defaults = CRFParams()
+    gaussian, bilateral = gaussian or {}, bilateral or {}
     params = CRFParams(
-        iterations=postprocess.iterations,
-        gaussian_sxy=postprocess.gaussian.sxy,
-        gaussian_compat=postprocess.gaussian.compat,
-        bilateral_sxy=postprocess.bilateral.sxy,
-        bilateral_srgb=postprocess.bilateral.srgb,
-        bilateral_compat=postprocess.bilateral.compat,
+        iterations=iterations,
+        gaussian_sxy=gaussian.get("sxy", defaults.gaussian_sxy),
+        gaussian_compat=gaussian.get("compat", defaults.gaussian_compat),
+        bilateral_sxy=bilateral.get("sxy", defaults.bilateral_sxy),
+        bilateral_srgb=bilateral.get("srgb", defaults.bilateral_srgb),
+        bilateral_compat=bilateral.get("compat", defaults.bilateral_compat),
     )
-    return CRFRunner(params, postprocess.workers)
+    return CRFRunner(params, workers)

@@ -27,11 +27,12 @@ from seg_train.data.decode import data_errors_as_user_errors
 from seg_train.data.pipeline import decoded_dataset
 from seg_train.errors import UserError
 from seg_train.files import ensure_fresh_run_dir, write_json_atomic
-from seg_train.inference.crf import CRFRunner, runner_from_config
+from seg_train.inference.crf import CRFRunner
 from seg_train.inference.metrics import ConfusionMatrix
 from seg_train.inference.predictor import Predictor, predictor_from_config
 from seg_train.tasks import loggers
 from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_channels
+from seg_train.tasks.postprocess import crf_runner
 from seg_train.tasks.report import write_report
 from seg_train.tasks.sources import build_source
 from seg_train.viz import full_palette, plot_confusion, sample_panel
@@ -76,7 +77,7 @@ class SplitEvaluator:
         examples = decoded_dataset(self.source, split, cfg.data.num_parallel_calls)
         self.examples = examples.cache() if cache else examples
         self.predictor = predictor_from_config(model, cfg)
-        self.crf = runner_from_config(cfg.postprocess)
+        self.crf = crf_runner(cfg)
 
     @property
     def num_images(self) -> int | None:

@@ -20,9 +20,10 @@ from seg_train.data.folder import IMAGE_SUFFIXES
 from seg_train.data.readers import displayed
 from seg_train.errors import UserError
 from seg_train.files import write_atomic
-from seg_train.inference.crf import CRFRunner, runner_from_config
+from seg_train.inference.crf import CRFRunner
 from seg_train.inference.predictor import Predictor, predictor_from_config
 from seg_train.tasks.checkpoint import load_model, open_checkpoint
+from seg_train.tasks.postprocess import crf_runner
 from seg_train.viz import full_palette, overlay, save_id_png
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def run(cfg: DictConfig) -> None:
     stream = predictions(
         [image for image, _ in todo],
         predictor_from_config(model, cfg),
-        runner_from_config(cfg.postprocess),
+        crf_runner(cfg),
         cfg.infer.save_probs,
     )
     palette = full_palette(cfg.data.palette)
