@@ -250,12 +250,28 @@ def bench_train(spec: dict) -> dict:
         # Our path, as train.py runs it: parameter groups, loss, mean IoU, every default
         # callback (checkpoint, CSV, TensorBoard, prediction images, data stall), NaN guard,
         # backups.
-        train_model = fit.training_view(model)
+        from seg_train.tasks import instantiate as builders
+        from seg_train.training.multiscale import TrainingView
+
+        view = TrainingView.of(model)
+        run_steps = warmup + spec["max_steps"]
         fit.compile_model(
-            train_model, cfg, warmup + spec["max_steps"], lambda: [1.0] * cfg.data.num_classes
+            view,
+            instantiate(
+                cfg.optimizer,
+                total_steps=cfg.trainer.epochs * run_steps,
+                steps_per_epoch=run_steps,
+            ),
+            instantiate(
+                builders.resolve_class_weights(cfg.loss, lambda: [1.0] * cfg.data.num_classes)
+            ),
+            builders.fit_metrics(cfg),
+            jit_compile=cfg.trainer.jit_compile,
+            steps_per_execution=cfg.trainer.steps_per_execution,
         )
+        train_model = view.train_model
         callbacks = [backup.NaNGuard("bench")]
-        callbacks += fit.build_callbacks(cfg, (images[:2], labels[:2]), model, train_model)
+        callbacks += builders.build_callbacks(cfg, (images[:2], labels[:2]), view)
         checkpoint = next(
             (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
         )
@@ -266,7 +282,7 @@ def bench_train(spec: dict) -> dict:
         )
         callbacks += [timer.callback, timer.stop_when(steps, min_seconds)]
         stall_monitor = next((c for c in callbacks if isinstance(c, DataStallMonitor)), None)
-        tensors = fit.labels_per_output(tensors, fit.output_names(train_model))
+        tensors = view.wrap_dataset(tensors)
     gpu = tf.config.list_logical_devices("GPU")
     if gpu:  # peak GPU memory of this run's steps (scripts/gpu_check.sh)
         tf.config.experimental.reset_memory_stats(gpu[0].name)
@@ -294,7 +310,7 @@ def bench_train(spec: dict) -> dict:
 
         source = VOCSource(spec["stall_root"], num_classes=21)
         real = pipeline.train_dataset(source, pipeline_options(cfg), seed=0, repeat=True)
-        real = fit.labels_per_output(real, fit.output_names(train_model))
+        real = TrainingView.of(model).wrap_dataset(real)
         train_model.fit(
             real,
             epochs=2,

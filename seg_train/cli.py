@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -16,26 +15,19 @@ from pathlib import Path
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    MissingMandatoryValue,
     OmegaConfBaseException,
 )
 
-from seg_train.errors import Preempted, UserError
-from seg_train.files import RESTARTABLE, ensure_fresh_run_dir, is_no_space
+from seg_train.errors import Preempted, UserError, describe_error, describe_yaml_error, is_no_space
+from seg_train.files import RESTARTABLE, ensure_fresh_run_dir
+from seg_train.runtime import CONFIG_DIR
 from seg_train.tasks import run_lock
 from seg_train.training import preemption
 
-# The configs live beside the package in a source checkout (the README installs it editable);
-# SEG_TRAIN_CONFIG_DIR points elsewhere, e.g. for a copy of the configs you edit.
-CONFIG_DIR = Path(
-    os.environ.get("SEG_TRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs")
-)
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 # What `trainer.resume=RUN_DIR KEY=VALUE` may change: how long and how the run goes on and
@@ -89,7 +81,7 @@ def _run_task(cfg: DictConfig) -> float | None:
                 _record_resume(Path(cfg.trainer.resume).expanduser(), _resume_changes)
         runtime.prepare_environment(cfg)
         # hardware=gpu without a GPU: one line, before anything is built
-        devices.prepare(cfg.hardware)
+        devices.prepare(OmegaConf.to_container(cfg.hardware, resolve=True))
         runtime.print_and_save_config(cfg, Path(cfg.paths.output_dir))
         task = hydra.utils.get_method(cfg.mode.task)
         return task(cfg)
@@ -345,78 +337,6 @@ def _is_unexpected_os_error(exc: BaseException) -> bool:
         and not isinstance(exc, HydraException)
         and not exc.filename
         and not is_no_space(exc)  # a full disk: one line (describe_error), not a traceback
-    )
-
-
-def describe_error(exc: BaseException) -> str:
-    """Returns a one-line explanation of a user error, naming the config key and the fix."""
-    cause = exc.__cause__ if isinstance(exc.__cause__, (OmegaConfBaseException, UserError)) else exc
-    if isinstance(cause, UserError):  # e.g. raised by a builder inside hydra.utils.instantiate
-        return str(cause)
-    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and "not in struct" in first_line:
-        return _describe_unknown_key(cause)
-    missing = re.search(r"Missing mandatory value: ([\w.]+)", str(cause))
-    if isinstance(cause, MissingMandatoryValue) or missing:
-        key = missing.group(1) if missing else getattr(cause, "full_key", "?")
-        return f"config key '{key}' is required but has no value; set it, e.g. {key}=..."
-    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
-        group, _, option = exc.missing_cfg_file.rpartition("/")
-        available = ", ".join(exc.options or []) or "none"
-        return (
-            f"config group '{group}' has no option '{option}' (available: {available}); "
-            "see seg-train --help"
-        )
-    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        return f"config key '{cause.full_key}': {first_line}"
-    if is_no_space(exc):  # a write site without its own DiskFull check (e.g. a CSV row)
-        where = exc.filename or "a file of the run dir"
-        return (
-            f"cannot write {where}: {os.strerror(exc.errno)}; free some space or choose "
-            "another location (hydra.run.dir, infer.output_dir), then run again"
-        )
-    if isinstance(exc, OSError) and exc.filename:  # e.g. a run dir that cannot be written
-        return (
-            f"cannot use {exc.filename}: {exc.strerror}; choose a writable location "
-            "(hydra.run.dir, infer.output_dir, export.output_dir) or fix its permissions"
-        )
-    lexer = re.search(r"LexerNoViableAltException: ([^=\s]+)=(.*?)\s+\^", str(exc))
-    if lexer:  # e.g. a path with non-ASCII letters, which Hydra's override grammar rejects
-        key, value = lexer.groups()
-        return (
-            f"cannot read the value of {key} ({value!r}): Hydra's override grammar takes "
-            f"unquoted values in ASCII only; quote it, e.g. '{key}=\"{value}\"' (the outer "
-            "single quotes are for the shell)"
-        )
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
-def describe_yaml_error(exc: yaml.YAMLError) -> str:
-    """`FILE:LINE:COLUMN: problem` for a YAML syntax error (PyYAML's marks count from 0)."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    if mark is None:
-        return f"a config file is not valid YAML: {' '.join(str(exc).split())}"
-    problem = getattr(exc, "problem", None) or "syntax error"
-    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-    if context and start is not None and start.line != mark.line:
-        context = f"{context} opened at line {start.line + 1}"
-    what = f"{problem} ({context})" if context else problem
-    return (
-        f"{mark.name}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {what}; "
-        "fix this config file"
-    )
-
-
-def _describe_unknown_key(error: OmegaConfBaseException) -> str:
-    parent = getattr(error, "parent_node", None)
-    section, _, _ = error.full_key.rpartition(".")
-    known = ""
-    if OmegaConf.is_dict(parent):
-        where = f" under '{section}'" if section else ""
-        known = f" (known keys{where}: " + ", ".join(sorted(str(k) for k in parent)) + ")"
-    return (
-        f"unknown config key '{error.full_key}'{known}; fix the spelling, "
-        f"or add a new key on purpose with +{error.full_key}=..."
     )
 
 

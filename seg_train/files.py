@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from seg_train.errors import UserError
+from seg_train.errors import UserError, is_no_space
 
 # Files whose presence marks a run dir as already used by an earlier run.
 RUN_OUTPUTS = (
@@ -30,19 +29,12 @@ RUN_OUTPUTS = (
 RESTARTABLE = (".hydra", "history.csv")
 
 
-# Write failures that mean "the disk is full" (or failing), not a bug: one line and exit 2.
-NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 # Head room kept on top of a write's expected size (file-system metadata, logs).
 SPACE_MARGIN = 1 << 20
 
 
 class DiskFull(UserError):
     """A write failed (or would fail) for lack of disk space; partial files were removed."""
-
-
-def is_no_space(exc: BaseException) -> bool:
-    """Whether `exc` is a full disk, an exceeded quota or an I/O error (h5py's included)."""
-    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
 
 
 def free_bytes(path: Path) -> int:

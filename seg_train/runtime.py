@@ -15,6 +15,11 @@ from rich.tree import Tree
 from seg_train.errors import UserError
 
 RESOLVED_CONFIG_NAME = "config_resolved.yaml"
+# The configs live beside the package in a source checkout (the README installs it editable);
+# SEG_TRAIN_CONFIG_DIR points elsewhere, e.g. for a copy of the configs you edit.
+CONFIG_DIR = Path(
+    os.environ.get("SEG_TRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs")
+)
 
 
 def prepare_environment(cfg: DictConfig) -> None:

@@ -21,8 +21,8 @@ from seg_train.data.folder import FolderSource
 from seg_train.data.readers import DataError
 from seg_train.data.voc import VOCSource
 from seg_train.errors import UserError
+from seg_train.inference.images import load_rgb
 from seg_train.tasks.check import check_dataset
-from seg_train.tasks.infer import load_rgb
 from tests.helpers import compose_config
 
 ORIENTATION = 0x0112

@@ -11,17 +11,17 @@ import pytest
 import tensorflow as tf
 
 from seg_train.errors import UserError
+from seg_train.inference import serving
 from seg_train.inference.predictor import Predictor
-from seg_train.models.unet import build_unet
-from seg_train.tasks import export
-from seg_train.tasks.export import (
-    _check_export_config,
+from seg_train.inference.serving import (
     check_parity,
     pixel_agreement,
     publish,
     refuse_existing,
     write_saved_model,
 )
+from seg_train.models.unet import build_unet
+from seg_train.tasks.export import _check_export_config
 from tests.helpers import TINY_TRAIN, compose_config, error_lines, run_cli
 
 NUM_CLASSES = 4
@@ -96,7 +96,7 @@ def test_parity_below_threshold_is_reported_as_failed(monkeypatch):
     def fake_fresh_process(artefact, fmt, images):
         return wrong
 
-    monkeypatch.setattr(export, "run_in_fresh_process", fake_fresh_process)
+    monkeypatch.setattr(serving, "run_in_fresh_process", fake_fresh_process)
     report = check_parity(None, "saved_model", predictor, images, threshold=0.999)
     assert report["agreement"] == 0.5 and not report["passed"]
     assert report["min_image_agreement"] == 0.0

@@ -142,7 +142,7 @@ def test_training_refuses_0_255_masks_naming_the_override():
     dataset = tf.data.Dataset.from_tensors((np.zeros((8, 8, 3), np.uint8), mask))
     cfg = compose_config([*BINARY, "data.root=/data/em"])
     with pytest.raises(UserError, match=re.escape("add 'data.label_map={255:1}' to train")):
-        check_label_sample(dataset, cfg.data)
+        check_label_sample(dataset, cfg.data.ignore_label, cfg.data.root)
 
 
 @pytest.mark.slow

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from seg_train.errors import UserError
-from seg_train.inference.predictor import Predictor, predictor_from_config
+from seg_train.inference.predictor import Predictor
 from seg_train.models.unet import build_unet
 from seg_train.tasks.evaluate import evaluate_model
+from seg_train.tasks.instantiate import predictor_from_config
 from tests.helpers import TINY_TRAIN, compose_config
 
 

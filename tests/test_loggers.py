@@ -131,13 +131,13 @@ def test_mlflow_resumed_run_continues_the_same_run(tmp_path, mlflow_store):
 
 
 def test_csv_logger_writes_history_csv_and_no_tensorboard(tmp_path):
-    from seg_train.training.fit import build_callbacks
+    from seg_train.tasks.instantiate import build_callbacks
 
     cfg = tracking_config(tmp_path, "logger=csv")
     OmegaConf.set_struct(cfg, False)
     # history.csv's writer, plus TensorBoard's, which logger=csv must leave out.
     cfg.callbacks = {k: cfg.callbacks[k] for k in ("csv_logger", "tensorboard")}
-    callbacks = build_callbacks(cfg, None, None, None)
+    callbacks = build_callbacks(cfg, None, None)
     assert [type(c).__name__ for c in callbacks] == ["CSVLogger"]
     history = tiny_fit(callbacks, epochs=2)
     with open(tmp_path / "history.csv", newline="") as f:

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 
 from seg_train.data.stats import median_frequency_weights
 from seg_train.errors import UserError
+from seg_train.tasks import instantiate as instantiation
 from seg_train.training import losses
 from tests.helpers import CONFIG_DIR, compose_config
 
@@ -227,10 +228,10 @@ def test_resolve_auto_class_weights():
         return median_frequency_weights([400, 200, 100, 100])
 
     cfg = compose_config(["loss=ce_weighted"])
-    assert losses.uses_auto_class_weights(cfg.loss)
+    assert instantiation.uses_auto_class_weights(cfg.loss)
     with raises_user_error("loss.class_weights=auto"):
         instantiate(cfg.loss)
-    loss = instantiate(losses.resolve_class_weights(cfg.loss, compute))
+    loss = instantiate(instantiation.resolve_class_weights(cfg.loss, compute))
     assert loss.class_weights == [0.375, 0.75, 1.5, 1.5]
     assert loss.ignore_label == 255
     cfg = compose_config(
@@ -240,12 +241,12 @@ def test_resolve_auto_class_weights():
             "+loss.losses.dice.class_weights=auto",
         ]
     )
-    loss = instantiate(losses.resolve_class_weights(cfg.loss, compute))
+    loss = instantiate(instantiation.resolve_class_weights(cfg.loss, compute))
     assert loss.losses["ce"].class_weights == loss.losses["dice"].class_weights
     assert len(calls) == 2  # once per resolve, only when some loss asks for auto
     plain = compose_config(["loss=ce"]).loss
-    assert not losses.uses_auto_class_weights(plain)
-    losses.resolve_class_weights(plain, compute)
+    assert not instantiation.uses_auto_class_weights(plain)
+    instantiation.resolve_class_weights(plain, compute)
     assert len(calls) == 2
 
 
@@ -261,7 +262,7 @@ def test_class_weight_errors_name_the_key():
 def test_loss_config_composes_and_instantiates(name):
     cfg = compose_config([f"loss={name}"])
     assert cfg.data.num_classes == NUM_CLASSES
-    loss_cfg = losses.resolve_class_weights(cfg.loss, lambda: [1.0, 2.0, 3.0, 4.0])
+    loss_cfg = instantiation.resolve_class_weights(cfg.loss, lambda: [1.0, 2.0, 3.0, 4.0])
     loss = instantiate(loss_cfg)
     assert isinstance(loss, keras.losses.Loss)
     logits, labels = batch(7)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from seg_train.inference.predictor import Predictor
+from seg_train.inference.serving import run_in_fresh_process
 from seg_train.models.unet import build_unet
 from seg_train.tasks import export_matting as export
-from seg_train.tasks.export import run_in_fresh_process
 
 
 def test_parity_is_the_largest_absolute_difference():

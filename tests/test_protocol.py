@@ -20,8 +20,9 @@ from PIL import Image
 from seg_train.config_checks import check_config
 from seg_train.data import pipeline
 from seg_train.errors import UserError
-from seg_train.inference.predictor import Predictor, predictor_from_config
+from seg_train.inference.predictor import Predictor
 from seg_train.tasks.evaluate import evaluate_model
+from seg_train.tasks.instantiate import predictor_from_config
 from tests.helpers import TINY_TRAIN, compose_config, run_cli
 from tests.test_pipeline import data_config, write_folder_dataset
 
@@ -244,10 +245,12 @@ def test_multi_output_view_monitors_fused_only_when_fit_validates(tmp_path):
             "save_best_only": True,
         }
     }
-    from seg_train.training.fit import build_callbacks
+    from seg_train.tasks.instantiate import build_callbacks
+    from seg_train.training.multiscale import TrainingView
 
-    (resized,) = build_callbacks(cfg, None, model, view, "resized")
-    (original,) = build_callbacks(cfg, None, model, view, "original")
+    training_view = TrainingView(model, view, ("fused", "scale_1"))
+    (resized,) = build_callbacks(cfg, None, training_view, "resized")
+    (original,) = build_callbacks(cfg, None, training_view, "original")
     assert resized.monitor == "val_fused_mean_iou"
     assert original.monitor == "val_mean_iou"  # written by the original-resolution callback
 
@@ -287,7 +290,7 @@ def test_selection_metric_equals_the_final_report_and_mode_eval(cache_dir, tmp_p
 def test_saved_model_pads_with_pad_value(tmp_path):
     import tensorflow as tf
 
-    from seg_train.tasks.export import write_saved_model
+    from seg_train.inference.serving import write_saved_model
 
     predictor = Predictor(mean_colour_model(), size_divisor=32, pad_value=[10, 20, 30])
     write_saved_model(predictor, tmp_path / "sm", with_probabilities=True)

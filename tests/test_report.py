@@ -18,8 +18,8 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from seg_train.inference.metrics import ConfusionMatrix
-from seg_train.tasks.evaluate import WorstImages, _write_outputs
+from seg_train.inference.metrics import ConfusionMatrix, write_metric_files
+from seg_train.tasks.evaluate import WorstImages
 from seg_train.tasks.report import build_report, write_report
 from seg_train.viz import sample_panel
 from tests.helpers import TINY_TRAIN, compose_config, run_cli
@@ -119,7 +119,7 @@ def make_run_dir(run_dir: Path, overrides=("trainer.epochs=3",)) -> Path:
         eval_speed={"seconds": 2.0, "images_per_second": 1.5},
         worst_images=worst.save(run_dir, "val", palette, NAMES),
     )
-    _write_outputs(report, matrix, NAMES, run_dir)
+    write_metric_files(report, matrix, NAMES, run_dir)
     (run_dir / "history.csv").write_text(
         "epoch,loss,mean_iou,val_mean_iou\n0,1.5,0.2,0.1\n1,1.0,0.4,0.3\n2,0.8,0.5,0.5\n"
     )

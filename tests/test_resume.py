@@ -12,7 +12,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from omegaconf import OmegaConf
 
 import seg_train.training.losses  # noqa: F401  (registers the loss saved with the model)
 from seg_train.data import pipeline
@@ -242,14 +241,13 @@ def test_backup_after_the_last_batch_records_the_next_epoch_and_resume_runs_its_
         backup.BackupCallback(tmp_path, 3, None, state, steps_per_epoch=3),
     ]
     fit.restore(second, weights, state, callbacks)
-    cfg = OmegaConf.create({"trainer": {"epochs": 2, "validation_freq": 1, "verbose": 0}})
     starts = []
 
     def batches(start_batch):
         starts.append(start_batch)
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(4).repeat()
 
-    fit.fit_from(second, batches, None, state, 3, callbacks, cfg)
+    fit.fit_from(second, batches, None, state, 3, 2, callbacks, validation_freq=1, verbose=0)
     rows = csv_rows(csv)
     assert [r["epoch"] for r in rows] == ["0", "1"]  # each epoch once
     # Epoch 1's row was written again from the saved logs: the first process's numbers.

@@ -9,12 +9,18 @@ Definitions follow mmsegmentation: mIoU is the mean over classes with a defined 
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from seg_train.errors import UserError
+from seg_train.files import write_json_atomic
+from seg_train.viz import plot_confusion
 
 
 class ConfusionMatrix:
@@ -108,3 +114,48 @@ def _nanmean(values: np.ndarray) -> float | None:
 
 def _by_name(names: Sequence[str], values: np.ndarray) -> dict[str, float | None]:
     return {str(n): (None if math.isnan(v) else float(v)) for n, v in zip(names, values)}
+
+
+def write_metric_files(
+    report: dict, matrix: ConfusionMatrix, names: list[str], out_dir: Path
+) -> None:
+    """Writes metrics.json, per_class.csv and the confusion matrix (CSV and PNG) of a report."""
+    write_json_atomic(out_dir / "metrics.json", report)
+    with open(out_dir / "per_class.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "iou", "accuracy", "dice"])
+        for name in names:
+            writer.writerow(
+                [name] + [report[f"per_class_{k}"][name] for k in ("iou", "accuracy", "dice")]
+            )
+    np.savetxt(out_dir / "confusion_matrix.csv", matrix.matrix, fmt="%d", delimiter=",")
+    plot_confusion(matrix.matrix, names, out_dir / "confusion_matrix.png")
+
+
+def print_report(report: dict) -> None:
+    """Prints the per-class IoU / accuracy / Dice table and the summary figures."""
+    table = Table(title=f"{report['dataset']} / {report['split']}: {report['num_images']} images")
+    for column in ("class", "IoU", "accuracy", "Dice"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+
+    def fmt(value):
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    for name, iou in report["per_class_iou"].items():
+        table.add_row(
+            name,
+            fmt(iou),
+            fmt(report["per_class_accuracy"][name]),
+            fmt(report["per_class_dice"][name]),
+        )
+    table.add_section()
+    table.add_row(
+        "mean",
+        fmt(report["mean_iou"]),
+        fmt(report["mean_accuracy"]),
+        fmt(report["mean_dice"]),
+        style="bold",
+    )
+    table.add_row("pixel accuracy", "", fmt(report["pixel_accuracy"]), "")
+    table.add_row("frequency-weighted IoU", fmt(report["fw_iou"]), "", "")
+    Console().print(table)

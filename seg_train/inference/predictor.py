@@ -338,23 +338,3 @@ def _flip_permutation(num_classes: int, flip_pairs: Sequence[Sequence[int]] | No
     for a, b in flip_pairs or []:
         order[a], order[b] = b, a
     return order
-
-
-def predictor_from_config(model: keras.Model, cfg) -> Predictor:
-    """A Predictor from `cfg.eval` (mode, crop_size, stride, tta) and the data's flip pairs and
-    pad colour."""
-    options = cfg.eval
-    return Predictor(
-        model,
-        mode=options.mode,
-        crop_size=options.crop_size,
-        stride=options.stride,
-        scales=list(options.tta.scales),
-        flip=options.tta.flip,
-        fusion=options.tta.fusion,
-        flip_pairs=cfg.data.get("flip_pairs"),
-        size_divisor=options.size_divisor,
-        pad_value=cfg.data.get("pad_value", 0),
-        batch_size=options.get("batch_size", EVAL_BATCH_SIZE),
-        max_whole_pixels=options.get("max_whole_pixels", MAX_WHOLE_PIXELS),
-    )

@@ -41,6 +41,7 @@ from seg_train.data import pipeline
 from seg_train.data.decode import data_errors_as_user_errors
 from seg_train.errors import UserError
 from seg_train.files import ensure_fresh_run_dir, write_json_atomic
+from seg_train.tasks import instantiate
 from seg_train.tasks.evaluate import SplitEvaluator, predict_stream
 from seg_train.tasks.sources import build_source, pipeline_options
 from seg_train.training import backup, devices, distribute, fit
@@ -177,18 +178,18 @@ def measure_training(
     Returns:
         (the single-output model, for evaluation; the training figures).
     """
-    strategy = distribute.make_strategy(cfg.hardware)
+    strategy = instantiate.strategy(cfg)
     batch_size = cfg.data.batch_size
     distribute.per_replica_batch(batch_size, strategy)  # refuses a batch that does not split
     num_train = source.num_examples("train")
     # The schedule's length as a training run of this config would set it; it changes the
     # learning rate, not the cost of a step.
     steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // batch_size)
-    model, train_model = fit.build_and_compile(cfg, strategy, source, steps_per_epoch)
-    outputs = fit.output_names(train_model)
-    # The stream train.py fits on (train_stream there): seeded order, augmentation, batching.
+    view = instantiate.build_and_compile(cfg, strategy, source, steps_per_epoch, cfg.trainer.epochs)
+    model, train_model = view.model, view.train_model
+    # The stream train.py fits on (_Datasets.train there): seeded order, augmentation, batching.
     stream = pipeline.train_dataset(source, pipeline_options(cfg), cfg.seed, repeat=True)
-    stream = fit.labels_per_output(fit.shard_by_data(stream), outputs)
+    stream = view.wrap_dataset(fit.shard_by_data(stream))
     per_call = cfg.trainer.steps_per_execution
     clock = StepClock()
     # The warm-up's steps are left out of the stall share too (it counts Keras' calls).

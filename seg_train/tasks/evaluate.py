@@ -7,7 +7,6 @@ Test-time augmentation, sliding windows and the dense CRF are options of that on
 
 from __future__ import annotations
 
-import csv
 import heapq
 import logging
 import time
@@ -17,25 +16,24 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from rich.console import Console
 from rich.progress import track
-from rich.table import Table
 
 from seg_train import runtime
 from seg_train.config_checks import is_matting_data
 from seg_train.data.decode import data_errors_as_user_errors
 from seg_train.data.pipeline import decoded_dataset
 from seg_train.errors import UserError
-from seg_train.files import ensure_fresh_run_dir, write_json_atomic
+from seg_train.files import ensure_fresh_run_dir
 from seg_train.inference.crf import CRFRunner
-from seg_train.inference.metrics import ConfusionMatrix
-from seg_train.inference.predictor import Predictor, predictor_from_config
+from seg_train.inference.metrics import ConfusionMatrix, print_report, write_metric_files
+from seg_train.inference.predictor import Predictor
 from seg_train.tasks import loggers
 from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_channels
+from seg_train.tasks.instantiate import predictor_from_config
 from seg_train.tasks.postprocess import crf_runner
 from seg_train.tasks.report import write_report
 from seg_train.tasks.sources import build_source
-from seg_train.viz import full_palette, plot_confusion, sample_panel
+from seg_train.viz import full_palette, sample_panel
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +187,7 @@ def evaluate_model(
     }
     report["worst_images"] = worst.save(out_dir, split, palette, names)
     report.update(extra or {})
-    _write_outputs(report, matrix, list(data.class_names), out_dir)
+    write_metric_files(report, matrix, list(data.class_names), out_dir)
     print_report(report)
     return report
 
@@ -233,48 +231,6 @@ class WorstImages:
             Image.fromarray(panel).save(out_dir / file)
             listed.append({"index": index, "mean_iou": -negative, "file": file.as_posix()})
         return listed
-
-
-def _write_outputs(report: dict, matrix: ConfusionMatrix, names: list[str], out_dir: Path) -> None:
-    write_json_atomic(out_dir / "metrics.json", report)
-    with open(out_dir / "per_class.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "iou", "accuracy", "dice"])
-        for name in names:
-            writer.writerow(
-                [name] + [report[f"per_class_{k}"][name] for k in ("iou", "accuracy", "dice")]
-            )
-    np.savetxt(out_dir / "confusion_matrix.csv", matrix.matrix, fmt="%d", delimiter=",")
-    plot_confusion(matrix.matrix, names, out_dir / "confusion_matrix.png")
-
-
-def print_report(report: dict) -> None:
-    """Prints the per-class IoU / accuracy / Dice table and the summary figures."""
-    table = Table(title=f"{report['dataset']} / {report['split']}: {report['num_images']} images")
-    for column in ("class", "IoU", "accuracy", "Dice"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-
-    def fmt(value):
-        return "-" if value is None else f"{100 * value:.2f}"
-
-    for name, iou in report["per_class_iou"].items():
-        table.add_row(
-            name,
-            fmt(iou),
-            fmt(report["per_class_accuracy"][name]),
-            fmt(report["per_class_dice"][name]),
-        )
-    table.add_section()
-    table.add_row(
-        "mean",
-        fmt(report["mean_iou"]),
-        fmt(report["mean_accuracy"]),
-        fmt(report["mean_dice"]),
-        style="bold",
-    )
-    table.add_row("pixel accuracy", "", fmt(report["pixel_accuracy"]), "")
-    table.add_row("frequency-weighted IoU", fmt(report["fw_iou"]), "", "")
-    Console().print(table)
 
 
 def optimized_value(report: dict, metric: str) -> float | None:

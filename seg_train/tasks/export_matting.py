@@ -2,7 +2,7 @@
 
 The serving graph takes uint8 images [B, H, W, 3] and returns `alpha`, float32 [B, H, W] in
 [0, 1] at the input size, through the same whole-image (or `eval.mode=resize`) steps as the
-segmentation export (`seg_train.tasks.export.whole_logits`, whose bilinear resize back is also
+segmentation export (`seg_train.inference.serving.whole_logits`, whose bilinear resize back is also
 right for an alpha). Parity: the artefact runs in a fresh process on val images and its alpha
 is compared with the in-framework alpha by the largest absolute difference (not pixel
 agreement: the output is continuous); above `MAX_ABS_DIFF` the command fails.
@@ -22,6 +22,16 @@ from omegaconf import DictConfig
 
 from seg_train.errors import UserError
 from seg_train.files import write_json_atomic
+from seg_train.inference.serving import (
+    ARTEFACT_NAMES,
+    INPUT_NAME,
+    PARITY_FILE,
+    SIGNATURE,
+    publish,
+    run_in_fresh_process,
+    whole_logits,
+)
+from seg_train.tasks.instantiate import val_images
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +42,6 @@ MAX_ABS_DIFF = 1e-4
 
 def serving_function(predictor):
     """uint8 images [B, H, W, 3] -> {alpha: float32 [B, H, W]}."""
-    from seg_train.tasks.export import whole_logits
 
     def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
         alpha = whole_logits(predictor, tf.cast(images, tf.float32))[..., 0]
@@ -43,8 +52,6 @@ def serving_function(predictor):
 
 def write_saved_model(predictor, path: Path) -> None:
     """Writes a SavedModel whose `serving_default` signature runs `serving_function`."""
-    from seg_train.tasks.export import INPUT_NAME, SIGNATURE
-
     spec = tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME)
     archive = keras.export.ExportArchive()
     archive.track(predictor.model)
@@ -75,14 +82,6 @@ def alpha_parity(
 
 def run(cfg: DictConfig, predictor, checkpoint: Path, out_dir: Path) -> float | None:
     """Writes, checks and publishes the matting SavedModel; returns the max abs difference."""
-    from seg_train.tasks.export import (
-        ARTEFACT_NAMES,
-        PARITY_FILE,
-        publish,
-        run_in_fresh_process,
-        val_images,
-    )
-
     options = cfg.export
     if options.format != "saved_model":
         raise UserError(

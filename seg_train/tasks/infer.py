@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from collections.abc import Iterator
@@ -10,51 +9,23 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from seg_train import runtime
 from seg_train.config_checks import is_matting_data
-from seg_train.data.folder import IMAGE_SUFFIXES
-from seg_train.data.readers import displayed
 from seg_train.errors import UserError
 from seg_train.files import write_atomic
 from seg_train.inference.crf import CRFRunner
-from seg_train.inference.predictor import Predictor, predictor_from_config
+from seg_train.inference.images import find_images, load_rgb
+from seg_train.inference.predictor import Predictor
 from seg_train.tasks.checkpoint import load_model, open_checkpoint
+from seg_train.tasks.instantiate import predictor_from_config
 from seg_train.tasks.postprocess import crf_runner
 from seg_train.viz import full_palette, overlay, save_id_png
 
 log = logging.getLogger(__name__)
-
-
-def find_images(pattern: str, recursive: bool = False) -> list[Path]:
-    """Lists the images named by a file path, a directory or a glob, sorted."""
-    path = Path(pattern).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        candidates = path.rglob("*") if recursive else path.glob("*")
-    else:
-        candidates = (Path(p) for p in glob.glob(str(path), recursive=True))
-    images = sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise UserError(
-            f"infer.input {pattern} matches no image ({', '.join(IMAGE_SUFFIXES)}); "
-            "pass an image file, a directory of images or a quoted glob"
-        )
-    return images
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """Reads any Pillow-readable image as uint8 RGB (grayscale and RGBA converted), turned as
-    its EXIF orientation says, as training saw it (outputs follow the displayed image)."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(displayed(image, str(path)).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path} ({exc}); remove it from infer.input") from exc
 
 
 Outputs = tuple[Path, Path, Path | None]

@@ -30,6 +30,7 @@ from seg_train.errors import UserError
 from seg_train.inference import matting_metrics as metrics
 from seg_train.inference import matting_outputs as outputs
 from seg_train.inference.matting import MattingScores, predict_alpha
+from seg_train.inference.metrics import print_report, write_metric_files
 from seg_train.tasks.sources import build_source
 from seg_train.training.callbacks import OriginalResolutionValidation
 
@@ -132,11 +133,6 @@ def evaluate_and_report(
     the confusion matrix and `samples/` (alpha, cut-out, overlay of the first
     `eval.num_samples` images), and prints both tables.
     """
-    from seg_train.tasks.evaluate import (  # evaluate imports this module
-        _write_outputs,
-        print_report,
-    )
-
     if not isinstance(evaluator, MattingEvaluator):
         evaluator = MattingEvaluator(model, cfg, split)
     out_dir = Path(out_dir)
@@ -167,7 +163,7 @@ def evaluate_and_report(
     }
     for key in ("truth", "prediction"):
         report.pop(key)
-    _write_outputs(report, scores.confusion, list(segmentation["per_class_iou"]), out_dir)
+    write_metric_files(report, scores.confusion, list(segmentation["per_class_iou"]), out_dir)
     print_report(report)
     print_errors(report)
     return report
@@ -191,8 +187,8 @@ def infer(cfg: DictConfig, checkpoint: Path, images: list[Path], out_dir: Path) 
     Raises:
         UserError: if an output exists and `infer.overwrite` is false.
     """
+    from seg_train.inference.images import load_rgb
     from seg_train.tasks.checkpoint import load_model
-    from seg_train.tasks.infer import load_rgb
 
     if not cfg.infer.overwrite:
         existing = [out_dir / f"{p.stem}_alpha.png" for p in images]

@@ -26,6 +26,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from seg_train.files import write_atomic
+from seg_train.runtime import CONFIG_DIR
 from seg_train.viz import full_palette
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,6 @@ def _recipe(cfg: DictConfig, run_dir: Path, training_dir: Path | None) -> dict |
     )
     if not name:
         return None
-    from seg_train.cli import CONFIG_DIR  # at call time: cli imports train, which imports us
 
     file = Path(CONFIG_DIR) / "experiment" / f"{name}.yaml"
     return {"name": name, "target": recipe_target(file) if file.is_file() else None}
@@ -524,8 +524,6 @@ def _baseline(run_dir: Path, training_dir: Path | None) -> tuple[DictConfig, str
             overrides.append(f"experiment={recipe}")
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from seg_train.cli import CONFIG_DIR
 
     if GlobalHydra.instance().is_initialized():  # inside the seg-train command
         baseline = compose(config_name="config", overrides=overrides)

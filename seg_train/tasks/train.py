@@ -19,11 +19,12 @@ import tensorflow as tf
 from omegaconf import DictConfig
 
 from seg_train import runtime
+from seg_train.config_checks import is_matting_data
 from seg_train.data import pipeline
 from seg_train.data.decode import data_errors_as_user_errors
 from seg_train.errors import UserError
 from seg_train.files import RESTARTABLE, ensure_fresh_run_dir
-from seg_train.tasks import checkpoint, loggers, run_lock
+from seg_train.tasks import checkpoint, instantiate, loggers, run_lock
 from seg_train.tasks.evaluate import (
     SplitEvaluator,
     evaluate_model,
@@ -64,9 +65,87 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
     distribute.set_precision(cfg.trainer.precision)
-    strategy = distribute.make_strategy(cfg.hardware)
+    strategy = instantiate.strategy(cfg)
     devices.record(run_dir)
     chief = distribute.is_chief(strategy)
+    batch_per_replica = _log_strategy(cfg, strategy)
+
+    source = build_source(cfg.data)
+    steps_per_epoch, epochs = _run_length(cfg, source)
+    # Never "at the end" of an epoch: a backup from after an epoch's last batch runs its end.
+    state = backup.normalise(state, steps_per_epoch)
+    data = _Datasets(cfg, source)
+    protocol = instantiate.val_protocol(cfg)
+    log.info(
+        "Validation (selects best.keras): trainer.val_protocol=%s, %s",
+        protocol,
+        instantiate.describe_protocol(cfg, protocol),
+    )
+
+    view = instantiate.build_and_compile(cfg, strategy, source, steps_per_epoch, epochs)
+    model = view.model
+    log.info("Model %s: %s parameters", model.name, f"{model.count_params():,}")
+    if chief:
+        optim.print_param_groups(view.train_model.optimizer, view.train_model.trainable_variables)
+    distribute.warn_small_bn_batches(model, batch_per_replica)
+
+    # Keras warns that fit's default shuffle=True is ignored for datasets; we shuffle in tf.data.
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+    with data_errors_as_user_errors():  # a broken file: one line naming it
+        if not is_matting_data(cfg.data):  # alpha mattes: 0 and 255 are values, not labels
+            fit.check_label_sample(
+                pipeline.decoded_dataset(source, "train"),
+                cfg.data.ignore_label,
+                cfg.data.get("root"),
+            )
+        callbacks = _callbacks(cfg, view, source, data, protocol, chief)
+        if chief and cfg.trainer.backups:
+            callbacks.append(
+                backup.BackupCallback(
+                    run_dir,
+                    cfg.trainer.backup_every_steps,
+                    _checkpoint_callback(callbacks),
+                    state,
+                    steps_per_epoch,
+                )
+            )
+        if saved:
+            fit.restore(view.train_model, saved[1], state, callbacks)
+        preemption.stop_on_signals(phase="training")
+        fit.fit_from(
+            view.train_model,
+            lambda start: view.wrap_dataset(data.train(start)),
+            # Under the original protocol a callback validates; fit's own validation is not run.
+            view.wrap_dataset(data.val) if protocol == "resized" else None,
+            state,
+            steps_per_epoch,
+            epochs,
+            callbacks,
+            validation_freq=cfg.trainer.validation_freq,
+            verbose=cfg.trainer.verbose,
+        )
+    if not chief:
+        log.info("Worker done; the chief writes checkpoints and the report")
+        return None
+    if cfg.trainer.overfit_batches:
+        fit.check_overfit(view.train_model, view.wrap_dataset(data.val))
+    preemption.stop_on_signals(phase="the final evaluation")
+    validation = next((c for c in callbacks if isinstance(c, OriginalResolutionValidation)), None)
+    value = _report_best(
+        model,
+        cfg,
+        run_dir,
+        _selection(cfg, protocol, _checkpoint_callback(callbacks)),
+        validation.evaluator if validation is not None else None,
+    )
+    write_report(run_dir, cfg)  # report.html from metrics.json, history, log (never raises)
+    backup.mark_finished(run_dir)
+    loggers.finish(callbacks, run_dir)  # metrics.json, report.html: to MLflow / W&B
+    return value
+
+
+def _log_strategy(cfg: DictConfig, strategy: tf.distribute.Strategy) -> int:
+    """Logs the replicas and batch split; returns the images per replica."""
     batch_per_replica = distribute.per_replica_batch(cfg.data.batch_size, strategy)
     log.info(
         "Strategy %s: %d replica(s), %d images per replica, global batch %d, precision %s",
@@ -76,45 +155,22 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         cfg.data.batch_size,
         cfg.trainer.precision,
     )
+    return batch_per_replica
 
-    source = build_source(cfg.data)
+
+def _run_length(cfg: DictConfig, source) -> tuple[int, int]:
+    """(steps per epoch, epochs): `trainer.total_steps`, when set, decides the epochs."""
     num_train = source.num_examples("train")
     steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // cfg.data.batch_size)
+    epochs = cfg.trainer.epochs
     if cfg.trainer.total_steps:
-        cfg.trainer.epochs = math.ceil(cfg.trainer.total_steps / steps_per_epoch)
+        epochs = math.ceil(cfg.trainer.total_steps / steps_per_epoch)
         log.info(
             "trainer.total_steps=%d: %d epochs of %d steps",
             cfg.trainer.total_steps,
-            cfg.trainer.epochs,
+            epochs,
             steps_per_epoch,
         )
-    # Never "at the end" of an epoch: a backup from after an epoch's last batch runs its end.
-    state = backup.normalise(state, steps_per_epoch)
-
-    def train_stream(start_batch: int) -> tf.data.Dataset:
-        """The run's batches from `start_batch` on: the data order depends on the seed and the
-        position only, so a resumed run sees what the uninterrupted one saw."""
-        if cfg.trainer.overfit_batches:  # the same few batches over and over (debug=overfit)
-            start_batch = 0
-        stream = pipeline.train_dataset(
-            source, pipeline_options(cfg), cfg.seed, repeat=True, start_batch=start_batch
-        )
-        stream = fit.shard_by_data(stream)
-        if cfg.trainer.overfit_batches:
-            stream = stream.take(cfg.trainer.overfit_batches).cache().repeat()
-        return stream
-
-    # Resized val batches: fit's validation under trainer.val_protocol=resized, and the
-    # TensorBoard prediction images under either protocol.
-    val_ds = fit.shard_by_data(pipeline.val_dataset(source, pipeline_options(cfg)))
-    if cfg.trainer.overfit_batches:  # validated on the batches it trains on
-        val_ds = train_stream(0).take(cfg.trainer.overfit_batches)
-    protocol = fit.val_protocol(cfg)
-    log.info(
-        "Validation (selects best.keras): trainer.val_protocol=%s, %s",
-        protocol,
-        fit.describe_protocol(cfg, protocol),
-    )
     log.info(
         "Data %s: %d train / %d val images, crop %s, %d steps per epoch",
         cfg.data.name,
@@ -123,70 +179,58 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         list(cfg.data.crop_size),
         steps_per_epoch,
     )
+    return steps_per_epoch, epochs
 
-    model, train_model = fit.build_and_compile(cfg, strategy, source, steps_per_epoch)
-    log.info("Model %s: %s parameters", model.name, f"{model.count_params():,}")
-    if chief:
-        optim.print_param_groups(train_model.optimizer, train_model.trainable_variables)
-    distribute.warn_small_bn_batches(model, batch_per_replica)
 
-    # Keras warns that fit's default shuffle=True is ignored for datasets; we shuffle in tf.data.
-    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-    outputs = fit.output_names(train_model)
-    with data_errors_as_user_errors():  # a broken file: one line naming it
-        fit.check_label_sample(pipeline.decoded_dataset(source, "train"), cfg.data)
-        val_batch = next(val_ds.as_numpy_iterator()) if chief else None
-        # Under the original protocol a callback validates; fit's own validation is not run.
-        fit_val_ds = fit.labels_per_output(val_ds, outputs) if protocol == "resized" else None
-        callbacks = [
-            backup.NaNGuard(
-                f"optimizer.learning_rate={cfg.optimizer.learning_rate}, "
-                f"trainer.precision={cfg.trainer.precision}"
-            )
-        ]
-        if chief:  # only the chief writes checkpoints, backups, logs and summaries
-            if protocol == "original":  # first: the checkpoint and loggers read its val_* logs
-                callbacks.append(fit.original_resolution_validation(cfg, model, source))
-            callbacks += fit.build_callbacks(cfg, val_batch, model, train_model, protocol)
-            checkpoint = next(
-                (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
-            )
-            if cfg.trainer.backups:
-                callbacks.append(
-                    backup.BackupCallback(
-                        run_dir, cfg.trainer.backup_every_steps, checkpoint, state, steps_per_epoch
-                    )
-                )
-        if saved:
-            fit.restore(train_model, saved[1], state, callbacks)
-        preemption.stop_on_signals(phase="training")
-        fit.fit_from(
-            train_model,
-            lambda start: fit.labels_per_output(train_stream(start), outputs),
-            fit_val_ds,
-            state,
-            steps_per_epoch,
-            callbacks,
-            cfg,
+class _Datasets:
+    """The run's training stream (from any batch on) and its resized validation batches."""
+
+    def __init__(self, cfg: DictConfig, source):
+        self.cfg = cfg
+        self.source = source
+        # Resized val batches: fit's validation under trainer.val_protocol=resized, and the
+        # TensorBoard prediction images under either protocol.
+        self.val = fit.shard_by_data(pipeline.val_dataset(source, pipeline_options(cfg)))
+        if cfg.trainer.overfit_batches:  # validated on the batches it trains on
+            self.val = self.train(0).take(cfg.trainer.overfit_batches)
+
+    def train(self, start_batch: int) -> tf.data.Dataset:
+        """The run's batches from `start_batch` on: the data order depends on the seed and the
+        position only, so a resumed run sees what the uninterrupted one saw."""
+        overfit = self.cfg.trainer.overfit_batches
+        if overfit:  # the same few batches over and over (debug=overfit)
+            start_batch = 0
+        stream = pipeline.train_dataset(
+            self.source,
+            pipeline_options(self.cfg),
+            self.cfg.seed,
+            repeat=True,
+            start_batch=start_batch,
         )
-    if not chief:
-        log.info("Worker done; the chief writes checkpoints and the report")
-        return None
-    if cfg.trainer.overfit_batches:
-        fit.check_overfit(train_model, fit.labels_per_output(val_ds, outputs))
-    preemption.stop_on_signals(phase="the final evaluation")
-    validation = next((c for c in callbacks if isinstance(c, OriginalResolutionValidation)), None)
-    value = _report_best(
-        model,
-        cfg,
-        run_dir,
-        _selection(cfg, protocol, checkpoint),
-        validation.evaluator if validation is not None else None,
-    )
-    write_report(run_dir, cfg)  # report.html from metrics.json, history, log (never raises)
-    backup.mark_finished(run_dir)
-    loggers.finish(callbacks, run_dir)  # metrics.json, report.html: to MLflow / W&B
-    return value
+        stream = fit.shard_by_data(stream)
+        if overfit:
+            stream = stream.take(overfit).cache().repeat()
+        return stream
+
+
+def _checkpoint_callback(callbacks: list) -> keras.callbacks.ModelCheckpoint | None:
+    return next((c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None)
+
+
+def _callbacks(cfg, view, source, data, protocol, chief) -> list:
+    """The NaN guard; on the chief also the validation and the configured callbacks."""
+    callbacks = [
+        backup.NaNGuard(
+            f"optimizer.learning_rate={cfg.optimizer.learning_rate}, "
+            f"trainer.precision={cfg.trainer.precision}"
+        )
+    ]
+    if not chief:  # only the chief writes checkpoints, backups, logs and summaries
+        return callbacks
+    if protocol == "original":  # first: the checkpoint and loggers read its val_* logs
+        callbacks.append(original_resolution_validation(cfg, view.model, source))
+    val_batch = next(data.val.as_numpy_iterator())
+    return callbacks + instantiate.build_callbacks(cfg, val_batch, view, protocol)
 
 
 def _backup_to_resume(cfg: DictConfig, run_dir: Path) -> tuple | None:
@@ -212,7 +256,7 @@ def _selection(cfg: DictConfig, protocol: str, checkpoint) -> dict:
     """How best.keras was chosen, for metrics.json: protocol, monitored metric and its value."""
     selection = {
         "protocol": protocol,
-        "description": fit.describe_protocol(cfg, protocol),
+        "description": instantiate.describe_protocol(cfg, protocol),
         "metric": None,
         "value": None,
     }
@@ -272,3 +316,22 @@ def _report_best(
         report["mean_iou"] or 0.0,
     )
     return optimized_value(report, cfg.optimized_metric)
+
+
+def original_resolution_validation(cfg: DictConfig, model: keras.Model, source):
+    """The callback that validates `model` (the saved single-output model) as the final report
+    evaluates it, every `trainer.validation_freq` epochs (`trainer.val_protocol=original`)."""
+    from seg_train.data.pipeline import should_cache
+    from seg_train.tasks.evaluate import SplitEvaluator
+    from seg_train.training.callbacks import OriginalResolutionValidation
+
+    cache = should_cache(source, "val", cfg.data.cache)
+    if is_matting_data(cfg.data):  # SAD, MSE, Grad, Conn and the thresholded IoU
+        from seg_train.tasks.matting import MattingEvaluator, MattingValidation
+
+        evaluator = MattingEvaluator(model, cfg, "val", cache=cache)
+        return MattingValidation(evaluator, cfg.data.class_names, cfg.trainer.validation_freq)
+    evaluator = SplitEvaluator(model, cfg, "val", cache=cache)
+    return OriginalResolutionValidation(
+        evaluator, cfg.data.class_names, cfg.trainer.validation_freq
+    )

@@ -26,6 +26,8 @@ class PredictionImageLogger(keras.callbacks.Callback):
         palette: uint8 [256, 3] colours.
         max_images: How many of the images to log.
         class_names: Names for the panels' column titles and class legend (None: bare panels).
+        display_model: The single-output model to predict with (the model `fit` trains may be
+            a multi-output view of it); None: the model being trained.
     """
 
     def __init__(
@@ -36,8 +38,10 @@ class PredictionImageLogger(keras.callbacks.Callback):
         palette: np.ndarray,
         max_images: int = 4,
         class_names: Sequence[str] | None = None,
+        display_model: keras.Model | None = None,
     ):
         super().__init__()
+        self.display_model = display_model
         self.images = val_images[:max_images]
         self.masks = val_masks[:max_images]
         self.palette = palette
@@ -47,9 +51,8 @@ class PredictionImageLogger(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         # A plain call, not model.predict: under a multi-worker strategy predict() would start
         # collective ops that the other workers (which log nothing) never join.
-        logits = self.model(self.images, training=False)
-        if isinstance(logits, dict):  # a multi-output training view: show the fused output
-            logits = logits["fused"]
+        model = self.display_model or self.model
+        logits = model(self.images, training=False)
         predictions = np.asarray(logits).argmax(-1).astype(np.uint8)
         panels = _same_size(
             [

@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-
-from omegaconf import DictConfig
+from typing import Any
 
 from seg_train.errors import UserError
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DEVICES_FILE = "devices.json"
 
 
-def prepare(hardware: DictConfig) -> None:
+def prepare(hardware: Mapping[str, Any]) -> None:
     """Turns on GPU memory growth and refuses to run without the GPUs `hardware` asks for.
 
     Must run before TensorFlow initialises its devices (memory growth cannot be set later).
@@ -47,7 +47,7 @@ def prepare(hardware: DictConfig) -> None:
                 tf.config.experimental.set_memory_growth(gpu, True)
     if not hardware.get("require_gpu"):
         return
-    wanted = len(hardware.devices) if hardware.get("devices") else 1
+    wanted = len(hardware["devices"]) if hardware.get("devices") else 1
     if len(gpus) >= wanted:
         return
     raise UserError(missing_gpu_message(hardware.get("name", "gpu"), wanted, len(gpus)))

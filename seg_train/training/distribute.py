@@ -8,10 +8,11 @@ cluster from `TF_CONFIG` or a Slurm allocation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import keras
 import tensorflow as tf
-from omegaconf import DictConfig
 
 from seg_train.errors import UserError
 
@@ -40,7 +41,7 @@ def split_cpu(num_logical: int | None) -> None:
         log.warning("CPU devices already initialised; hardware.cpu_logical_devices ignored")
 
 
-def make_strategy(hardware: DictConfig) -> tf.distribute.Strategy:
+def make_strategy(hardware: Mapping[str, Any]) -> tf.distribute.Strategy:
     """Builds the distribution strategy that `hardware.strategy` asks for (or `auto` picks)."""
     kind = hardware.get("strategy", "auto")
     if kind not in STRATEGIES:

@@ -15,18 +15,17 @@ Class weights are per-class factors on each pixel's loss (`loss.class_weights: [
 weighted sum is still divided by the number of non-ignored pixels (Keras' `sample_weight`
 convention, so `[1, 1, ...]` equals no weights), not by the sum of the weights as PyTorch's
 `CrossEntropyLoss(weight=...)` does. `class_weights: auto` asks for median-frequency weights
-(Eigen & Fergus 2015, SegNet) computed from the training set's label histogram; train.py
-replaces it through `resolve_class_weights` before instantiating the loss.
+(Eigen & Fergus 2015, SegNet) computed from the training set's label histogram; the train task
+replaces it (`seg_train.tasks.instantiate.resolve_class_weights`) before instantiating the loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
 from keras import ops
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from seg_train.errors import UserError
 
@@ -41,7 +40,7 @@ def _class_weights(value: Any, key: str = "loss.class_weights") -> list[float] |
         if value == AUTO:
             raise UserError(
                 f"{key}=auto needs the training set's class histogram: build the "
-                "loss with seg_train.training.losses.resolve_class_weights(cfg.loss, ...) "
+                "loss with seg_train.tasks.instantiate.resolve_class_weights(cfg.loss, ...) "
                 f"or give one weight per class, e.g. '{key}=[1.0,2.0,...]'"
             )
         raise UserError(f"{key} must be null, auto or a list of numbers, got {value!r}")
@@ -303,55 +302,3 @@ class WeightedSum(keras.losses.Loss):
             k: keras.saving.deserialize_keras_object(v) for k, v in config["losses"].items()
         }
         return cls(**config)
-
-
-# --------------------------------------------------------------------------------------------
-# Class weights from the label histogram
-# --------------------------------------------------------------------------------------------
-
-
-def resolve_class_weights(
-    loss_cfg: DictConfig, compute_weights: Callable[[], Sequence[float]]
-) -> DictConfig:
-    """Returns a resolved copy of `cfg.loss` with every `class_weights: auto` filled in.
-
-    `compute_weights` (e.g. `lambda: median_frequency_weights(histogram)`) is called at most
-    once, and only when some loss asks for `auto`, so runs without it never scan the dataset.
-
-    Args:
-        loss_cfg: The `loss` node of the composed config (attached to the root, so
-            interpolations such as `${data.ignore_label}` resolve).
-        compute_weights: Returns one weight per class.
-    """
-    container = OmegaConf.to_container(loss_cfg, resolve=True)
-    cache: list[list[float]] = []
-
-    def visit(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "class_weights" and value == AUTO:
-                    if not cache:
-                        cache.append([float(w) for w in compute_weights()])
-                    node[key] = cache[0]
-                else:
-                    visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(container)
-    return OmegaConf.create(container)
-
-
-def uses_auto_class_weights(loss_cfg: DictConfig | ListConfig) -> bool:
-    """Whether any loss in `cfg.loss` asks for `class_weights: auto`."""
-    container = OmegaConf.to_container(loss_cfg, resolve=False)
-
-    def visit(node) -> bool:
-        if isinstance(node, dict):
-            return any((k == "class_weights" and v == AUTO) or visit(v) for k, v in node.items())
-        if isinstance(node, list):
-            return any(visit(v) for v in node)
-        return False
-
-    return visit(container)
