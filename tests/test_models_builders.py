@@ -2,7 +2,7 @@
 
 Every model is built small (64 px inputs, narrow heads, MobileNetV2 at alpha 0.35) with
 `backbone_weights=None`, since ImageNet weights cannot be downloaded here; full-size parameter
-counts are in test_models_slow.py.
+counts are in test_models_full_size.py.
 """
 
 from __future__ import annotations

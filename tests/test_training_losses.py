@@ -18,7 +18,7 @@ from seg_train.tasks import instantiate as instantiation
 from seg_train.training import losses
 from tests.helpers import CONFIG_DIR, compose_config
 
-# The alpha_* losses take alphas, not logits and labels: tests/test_matting_losses.py.
+# The alpha_* losses take alphas, not logits and labels: tests/test_training_matting_losses.py.
 LOSS_CONFIGS = sorted(
     p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml") if not p.stem.startswith("alpha_")
 )

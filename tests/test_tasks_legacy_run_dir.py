@@ -7,10 +7,10 @@ package was re-laid into tasks/, training/, inference/) with
         data.crop_size=[32,32] data.batch_size=4 model.base_filters=4 model.depth=2 \
         trainer.epochs=2 logger=csv eval.num_samples=1 eval.report_worst=1
 
-killed (SIGKILL, as tests/test_resume_kills.py does) during the second epoch's validation: it
-holds epoch 1's row in history.csv, its best.keras and the epoch-end backup, as a preempted run
-does. Only its stale run.lock was removed. Its .keras checkpoint names the classes registered
-by that code.
+killed (SIGKILL, as tests/test_tasks_train_resume_kills.py does) during the second epoch's
+validation: it holds epoch 1's row in history.csv, its best.keras and the epoch-end backup, as a
+preempted run does. Only its stale run.lock was removed. Its .keras checkpoint names the classes
+registered by that code.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def test_kill_9_at_a_random_moment_then_resume(seed, uninterrupted, cache_dir, t
     process.communicate()
     finish(run_dir, cache_dir, tmp_path)
     # The data order continues across a resume, but without trainer.deterministic the float
-    # results may drift; test_resume_kills.py compares deterministic runs exactly.
+    # results may drift; test_tasks_train_resume_kills.py compares deterministic runs exactly.
     assert assert_completed(run_dir) == pytest.approx(uninterrupted, abs=0.2)
 
 
