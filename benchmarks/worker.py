@@ -215,7 +215,7 @@ def bench_train(spec: dict) -> dict:
     from seg_train.data import pipeline
     from seg_train.tasks.sources import pipeline_options
     from seg_train.training import backup, fit
-    from seg_train.training.callbacks import DataStallMonitor
+    from seg_train.training.callbacks import BackupCallback, DataStallMonitor, NaNGuard
 
     out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
     cfg = compose(
@@ -270,15 +270,13 @@ def bench_train(spec: dict) -> dict:
             steps_per_execution=cfg.trainer.steps_per_execution,
         )
         train_model = view.train_model
-        callbacks = [backup.NaNGuard("bench")]
+        callbacks = [NaNGuard("bench")]
         callbacks += builders.build_callbacks(cfg, (images[:2], labels[:2]), view)
         checkpoint = next(
             (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
         )
         callbacks.append(
-            backup.BackupCallback(
-                out, cfg.trainer.backup_every_steps, checkpoint, backup.TrainingState()
-            )
+            BackupCallback(out, cfg.trainer.backup_every_steps, checkpoint, backup.TrainingState())
         )
         callbacks += [timer.callback, timer.stop_when(steps, min_seconds)]
         stall_monitor = next((c for c in callbacks if isinstance(c, DataStallMonitor)), None)

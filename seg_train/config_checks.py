@@ -52,6 +52,18 @@ def positive_number(key: str, value: Any) -> None:
         )
 
 
+def non_negative_int(key: str, value: Any) -> None:
+    if not (_is_int(value) and value >= 0):
+        raise UserError(f"config key {key} must be an integer >= 0, got {value!r}; e.g. {key}=0")
+
+
+def share(key: str, value: Any) -> None:
+    if not (_is_number(value) and 0.0 <= value <= 1.0):
+        raise UserError(
+            f"config key {key} must be a share in 0..1, got {value!r}; e.g. {key}=0.999"
+        )
+
+
 def boolean(key: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise UserError(f"config key {key} must be true or false, got {value!r}")
@@ -279,6 +291,12 @@ RULES: dict[str, Rule] = {
     "benchmark.warmup_steps": positive_int,
     "benchmark.steps": positive_int,
     "benchmark.eval_images": lambda k, v: v == 0 or positive_int(k, v),
+    "export.format": one_of("saved_model", "tflite"),
+    # 0 skips the parity check of the exported artefact.
+    "export.parity_images": non_negative_int,
+    "export.parity_threshold": share,
+    "export.with_probabilities": boolean,
+    "export.overwrite": boolean,
 }
 
 
@@ -387,7 +405,7 @@ def _check_palette(data: DictConfig) -> None:
 
 def _check_mode(cfg: DictConfig) -> None:
     mode = cfg.mode.name
-    if mode in ("eval", "infer"):
+    if mode in ("eval", "infer", "export"):
         if cfg.ckpt_path is None:
             raise UserError(
                 f"mode={mode} needs a checkpoint: pass ckpt_path=RUN_DIR (a training run dir) "

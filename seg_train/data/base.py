@@ -52,8 +52,6 @@ from seg_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
-ON_ERROR_CHOICES = ("raise", "skip")
-
 
 class Source:
     """Base class of the dataset decoders; see the module docstring for the interface.
@@ -81,8 +79,7 @@ class Source:
         ignore_label: int = IGNORE_LABEL,
         on_error: str = "raise",
     ):
-        if on_error not in ON_ERROR_CHOICES:
-            raise UserError(f"data.on_error must be raise or skip, got {on_error!r}")
+        # data.on_error's values are checked with the other config rules (config_checks).
         self.num_classes = num_classes
         self.ignore_label = ignore_label
         self.on_error = on_error

@@ -27,10 +27,6 @@ from seg_train.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
-
-FORMATS = ("saved_model", "tflite")
-
-
 # Names inside the export dir, and of the serving signature's tensors.
 ARTEFACT_NAMES = {"saved_model": "saved_model", "tflite": "model.tflite"}
 

@@ -44,8 +44,8 @@ from seg_train.files import ensure_fresh_run_dir, write_json_atomic
 from seg_train.tasks import instantiate
 from seg_train.tasks.evaluate import SplitEvaluator, predict_stream
 from seg_train.tasks.sources import build_source, pipeline_options
-from seg_train.training import backup, devices, distribute, fit
-from seg_train.training.callbacks import DataStallMonitor
+from seg_train.training import devices, distribute, fit
+from seg_train.training.callbacks import DataStallMonitor, NaNGuard
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def measure_training(
     # The warm-up's steps are left out of the stall share too (it counts Keras' calls).
     stall = DataStallMonitor(skip_steps=warmup_steps // per_call)
     callbacks = [
-        backup.NaNGuard(f"optimizer.learning_rate={cfg.optimizer.learning_rate}"),
+        NaNGuard(f"optimizer.learning_rate={cfg.optimizer.learning_rate}"),
         stall,
         clock,
     ]

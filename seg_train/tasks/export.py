@@ -29,16 +29,16 @@ import os
 import shutil
 from pathlib import Path
 
+import keras
 from omegaconf import DictConfig, OmegaConf
 
 from seg_train import runtime
-from seg_train.config_checks import boolean, is_matting_data
+from seg_train.config_checks import is_matting_data
 from seg_train.errors import UserError
 from seg_train.files import ensure_fresh_run_dir, write_json_atomic
 from seg_train.inference.predictor import Predictor
 from seg_train.inference.serving import (
     ARTEFACT_NAMES,
-    FORMATS,
     IDS_NAME,
     INPUT_NAME,
     METADATA_FILE,
@@ -56,41 +56,6 @@ from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_chann
 from seg_train.tasks.instantiate import val_images
 
 log = logging.getLogger(__name__)
-
-
-def _check_export_config(cfg: DictConfig) -> None:
-    """Checks the export keys and the checkpoint (config_checks only knows train/eval/infer)."""
-    options = cfg.export
-    if options.format not in FORMATS:
-        raise UserError(
-            f"config key export.format must be one of {', '.join(FORMATS)}, "
-            f"got {options.format!r}; e.g. export.format=tflite"
-        )
-    count = options.parity_images
-    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 0):
-        raise UserError(
-            f"config key export.parity_images must be an integer >= 0 (0 skips the parity "
-            f"check), got {count!r}"
-        )
-    threshold = options.parity_threshold
-    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)) or not (
-        0.0 <= threshold <= 1.0
-    ):
-        raise UserError(
-            f"config key export.parity_threshold must be a share in 0..1, got {threshold!r}; "
-            "e.g. export.parity_threshold=0.999"
-        )
-    for key in ("with_probabilities", "overwrite"):
-        boolean(f"export.{key}", options[key])
-    if cfg.ckpt_path is None:
-        raise UserError(
-            "mode=export needs a checkpoint: pass ckpt_path=RUN_DIR (a training run dir) "
-            "or ckpt_path=path/to/model.keras"
-        )
-    if not Path(str(cfg.ckpt_path)).expanduser().exists():
-        raise UserError(
-            f"ckpt_path {cfg.ckpt_path} does not exist; pass a training run dir or a .keras file"
-        )
 
 
 def _warn_about_ignored_eval_options(cfg: DictConfig) -> None:
@@ -134,7 +99,6 @@ def _metadata(cfg: DictConfig, checkpoint: Path, predictor: Predictor, input_siz
 # ----- entry point -----------------------------------------------------------------------------
 def run(cfg: DictConfig) -> float | None:
     """Exports `cfg.ckpt_path` as `cfg.export.format`; returns the parity agreement (or None)."""
-    _check_export_config(cfg)
     options = cfg.export
     run_root = Path(cfg.paths.output_dir)
     ensure_fresh_run_dir(run_root, ignore=(".hydra",))
@@ -144,18 +108,7 @@ def run(cfg: DictConfig) -> float | None:
     checkpoint = open_checkpoint(cfg)
     _warn_about_ignored_eval_options(cfg)
     runtime.seed_everything(cfg.seed)
-    model = load_model(checkpoint, output_channels(cfg))
-    # Whole (or resize) mode without TTA: what a single forward graph can reproduce.
-    resize = cfg.eval.mode == "resize"
-    predictor = Predictor(
-        model,
-        mode="resize" if resize else "whole",
-        crop_size=cfg.eval.crop_size if resize else None,
-        size_divisor=cfg.eval.size_divisor,
-        pad_value=cfg.data.get("pad_value", 0),
-        # The export runs every image whole: compare like with like.
-        max_whole_pixels=None,
-    )
+    predictor = _export_predictor(cfg, load_model(checkpoint, output_channels(cfg)))
     if is_matting_data(cfg.data):  # alpha output; parity by the largest absolute difference
         from seg_train.tasks.export_matting import run as export_alpha
 
@@ -169,36 +122,62 @@ def run(cfg: DictConfig) -> float | None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        artefact = staging / ARTEFACT_NAMES[fmt]
-        if fmt == "saved_model":
-            write_saved_model(predictor, artefact, options.with_probabilities)
-        else:
-            write_tflite(predictor, artefact, options.with_probabilities, input_size)
-        log.info("Wrote %s %s", fmt, artefact)
-        write_json_atomic(
-            staging / METADATA_FILE, _metadata(cfg, checkpoint, predictor, input_size)
-        )
-        report = None
-        if options.parity_images:
-            images = val_images(cfg, options.parity_images)
-            if input_size is not None:
-                # The same resized uint8 images go to both sides, so only the models differ.
-                images = [resize_uint8(image, input_size) for image in images]
-            report = check_parity(artefact, fmt, predictor, images, options.parity_threshold)
-            report.update(
-                format=fmt,
-                artefact=ARTEFACT_NAMES[fmt],
-                input_size=list(input_size) if input_size else "original",
-                reference=f"Predictor {predictor.mode} mode, no TTA, "
-                f"size_divisor={predictor.size_divisor}",
-                checkpoint=str(checkpoint.resolve()),
-            )
-            write_json_atomic(staging / PARITY_FILE, report)
+        report = _write_and_check(cfg, predictor, checkpoint, staging, input_size)
         publish(staging, out_dir, options.overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
     log.info("Export written to %s", out_dir)
+    return _parity_verdict(report, fmt, options.parity_threshold, out_dir)
+
+
+def _export_predictor(cfg: DictConfig, model: keras.Model) -> Predictor:
+    """Whole (or resize) mode without TTA: what a single forward graph can reproduce."""
+    resize = cfg.eval.mode == "resize"
+    return Predictor(
+        model,
+        mode="resize" if resize else "whole",
+        crop_size=cfg.eval.crop_size if resize else None,
+        size_divisor=cfg.eval.size_divisor,
+        pad_value=cfg.data.get("pad_value", 0),
+        # The export runs every image whole: compare like with like.
+        max_whole_pixels=None,
+    )
+
+
+def _write_and_check(
+    cfg: DictConfig, predictor: Predictor, checkpoint: Path, staging: Path, input_size
+) -> dict | None:
+    """Writes the artefact and metadata.json into `staging`; returns the parity report, or
+    None when `export.parity_images=0`."""
+    options = cfg.export
+    fmt = options.format
+    artefact = staging / ARTEFACT_NAMES[fmt]
+    if fmt == "saved_model":
+        write_saved_model(predictor, artefact, options.with_probabilities)
+    else:
+        write_tflite(predictor, artefact, options.with_probabilities, input_size)
+    log.info("Wrote %s %s", fmt, artefact)
+    write_json_atomic(staging / METADATA_FILE, _metadata(cfg, checkpoint, predictor, input_size))
+    if not options.parity_images:
+        return None
+    images = val_images(cfg, options.parity_images)
+    if input_size is not None:
+        # The same resized uint8 images go to both sides, so only the models differ.
+        images = [resize_uint8(image, input_size) for image in images]
+    report = check_parity(artefact, fmt, predictor, images, options.parity_threshold)
+    report.update(
+        format=fmt,
+        artefact=ARTEFACT_NAMES[fmt],
+        input_size=list(input_size) if input_size else "original",
+        reference=f"Predictor {predictor.mode} mode, no TTA, size_divisor={predictor.size_divisor}",
+        checkpoint=str(checkpoint.resolve()),
+    )
+    write_json_atomic(staging / PARITY_FILE, report)
+    return report
+
+
+def _parity_verdict(report: dict | None, fmt: str, threshold: float, out_dir: Path) -> float | None:
+    """Prints the parity line; raises `UserError` below `export.parity_threshold`."""
     if report is None:
         log.warning("Parity check skipped (export.parity_images=0)")
         return None
@@ -206,13 +185,13 @@ def run(cfg: DictConfig) -> float | None:
         f"Export parity ({fmt}): {100 * report['agreement']:.3f}% of "
         f"{report['num_pixels']:,} pixels on {report['num_images']} val images agree with "
         f"in-framework predictions (worst image {100 * report['min_image_agreement']:.3f}%, "
-        f"threshold {100 * options.parity_threshold:.1f}%); see {out_dir / PARITY_FILE}"
+        f"threshold {100 * threshold:.1f}%); see {out_dir / PARITY_FILE}"
     )
     if not report["passed"]:
         # The export stays in place, with parity.json, for inspection.
         raise UserError(
             f"the {fmt} export in {out_dir} agrees with in-framework predictions on only "
             f"{100 * report['agreement']:.3f}% of pixels, below export.parity_threshold="
-            f"{options.parity_threshold}; see {out_dir / PARITY_FILE}"
+            f"{threshold}; see {out_dir / PARITY_FILE}"
         )
     return report["agreement"]

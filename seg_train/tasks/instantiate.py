@@ -26,7 +26,8 @@ from seg_train.errors import UserError
 from seg_train.inference.predictor import EVAL_BATCH_SIZE, MAX_WHOLE_PIXELS, Predictor
 from seg_train.tasks import loggers
 from seg_train.tasks.sources import build_source
-from seg_train.training import backup, distribute, fit
+from seg_train.training import distribute, fit
+from seg_train.training.callbacks import AtomicModelCheckpoint
 from seg_train.training.losses import AUTO
 from seg_train.training.multiscale import TrainingView
 from seg_train.viz import full_palette
@@ -121,7 +122,7 @@ def build_callbacks(
                 palette=full_palette(cfg.data.palette),
                 display_model=view.model,
             )
-        if isinstance(callback, backup.AtomicModelCheckpoint):
+        if isinstance(callback, AtomicModelCheckpoint):
             model = view.model
             callback.model_to_save = keras.Model(model.input, model.output, name=model.name)
             if protocol == "resized":  # fit validates the view: its fused output's metrics

@@ -1,6 +1,7 @@
 """The matting task inside `seg-train` runs: fit metrics, validation and the final report.
 
-`data.task=matting` switches these in (see seg_train/training.py and seg_train/evaluate.py):
+`data.task=matting` switches these in (see seg_train/tasks/instantiate.py and
+seg_train/tasks/evaluate.py):
 
 - `fit_metrics`: Keras metrics for `fit` (the mean absolute alpha difference);
 - `MattingValidation`: `trainer.val_protocol=original` for matting, writing `val_sad`,

@@ -45,8 +45,8 @@ PACKAGES = (
     "pillow",
     "matplotlib",
 )
-# The DataStallMonitor's per-epoch log line (seg_train/callbacks.py): the run's only record of
-# step time and input stall, so the speed section reads it back from the run's log.
+# The DataStallMonitor's per-epoch log line (seg_train/training/callbacks.py): the run's only
+# record of step time and input stall, so the speed section reads it back from the run's log.
 STALL_LINE = re.compile(
     r"Epoch (\d+): data stall ([\d.]+)% of step time \(([\d.]+) ms of ([\d.]+) ms per step\)"
 )

@@ -33,7 +33,7 @@ from seg_train.tasks.evaluate import (
 from seg_train.tasks.report import write_report
 from seg_train.tasks.sources import build_source, pipeline_options
 from seg_train.training import backup, devices, distribute, fit, optim, preemption
-from seg_train.training.callbacks import OriginalResolutionValidation
+from seg_train.training.callbacks import BackupCallback, NaNGuard, OriginalResolutionValidation
 from seg_train.viz import plot_history
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
         callbacks = _callbacks(cfg, view, source, data, protocol, chief)
         if chief and cfg.trainer.backups:
             callbacks.append(
-                backup.BackupCallback(
+                BackupCallback(
                     run_dir,
                     cfg.trainer.backup_every_steps,
                     _checkpoint_callback(callbacks),
@@ -220,7 +220,7 @@ def _checkpoint_callback(callbacks: list) -> keras.callbacks.ModelCheckpoint | N
 def _callbacks(cfg, view, source, data, protocol, chief) -> list:
     """The NaN guard; on the chief also the validation and the configured callbacks."""
     callbacks = [
-        backup.NaNGuard(
+        NaNGuard(
             f"optimizer.learning_rate={cfg.optimizer.learning_rate}, "
             f"trainer.precision={cfg.trainer.precision}"
         )

@@ -1,4 +1,5 @@
-"""Crash-safe training: backups to resume from, preemption by signal, and a NaN guard.
+"""Crash-safe training: the backups a run resumes from (their callbacks, BackupCallback,
+NaNGuard and AtomicModelCheckpoint, are in `seg_train.training.callbacks`).
 
 A backup is `<run dir>/backup/` holding `state.weights.h5` (model weights and every optimizer
 variable, including its step counter, so learning-rate schedules continue where they were) and
@@ -10,9 +11,9 @@ two renames, `backup.prev/`).
 A backup never records a position "at the end of an epoch": one written after an epoch's last
 batch says "next epoch, batch 0, and the end of the previous epoch (validation, checkpoint,
 CSV row) is still to run", with that epoch's training logs, and a resume runs that end first
-(`training.fit_from`). SIGTERM/SIGINT stop the run with exit status 75 and the resume command
-at every phase: between batches and during validation after a backup, elsewhere at once
-(`seg_train.training.preemption`).
+(`seg_train.training.fit.fit_from`). SIGTERM/SIGINT stop the run with exit status 75 and the
+resume command at every phase: between batches and during validation after a backup,
+elsewhere at once (`seg_train.training.preemption`).
 
 Keras' own `BackupAndRestore` restores only the epoch, writes in place, and keeps neither the
 checkpoint callback's best value nor the step within the epoch, hence this module.
@@ -25,16 +26,14 @@ import logging
 import math
 import os
 import shutil
-import signal
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from seg_train.errors import Preempted, UserError
+from seg_train.errors import UserError
 from seg_train.files import ensure_free_space, no_partial_files
-from seg_train.training.preemption import resume_hint
 
 log = logging.getLogger(__name__)
 
@@ -191,217 +190,3 @@ def mark_finished(run_dir: Path) -> None:
     with no_partial_files(path, tmp):
         tmp.write_text(json.dumps(asdict(state)))
         os.replace(tmp, path)
-
-
-class BackupCallback(keras.callbacks.Callback):
-    """Backs up every `every_steps` batches and at each epoch end; stops on SIGTERM/SIGINT.
-
-    A signal during training stops the run after the current batch, during validation at
-    once, each after writing a backup; during the epoch end (checkpoint, CSV row) after the
-    epoch-end backup. Exit status 75 and the resume command follow (`Preempted`).
-
-    Args:
-        run_dir: The run dir (the backup goes to `run_dir/backup`).
-        every_steps: Batches between backups; 0 = only at epoch ends.
-        checkpoint: The best-model checkpoint callback whose `best` value is saved, or None.
-        state: The state the run (re)starts from.
-        steps_per_epoch: Batches per epoch (a backup after an epoch's last batch records the
-            next epoch with this one's end pending); None = the steps of the `fit` call.
-    """
-
-    def __init__(
-        self,
-        run_dir: Path,
-        every_steps: int,
-        checkpoint,
-        state: TrainingState,
-        steps_per_epoch: int | None = None,
-    ):
-        super().__init__()
-        self.run_dir = Path(run_dir)
-        self.every_steps = every_steps
-        self.checkpoint = checkpoint
-        self.steps_per_epoch = steps_per_epoch
-        self.state = TrainingState(state.epoch, state.step, state.global_step, state.best)
-        self.signal_received: str | None = None
-        self._previous_handlers: dict = {}
-        # The epoch's training logs once its last batch is done, until its end has run.
-        self._epoch_logs: dict | None = None
-
-    # Signals are only noted here; the backup happens at the next batch end, between steps.
-    def _on_signal(self, signum, frame) -> None:
-        if self.signal_received:  # a second Ctrl-C: stop now, without a backup
-            raise KeyboardInterrupt
-        self.signal_received = signal.Signals(signum).name
-        log.warning(
-            "%s received: stopping after this batch to write a backup", self.signal_received
-        )
-
-    def on_train_begin(self, logs=None) -> None:
-        if self.steps_per_epoch is None:
-            self.steps_per_epoch = self.params.get("steps") or 0
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-
-    def on_train_end(self, logs=None) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
-
-    def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        if epoch != self.state.epoch:
-            self.state.epoch, self.state.step = epoch, 0
-        # A resumed half-done epoch is fitted from its batch `step`, numbered from 0 by Keras.
-        self._first_step = self.state.step
-        self._epoch_logs = None
-
-    def on_train_batch_end(self, batch: int, logs=None) -> None:
-        # `batch` is the last step of the call (several with steps_per_execution > 1).
-        self.state.step = self._first_step + batch + 1
-        if self._at_epoch_end():
-            self._epoch_logs = _plain_logs(logs)
-        if self.signal_received:
-            self._save()
-            self.model.stop_training = True
-            self._stop(f"at epoch {self.state.epoch + 1}, batch {self.state.step}")
-        iterations = int(self.model.optimizer.iterations.numpy())
-        if self.every_steps and iterations // self.every_steps > (
-            self.state.global_step // self.every_steps
-        ):
-            self._save()
-
-    def on_test_batch_end(self, batch: int, logs=None) -> None:
-        # Validation inside fit, after the epoch's last batch: the weights are final.
-        if self.signal_received and self._epoch_logs is not None:
-            self._save()
-            self._stop(f"during the validation of epoch {self.state.epoch + 1}")
-
-    def on_epoch_end(self, epoch: int, logs=None) -> None:
-        self.state.epoch, self.state.step = epoch + 1, 0
-        self._epoch_logs = None
-        self._save()
-        if self.signal_received:
-            self._stop(f"at the end of epoch {epoch + 1}")
-
-    def _at_epoch_end(self) -> bool:
-        """Whether every batch of the current epoch is done (its end not yet run)."""
-        return bool(self.steps_per_epoch) and self.state.step >= self.steps_per_epoch
-
-    def _stop(self, where: str) -> None:
-        raise Preempted(f"stopped by {self.signal_received} {where}; {resume_hint(self.run_dir)}")
-
-    def _save(self) -> None:
-        """Writes a backup of the current position (never "at the end" of an epoch)."""
-        self.state.global_step = int(self.model.optimizer.iterations.numpy())
-        if self.checkpoint is not None and self.checkpoint.best is not None:
-            best = float(self.checkpoint.best)
-            self.state.best = best if math.isfinite(best) else None
-        position = self.state
-        if self._at_epoch_end():
-            position = replace(
-                self.state,
-                epoch=self.state.epoch + 1,
-                step=0,
-                pending_epoch_end=self._epoch_logs or {},
-            )
-        write_backup(self.run_dir, self.model, position)
-
-
-def _plain_logs(logs: dict | None) -> dict:
-    """Keras logs as JSON-ready floats."""
-    return {str(k): float(v) for k, v in (logs or {}).items()}
-
-
-class NaNGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite loss with the step and the likely causes.
-
-    Raises from the batch end, before any later callback (backup, checkpoint) can save the
-    broken weights, so the last good checkpoint and backup stay as they were.
-
-    Args:
-        hints: Config facts to quote in the message (learning rate, precision).
-    """
-
-    def __init__(self, hints: str = ""):
-        super().__init__()
-        self.hints = hints
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch: int, logs=None) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch: int, logs=None) -> None:
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            step = int(self.model.optimizer.iterations.numpy())
-            raise NonFiniteLoss(
-                f"training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1} "
-                f"(step {step}); likely causes: a learning rate too high, float16 overflow, or "
-                f"labels outside 0..num_classes-1 that are not 255 ({self.hints}); "
-                "the last good checkpoint and backup were kept"
-            )
-
-
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """`keras.callbacks.ModelCheckpoint` that writes to a temporary name and renames it.
-
-    A kill or an error during the save leaves the previous checkpoint in place, whole.
-    Set `model_to_save` to save another model than the one being fitted (e.g. an uncompiled
-    twin sharing its weights, or the single-output model behind a multi-output training view).
-    """
-
-    model_to_save: keras.Model | None = None
-
-    def __init__(self, *args, verbose: int = 0, **kwargs):
-        # Keras' own messages name the temporary file being written; `_should_save_model`
-        # says the same with the checkpoint's own name.
-        super().__init__(*args, verbose=0, **kwargs)
-        self.report = verbose
-
-    def _should_save_model(self, epoch, batch, logs, filepath):
-        # Keras saves whenever the monitored value is missing, e.g. after an epoch that was not
-        # validated (trainer.validation_freq > 1): that would replace the best checkpoint with
-        # unvalidated weights. Keep the best one instead.
-        if self.save_best_only and (logs or {}).get(self.monitor) is None:
-            return False
-        previous = self.best
-        save = super()._should_save_model(epoch, batch, logs, filepath)
-        if self.report > 0:
-            final = Path(filepath)  # the temporary name `_save_model` writes to first
-            final = final.with_name(final.name.removeprefix(f".tmp-{os.getpid()}-"))
-            log.info("Epoch %d: %s", epoch + 1, self._describe(previous, logs, save, final))
-        return save
-
-    def _describe(self, previous, logs, save: bool, final: Path) -> str:
-        """What the checkpoint did this epoch, naming the file as it will be found."""
-        if not self.save_best_only:
-            return f"saving {final}"
-        was = "none" if previous is None or not math.isfinite(previous) else f"{previous:.5f}"
-        if save:
-            now = float(logs[self.monitor])
-            return f"{self.monitor} improved from {was} to {now:.5f}; saving {final}"
-        return f"{self.monitor} did not improve from {was}; {final.name} kept"
-
-    def _save_model(self, epoch, batch, logs):
-        final = Path(self._get_file_path(epoch, batch, logs))
-        temporary = final.with_name(f".tmp-{os.getpid()}-{final.name}")
-        template, self.filepath = self.filepath, str(temporary)
-        fitted = self._model
-        if self.model_to_save is not None:
-            self._model = self.model_to_save  # Keras' _save_model saves self.model
-        kept = "the previous checkpoint was kept" if final.exists() else ""
-        try:
-            # h5py crashes the process after an out-of-space error: check before writing.
-            ensure_free_space(final, self._expected_bytes(final), kept)
-            with no_partial_files(final, temporary, kept=kept):
-                super()._save_model(epoch, batch, logs)
-        finally:
-            self.filepath = template
-            self._model = fitted
-        if temporary.exists():
-            os.replace(temporary, final)
-
-    def _expected_bytes(self, final: Path) -> int:
-        """The checkpoint's expected size: the previous one's, or the variables' bytes."""
-        estimate = variables_bytes(self.model, with_optimizer=not self.save_weights_only)
-        return max(estimate, final.stat().st_size if final.is_file() else 0)

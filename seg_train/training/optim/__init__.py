@@ -93,15 +93,7 @@ def build_optimizer(
     if not isinstance(inner, keras.optimizers.Optimizer) and callable(inner):
         inner = inner()
     check_template(inner)
-    if (
-        isinstance(learning_rate, bool)
-        or not isinstance(learning_rate, (int, float))
-        or (learning_rate <= 0)
-    ):
-        raise UserError(
-            f"optimizer.learning_rate must be a positive number, got "
-            f"{learning_rate!r}; e.g. optimizer.learning_rate=1e-3"
-        )
+    # optimizer.learning_rate is checked with the other config rules (config_checks.RULES).
     if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
         raise UserError(
             f"optimizer.accumulation_steps must be an integer >= 1, got {accumulation_steps!r}"
