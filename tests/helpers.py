@@ -13,6 +13,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from seg_train.data.options import PipelineOptions
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
 # Flags that make a training run take seconds: tiny data, tiny U-Net, one short epoch.
@@ -87,3 +89,18 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
 def trainable_count(model) -> int:
     """Trainable parameters of a Keras model (its `count_params()` counts all of them)."""
     return sum(math.prod(weight.shape) for weight in model.trainable_weights)
+
+
+def small_pipeline_options(**overrides) -> PipelineOptions:
+    """Input-pipeline options for tiny folder datasets: 24x24 crops, scale 0.5..2, flips."""
+    base = dict(
+        crop_size=[24, 24],
+        scale_range=[0.5, 2.0],
+        hflip=True,
+        ignore_label=255,
+        batch_size=4,
+        cache=False,
+        shuffle_buffer=16,
+        num_parallel_calls=None,
+    )
+    return PipelineOptions.from_mapping({**base, **overrides})

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fixture_writers import write_portrait
 from tests.helpers import run_cli, train_through_cli
-from tests.test_data_layouts import write_portrait
 
 MATTING_ERRORS = ("sad", "mse", "grad", "conn")
 

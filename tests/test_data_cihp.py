@@ -10,8 +10,8 @@ from seg_train.data import augment, cihp, pipeline
 from seg_train.data.cihp import CIHPSource
 from seg_train.errors import UserError
 from seg_train.tasks.sources import pipeline_options
+from tests.fixture_writers import H, W, write_cihp
 from tests.helpers import compose_config, train_through_cli
-from tests.test_data_layouts import H, W, write_cihp
 
 TRAIN = ["0000001", "0000002", "0000003", "0000004"]
 VAL = ["0000005", "0000006"]

@@ -17,8 +17,8 @@ from seg_train.errors import UserError
 from seg_train.tasks.check import check_dataset
 from seg_train.tasks.sources import build_source
 from seg_train.training.fit import check_label_sample
+from tests.fixture_writers import blocky_labels, photo
 from tests.helpers import TINY_DATASET_RUN, cli_command, cli_env, compose_config
-from tests.test_data_layouts import blocky_labels, photo
 
 BINARY = ["data=folder", "data.num_classes=2", "data.class_names=[bg,fg]"]
 

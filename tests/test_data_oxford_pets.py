@@ -16,6 +16,14 @@ from seg_train.data import decode, oxford_pets, pipeline
 from seg_train.data.oxford_pets import OxfordPetsRaw, OxfordPetsTFDS, make_source
 from seg_train.data.readers import DataError
 from seg_train.errors import UserError
+from tests.fixture_writers import (
+    H,
+    W,
+    mock_pets,
+    pet_names,
+    pets_tfds_examples,
+    write_pets_raw,
+)
 from tests.helpers import (
     REPO,
     TINY_DATASET_RUN,
@@ -23,14 +31,6 @@ from tests.helpers import (
     error_lines,
     run_cli,
     train_through_cli,
-)
-from tests.test_data_layouts import (
-    H,
-    W,
-    mock_pets,
-    pet_names,
-    pets_tfds_examples,
-    write_pets_raw,
 )
 
 TRAIN = pet_names(6)
@@ -174,7 +174,7 @@ def test_training_on_mocked_tfds_through_the_cli(tmp_path, cache_dir, manual_dir
     runner = textwrap.dedent(f"""
         import sys
         from seg_train import cli
-        from tests.test_data_layouts import mock_pets, pets_tfds_examples
+        from tests.fixture_writers import mock_pets, pets_tfds_examples
         examples = {{"train": pets_tfds_examples(6, 0), "test": pets_tfds_examples(3, 1)}}
         sys.argv = ["seg-train", "data=oxford_pets", "data.tfds.manual_dir={manual_dir}",
                     *{TINY_DATASET_RUN!r}, "hydra.run.dir={run_dir}"]

@@ -9,8 +9,8 @@ from PIL import Image
 from seg_train.data import pipeline, portrait
 from seg_train.data.portrait import PortraitSource
 from seg_train.errors import UserError
+from tests.fixture_writers import H, W, write_portrait
 from tests.helpers import compose_config, train_through_cli
-from tests.test_data_layouts import H, W, write_portrait
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from seg_train.data.readers import DataError
 from seg_train.data.voc import CLASS_NAMES, PALETTE, VOCSource
 from seg_train.errors import UserError
 from seg_train.tasks.sources import pipeline_options
+from tests.fixture_writers import H, W, save_palette_png, write_sbd, write_voc
 from tests.helpers import REPO, TINY_DATASET_RUN, compose_config, error_lines, run_cli
-from tests.test_data_layouts import H, W, save_palette_png, write_sbd, write_voc
 
 TRAIN = ["2007_000032", "2007_000039", "2007_000063", "2007_000068"]
 VAL = ["2007_000033", "2007_000042"]

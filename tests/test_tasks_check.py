@@ -11,8 +11,7 @@ from PIL import Image
 
 from seg_train.data.stats import median_frequency_weights
 from seg_train.tasks.check import check_dataset
-from tests.helpers import compose_config, error_lines, run_cli
-from tests.test_data_layouts import (
+from tests.fixture_writers import (
     H,
     W,
     pet_names,
@@ -21,6 +20,7 @@ from tests.test_data_layouts import (
     write_portrait,
     write_voc,
 )
+from tests.helpers import compose_config, error_lines, run_cli
 
 TRAIN = ["2007_000032", "2007_000039", "2007_000063", "2007_000068", "2007_000121"]
 VAL = ["2007_000033", "2007_000042", "2007_000061", "2007_000123", "2007_000129"]

@@ -23,8 +23,8 @@ from seg_train.errors import UserError
 from seg_train.inference.predictor import Predictor
 from seg_train.tasks.evaluate import evaluate_model
 from seg_train.tasks.instantiate import predictor_from_config
-from tests.helpers import TINY_TRAIN, compose_config, run_cli
-from tests.test_pipeline import data_config, write_folder_dataset
+from tests.fixture_writers import write_folder_dataset
+from tests.helpers import TINY_TRAIN, compose_config, run_cli, small_pipeline_options
 
 # Four quadrant colours and mask ids: top-left, top-right, bottom-left, bottom-right.
 QUADRANT_COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (250, 250, 250)]
@@ -61,7 +61,7 @@ def test_resize_sample_shows_the_whole_image_at_its_corners(tmp_path):
     image, mask = quadrant_pair(30, 50)
     source = write_folder_dataset(tmp_path, [mask], [image])
     # scale_range [1, 1]: a crop could only ever show one or two quadrants of a 30x50 image.
-    data = data_config(
+    data = small_pipeline_options(
         transform="resize", crop_size=[12, 20], scale_range=[1.0, 1.0], batch_size=1, hflip=True
     )
     seen_flipped = set()
@@ -83,7 +83,7 @@ def test_resize_mask_is_the_nearest_resize_of_the_whole_mask(tmp_path):
     mask = rng.integers(0, 6, (37, 23)).astype(np.uint8)
     mask[rng.random(mask.shape) < 0.1] = 255
     source = write_folder_dataset(tmp_path, [mask])
-    data = data_config(
+    data = small_pipeline_options(
         transform="resize", crop_size=[16, 10], batch_size=1, hflip=True, flip_pairs=[]
     )
     # Pillow's NEAREST samples the source pixel under each target pixel's centre.
@@ -101,7 +101,7 @@ def test_resize_mask_is_the_nearest_resize_of_the_whole_mask(tmp_path):
 def test_resize_flip_swaps_the_flip_pairs(tmp_path):
     image, mask = quadrant_pair(20, 20)
     source = write_folder_dataset(tmp_path, [mask], [image])
-    data = data_config(
+    data = small_pipeline_options(
         transform="resize", crop_size=[10, 10], batch_size=1, hflip=True, flip_pairs=[[1, 2]]
     )
     seen = set()
@@ -118,7 +118,7 @@ def test_resize_flip_swaps_the_flip_pairs(tmp_path):
 # ----- data.pad_value ---------------------------------------------------------------------------
 def test_crop_padding_is_filled_with_pad_value(tmp_path):
     source = write_folder_dataset(tmp_path, [np.ones((8, 8), int)], [np.full((8, 8, 3), 200)])
-    data = data_config(
+    data = small_pipeline_options(
         crop_size=[16, 16],
         scale_range=[1.0, 1.0],
         hflip=False,
@@ -238,7 +238,7 @@ def test_multi_output_view_monitors_fused_only_when_fit_validates(tmp_path):
     OmegaConf.set_struct(cfg, False)
     cfg.callbacks = {
         "model_checkpoint": {
-            "_target_": "seg_train.training.backup.AtomicModelCheckpoint",
+            "_target_": "seg_train.training.callbacks.AtomicModelCheckpoint",
             "filepath": str(tmp_path / "best.keras"),
             "monitor": "val_mean_iou",
             "mode": "max",
@@ -304,7 +304,7 @@ def test_saved_model_pads_with_pad_value(tmp_path):
 
 def test_an_epoch_without_validation_keeps_the_best_checkpoint(tmp_path):
     """trainer.validation_freq > 1: epochs without val_mean_iou must not replace best.keras."""
-    from seg_train.training.backup import AtomicModelCheckpoint
+    from seg_train.training.callbacks import AtomicModelCheckpoint
 
     model = fixed_only_model()
     path = tmp_path / "best.keras"

@@ -24,8 +24,8 @@ from seg_train.data.voc import VOCSource
 from seg_train.errors import UserError
 from seg_train.models import deeplabv2, fcn
 from seg_train.training import losses
+from tests.fixture_writers import write_sbd, write_voc
 from tests.helpers import REPO, compose_config
-from tests.test_data_layouts import write_sbd, write_voc
 
 # --- FCN reference solver (voc-fcn32s/solver.prototxt, net.py) --------------------------------
 REF_BASE_LR = 1e-10  # base_lr, "lr for unnormalized softmax"
