@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from seg_train.config_checks import check_config
 from seg_train.errors import UserError
 from seg_train.inference import serving
 from seg_train.inference.predictor import Predictor
@@ -21,7 +22,6 @@ from seg_train.inference.serving import (
     write_saved_model,
 )
 from seg_train.models.unet import build_unet
-from seg_train.tasks.export import _check_export_config
 from tests.helpers import TINY_TRAIN, compose_config, error_lines, run_cli
 
 NUM_CLASSES = 4
@@ -124,7 +124,7 @@ def test_pixel_agreement_counts_wrong_shapes_as_disagreement():
 )
 def test_export_config_mistakes_are_user_errors(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        _check_export_config(compose_config(["mode=export", *overrides]))
+        check_config(compose_config(["mode=export", *overrides]))
 
 
 # ----- through the CLI -------------------------------------------------------------------------

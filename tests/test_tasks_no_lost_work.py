@@ -27,6 +27,7 @@ from seg_train.errors import UserError
 from seg_train.files import DiskFull
 from seg_train.tasks import infer
 from seg_train.training import backup
+from seg_train.training.callbacks import AtomicModelCheckpoint
 from tests.helpers import cli_command, cli_env, error_lines, run_cli
 
 
@@ -181,7 +182,7 @@ def test_checkpoint_out_of_space_keeps_the_previous_best(tmp_path, monkeypatch):
     best = tmp_path / "best.keras"
     model.save(best)
     before = digest(best)
-    callback = backup.AtomicModelCheckpoint(str(best), monitor="loss", save_best_only=False)
+    callback = AtomicModelCheckpoint(str(best), monitor="loss", save_best_only=False)
     callback.set_model(model)
 
     def partial_then_enospc(filepath, *args, **kwargs):

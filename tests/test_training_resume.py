@@ -20,6 +20,7 @@ from seg_train.data.options import PipelineOptions
 from seg_train.data.readers import Pair
 from seg_train.errors import Preempted
 from seg_train.training import backup, fit, preemption
+from seg_train.training.callbacks import AtomicModelCheckpoint, BackupCallback, NaNGuard
 from tests.helpers import cli_command, cli_env, error_lines, run_cli
 
 EPOCHS, STEPS = 3, 8
@@ -166,7 +167,7 @@ def test_previous_backup_is_used_when_the_swap_was_interrupted(tmp_path):
 def test_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = tiny_model()
     path = tmp_path / "best.keras"
-    checkpoint = backup.AtomicModelCheckpoint(str(path), monitor="loss", save_best_only=False)
+    checkpoint = AtomicModelCheckpoint(str(path), monitor="loss", save_best_only=False)
     checkpoint.set_model(model)
     checkpoint._save_model(epoch=0, batch=None, logs={"loss": 1.0})
     before = path.read_bytes()
@@ -188,7 +189,7 @@ def test_nan_guard_stops_at_the_first_non_finite_loss():
     model = tiny_model()
     x = np.ones((8, 4), np.float32)
     y = np.full((8, 2), np.inf, np.float32)
-    guard = backup.NaNGuard("optimizer.learning_rate=0.1")
+    guard = NaNGuard("optimizer.learning_rate=0.1")
     with pytest.raises(backup.NonFiniteLoss, match=r"epoch 1, batch 1 \(step 1\).*learning rate"):
         model.fit(x, y, epochs=2, batch_size=4, callbacks=[guard], verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 1
@@ -224,7 +225,7 @@ def test_backup_after_the_last_batch_records_the_next_epoch_and_resume_runs_its_
     callbacks = [
         keras.callbacks.CSVLogger(str(csv)),
         DieAtFirstEpochEnd(),
-        backup.BackupCallback(tmp_path, 3, None, backup.TrainingState(), steps_per_epoch=3),
+        BackupCallback(tmp_path, 3, None, backup.TrainingState(), steps_per_epoch=3),
     ]
     with pytest.raises(Died):
         first.fit(x, y, batch_size=4, epochs=2, callbacks=callbacks, shuffle=False, verbose=0)
@@ -238,7 +239,7 @@ def test_backup_after_the_last_batch_records_the_next_epoch_and_resume_runs_its_
     second = tiny_model()
     callbacks = [
         keras.callbacks.CSVLogger(str(csv)),
-        backup.BackupCallback(tmp_path, 3, None, state, steps_per_epoch=3),
+        BackupCallback(tmp_path, 3, None, state, steps_per_epoch=3),
     ]
     fit.restore(second, weights, state, callbacks)
     starts = []
@@ -372,7 +373,7 @@ def fit_until_preempted(tmp_path, hook, **fit_args):
     model = tiny_model()
     callbacks = [
         SigtermAt(hook),
-        backup.BackupCallback(tmp_path, 0, None, backup.TrainingState(), steps_per_epoch=3),
+        BackupCallback(tmp_path, 0, None, backup.TrainingState(), steps_per_epoch=3),
     ]
     with pytest.raises(Preempted) as stopped:
         model.fit(x, y, batch_size=4, epochs=2, callbacks=callbacks, verbose=0, **fit_args)
