@@ -1,12 +1,19 @@
 """One measurement per process, so each peak RSS belongs to one measurement.
 
 Usage (run_all.py does this): python benchmarks/worker.py KIND JSON_SPEC -> one JSON line on
-stdout. KIND is input | train | infer | crf. Every timing is taken after warm-up, over
+stdout. KIND is input | train | infer | crf | matmul. Every timing is taken after warm-up, over
 `steps` steps (or batches / images), with `time.perf_counter`.
+
+Train variants: "bare" (the recipe's model, its Keras optimizer, plain cross-entropy, no
+metrics or callbacks), "ours" (seg-train's compile path and callbacks) and "source" (the
+source's own model and `compile`, from benchmarks/baselines.py, spec["source"]). All three
+run `model.fit` on the same in-memory batch and report `train_gflops_per_image` (see
+`train_gflops_per_image`) and `gflops_per_s`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -233,10 +240,24 @@ def bench_train(spec: dict) -> dict:
     tensors = tf.data.Dataset.from_tensors((images, labels)).repeat()
     warmup, steps, min_seconds = spec["warmup"], spec["steps"], spec["min_seconds"]
     timer = _StepTimer(warmup)
-    model = instantiate(cfg.model, _convert_="all")
+    if spec["variant"] == "source":
+        # The source's own network, written from its text (no seg_train code), at the
+        # recipe's crop and class count.
+        from benchmarks import baselines
+
+        if crop[0] != crop[1]:
+            raise ValueError(f"the sources' models take square inputs, not {crop}")
+        model = baselines.BUILDERS[spec["source"]](num_classes=cfg.data.num_classes, size=crop[0])
+    else:
+        model = instantiate(cfg.model, _convert_="all")
     result = {"params": model.count_params()}
     stall_monitor = None
-    if spec["variant"] == "bare":
+    if spec["variant"] == "source":
+        # The source's compile, word for word; its fit has no callbacks but our timer's.
+        baselines.compile_like_source(model, spec["source"])
+        result["source"] = spec["source"]
+        train_model, callbacks = model, [timer.callback, timer.stop_when(steps, min_seconds)]
+    elif spec["variant"] == "bare":
         # The recipe's own Keras optimizer (same class and settings) without our parameter
         # groups, schedule and decay; plain cross-entropy; no metrics, no callbacks.
         optimizer = instantiate(cfg.optimizer.inner, learning_rate=cfg.optimizer.learning_rate)
@@ -301,6 +322,12 @@ def bench_train(spec: dict) -> dict:
         batch=batch,
         steps=timer.measured_steps,
     )
+    try:
+        gflops = train_gflops_per_image(model, crop)
+    except Exception as error:  # noqa: BLE001 - a count that fails must not lose the timing
+        gflops, result["gflops_error"] = None, f"{type(error).__name__}: {error}"[:200]
+    result["train_gflops_per_image"] = gflops
+    result["gflops_per_s"] = None if gflops is None else gflops * result["images_per_s"]
     if stall_monitor is not None and spec.get("stall_root") and not spec["jit"]:
         # The data stall with the real input pipeline at the recipe's crop and batch, on the
         # generated VOC-layout files.
@@ -319,6 +346,108 @@ def bench_train(spec: dict) -> dict:
         )
         result["data_stall"] = stall_monitor.history[-1] if stall_monitor.history else None
     return result
+
+
+def train_gflops_per_image(model, crop) -> float:
+    """Floating-point operations of one training step on one image, in GFLOP, from the graph.
+
+    Traces (never runs) a `tf.function` of: the network's forward pass in training mode on a
+    1 x H x W x 3 batch, SparseCategoricalCrossentropy(from_logits=True) against 1 x H x W
+    labels, and the gradients of the loss with respect to `model.trainable_variables`; then
+    sums, over that graph's operations, TensorFlow's registered "flops" statistics (those
+    `tf.compat.v1.profiler.profile(..., ProfileOptionBuilder.float_operation())` adds up),
+    except for the two convolution gradients, see below. Batch 1, so the total is per image.
+
+    Counted: Conv2D and DepthwiseConv2dNative (2 x multiply-adds), both convolution gradients
+    and transposed convolutions (Conv2DBackpropInput, Conv2DBackpropFilter: 2 x multiply-adds
+    of the convolution they belong to, the same as its forward count), MatMul, BiasAdd and its
+    gradient, pooling and its gradient, and the element-wise Add/Mul/Sub/RealDiv/Rsqrt/Square/
+    Mean/Sum... (BatchNorm's arithmetic as Keras 3 writes it), Softmax, Log. Not counted (no
+    statistics registered in TensorFlow): the depthwise convolutions' gradients (none here:
+    the MobileNetV2 encoders are frozen), ReLU and its gradient, bilinear resizes,
+    concatenations, and anything outside this function: the optimizer's update, metrics, and
+    our loss's extras (ignore mask, class weights). Counted as TensorFlow executes them: a
+    dilated convolution runs as SpaceToBatch + a VALID convolution over the padded blocks,
+    which costs more than its useful multiply-adds at small feature maps (keras-io's rates 6,
+    12, 18 on an 8x8 map), and the gradient of a first layer's input, which TensorFlow's graph
+    holds and Grappler may prune, is included (a few percent at most).
+
+    Why not the profiler's own total: TensorFlow's statistics for Conv2DBackpropInput and
+    Conv2DBackpropFilter assume the input image size is the output size over the stride
+    (SAME padding); for the VALID convolutions of a dilated convolution they count up to 9x
+    too much (9.9 of the profiler's 26.7 GFLOP on keras-io's DeepLabV3+ at 128 px: 16.9 here,
+    3x its 5.6 GFLOP forward pass). Here each is computed
+    from its output gradient (forward output) shape and its kernel shape instead.
+
+    The same function is counted for every variant, so a pair's two counts differ only by
+    its two networks. Frozen layers get no gradient operations (the tape records only paths
+    to watched variables).
+
+    Args:
+        model: The network (not the compiled training wrapper), a single logits output at the
+            input resolution.
+        crop: [height, width].
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.python.framework import ops as tf_ops
+
+    # Registers the statistics of the gradient, pooling and element-wise ops, as the profiler
+    # does when it loads.
+    from tensorflow.python.profiler.internal import flops_registry  # noqa: F401
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = model.trainable_variables
+
+    @tf.function
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = loss_fn(labels, logits)
+        return tape.gradient(loss, variables)
+
+    graph = step.get_concrete_function(
+        tf.TensorSpec([1, *crop, 3], tf.float32), tf.TensorSpec([1, *crop], tf.int32)
+    ).graph
+    total = 0
+    for op in graph.get_operations():
+        if op.type in ("Conv2DBackpropInput", "Conv2DBackpropFilter"):
+            # inputs: (input or its sizes, filter or its sizes, out_backprop); NHWC.
+            kernel = op.inputs[1].shape if op.type == "Conv2DBackpropInput" else op.outputs[0].shape
+            out_backprop = op.inputs[2].shape
+            total += 2 * int(np.prod(out_backprop.as_list()[:3])) * int(np.prod(kernel.as_list()))
+            continue
+        # An op without statistics, or whose shapes are not fully known, counts 0 (as in the
+        # profiler).
+        with contextlib.suppress(ValueError):
+            total += tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value or 0
+    return float(total) / 1e9
+
+
+# ----- matmul --------------------------------------------------------------------------------
+def bench_matmul(spec: dict) -> dict:
+    """The machine's float32 matmul rate: an n x n by n x n `tf.linalg.matmul` (2 n^3 FLOP).
+
+    The product is reduced to a scalar on the device before it is read (n^2 more additions,
+    not counted) so that no copy of the result is timed; warmed up, then timed over at least
+    `steps` calls and `min_seconds`.
+    """
+    import tensorflow as tf
+
+    n = spec.get("n", 2048)
+    a = tf.random.uniform((n, n), dtype=tf.float32, seed=0)
+    b = tf.random.uniform((n, n), dtype=tf.float32, seed=1)
+    product = tf.function(lambda: tf.reduce_sum(tf.linalg.matmul(a, b)))
+    for _ in range(spec.get("warmup", 2)):
+        product().numpy()
+    calls, seconds = timed(lambda: product().numpy(), spec.get("steps", 5), spec["min_seconds"])
+    return {
+        "n": n,
+        "calls": calls,
+        "seconds_per_matmul": seconds / calls,
+        "gflops_per_s": 2 * n**3 * calls / seconds / 1e9,
+    }
 
 
 # ----- inference -----------------------------------------------------------------------------
@@ -386,9 +515,13 @@ def bench_crf(spec: dict) -> dict:
 
 def main() -> None:
     kind, spec = sys.argv[1], json.loads(sys.argv[2])
-    result = {"input": bench_input, "train": bench_train, "infer": bench_infer, "crf": bench_crf}[
-        kind
-    ](spec)
+    result = {
+        "input": bench_input,
+        "train": bench_train,
+        "infer": bench_infer,
+        "crf": bench_crf,
+        "matmul": bench_matmul,
+    }[kind](spec)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
