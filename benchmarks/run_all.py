@@ -1,6 +1,6 @@
 """Runs every benchmark, prints one markdown table and writes table.md + results.json.
 
-    python benchmarks/run_all.py [--quick] [--out DIR]
+    python benchmarks/run_all.py [--quick] [--out DIR] [--only SECTION ...]
     python benchmarks/run_all.py --recipe "experiment=voc_deeplabv2 data.root=DIR" [--recipe ...]
 
 --recipe runs `seg-train benchmark OVERRIDES` (the product's own measurement of a composed
@@ -11,7 +11,10 @@ Each measurement runs in its own subprocess (benchmarks/worker.py) with the same
 TF_ENABLE_ONEDNN_OPTS=1 (as seg-train sets it), this process's LD_PRELOAD (none unless you
 set one) and TensorFlow's default thread pools, so every ratio compares programs under
 identical oneDNN/allocator settings and its peak RSS belongs to that measurement alone.
-Ratios are computed against baselines measured in the same run. The default run takes about
+Ratios are computed against baselines measured in the same run. The "sources" section times
+each source's own model, compile and fit (benchmarks/baselines.py, written from the source's
+text) against seg-train's path on the same recipe, with a float32 matmul as the machine's
+ceiling. The default run takes about
 40 minutes on 2 cores; --quick (tiny sizes, a few steps) a few minutes.
 """
 
@@ -68,6 +71,21 @@ ALLOCATORS = {
 }
 ALLOCATOR_MODELS = ("unet", "deeplabv3plus (R50)")
 COMMON = ["data.root=/nonexistent", "model.backbone_weights=null", "trainer.backups=true"]
+# The "sources" section: pair name -> (baselines source, recipe overrides, --quick overrides).
+# The default run uses the sources' own sizes (the recipes: 128x128 batch 64, 512x512 batch 4).
+SOURCE_PAIRS = {
+    "unet_mobilenetv2 vs TF tutorial": (
+        "tf_tutorial",
+        ["experiment=pets_unet_mobilenetv2"],
+        ["data.crop_size=[64,64]", "data.batch_size=4"],
+    ),
+    "deeplabv3plus vs keras-io": (
+        "keras_io",
+        ["experiment=cihp_deeplabv3plus"],
+        ["data.crop_size=[128,128]", "data.batch_size=2"],
+    ),
+}
+SECTIONS = ("input", "train", "allocator", "crf", "sources")
 # --quick: tiny inputs so the whole run takes a few minutes; the table says so.
 QUICK = ["data.crop_size=[64,64]", "data.batch_size=2"]
 QUICK_MODELS = {
@@ -220,7 +238,15 @@ def run_recipes(recipes: list[str], out: Path) -> dict:
 
 def empty_results(machine: dict) -> dict:
     """The results layout `render` reads: the machine line, then one dict per area."""
-    return {"machine": machine, "input": {}, "train": {}, "infer": {}, "allocator": {}, "crf": {}}
+    return {
+        "machine": machine,
+        "input": {},
+        "train": {},
+        "infer": {},
+        "allocator": {},
+        "crf": {},
+        "sources": {},
+    }
 
 
 def fastest(previous: dict | None, result: dict) -> dict:
@@ -273,8 +299,83 @@ def _ratio(a, b) -> float | None:
     return a / b
 
 
-def run(quick: bool, out: Path) -> dict:
-    """Measures everything; returns the results dict (also written to out/results.json)."""
+def source_pair(source: dict, ours: dict, matmul_gflops_per_s: float | None) -> dict:
+    """One row of the "sources" section from the fastest source and ours runs of a pair.
+
+    Returns:
+        {source, ours, ratio: ours img/s / source img/s, holds: ratio >= 1.0,
+        train_gflops_per_image and gflops_per_s (ours), share_of_matmul: ours GFLOP/s over
+        the matmul's}; None where a figure is missing (an error).
+    """
+    ratio = _ratio(ours.get("images_per_s"), source.get("images_per_s"))
+    gflops_per_s = ours.get("gflops_per_s")
+    return {
+        "source": source,
+        "ours": ours,
+        "ratio": ratio,
+        "holds": None if ratio is None else ratio >= 1.0,
+        "train_gflops_per_image": ours.get("train_gflops_per_image"),
+        "gflops_per_s": gflops_per_s,
+        "share_of_matmul": _ratio(gflops_per_s, matmul_gflops_per_s),
+    }
+
+
+def run_sources(
+    quick: bool, min_seconds: float, pairs: dict | None = None, repeats: int = 2
+) -> tuple[dict, dict]:
+    """Each pair: the source's own loop and ours, alternated `repeats` times (the fastest of
+    each kept, as in the training table), then one 2048x2048 matmul.
+
+    Args:
+        quick: Use each pair's --quick sizes (and fewer warm-up / timed steps).
+        min_seconds: Least timed seconds per measurement.
+        pairs: name -> (source, recipe overrides, quick overrides); SOURCE_PAIRS by default.
+        repeats: Alternations of source and ours.
+
+    Returns:
+        (the "sources" section, name -> `source_pair`; the matmul result).
+    """
+    pairs = SOURCE_PAIRS if pairs is None else pairs
+    warmup, steps = (1, 2) if quick else (2, 3)
+    runs: dict = {}
+    for name, (source, recipe, quick_sizes) in pairs.items():
+        overrides = recipe + COMMON + (quick_sizes if quick else [])
+        for variant in ("source", "ours") * repeats:
+            spec = {
+                "name": name,
+                "variant": variant,
+                "source": source,
+                "overrides": overrides,
+                # Keras' "auto" on both sides: the sources pass no jit_compile, and it is
+                # seg-train's default (trainer.jit_compile=auto).
+                "jit": "auto",
+                "warmup": warmup,
+                "steps": steps,
+                "min_seconds": min_seconds,
+                "max_steps": 500,
+            }
+            key = (name, variant)
+            runs[key] = fastest(runs.get(key), run_worker("train", spec))
+    matmul = run_worker(
+        "matmul",
+        {
+            "name": "2048x2048 float32",
+            "n": 2048,
+            "warmup": 2,
+            "steps": 5,
+            "min_seconds": min_seconds,
+        },
+    )
+    rate = matmul.get("gflops_per_s")
+    section = {
+        name: source_pair(runs[(name, "source")], runs[(name, "ours")], rate) for name in pairs
+    }
+    return section, matmul
+
+
+def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
+    """Measures everything (or the sections in `only`); returns the results dict (also
+    written to out/results.json)."""
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
@@ -303,7 +404,7 @@ def run(quick: bool, out: Path) -> dict:
     # Every timing lasts at least min_seconds (and min steps) after warm-up.
     min_seconds = 1.0 if quick else 5.0
     input_steps, input_warmup = (4, 2) if quick else (10, 4)
-    for layout in ("voc", "folder"):
+    for layout in ("voc", "folder") if "input" in only else ():
         for variant in INPUT_VARIANTS:
             if layout == "folder" and variant not in ("ours", "ours_no_cache"):
                 continue  # the same files: the references are measured once, on the VOC layout
@@ -323,7 +424,7 @@ def run(quick: bool, out: Path) -> dict:
     models = QUICK_MODELS if quick else MODELS
     warmup, steps = (1, 2) if quick else (2, 3)
     repeats = 1 if quick else 2
-    for name, (recipe, shrink) in models.items():
+    for name, (recipe, shrink) in models.items() if "train" in only else ():
         overrides = recipe + COMMON + (QUICK if quick else shrink)
         # bare and ours alternate `repeats` times and each keeps its fastest run: another
         # process slowing one run down (the machine may be shared) does not decide the ratio.
@@ -361,7 +462,8 @@ def run(quick: bool, out: Path) -> dict:
 
     # Allocators: our training path under tcmalloc / jemalloc (LD_PRELOAD) where installed,
     # against the same path under this process's allocator (the training table's "ours").
-    for name in ALLOCATOR_MODELS if not quick else list(models)[:1]:
+    allocator_models = ALLOCATOR_MODELS if not quick else list(models)[:1]
+    for name in allocator_models if "allocator" in only else ():
         recipe, shrink = models[name]
         for allocator, names in ALLOCATORS.items():
             library = find_library(names)
@@ -384,7 +486,7 @@ def run(quick: bool, out: Path) -> dict:
             }
 
     # CRF on 500x375 images with 21 classes, one worker vs all cores.
-    for workers in (1, None):
+    for workers in (1, None) if "crf" in only else ():
         spec = {
             "name": "crf",
             "variant": f"workers={workers or 'all'}",
@@ -395,6 +497,10 @@ def run(quick: bool, out: Path) -> dict:
             "images": 4 if quick else 16,
         }
         results["crf"][f"workers={workers or 'all'}"] = run_worker("crf", spec)
+
+    # The sources' own loops against ours, same recipe, same batch in memory.
+    if "sources" in only:
+        results["sources"], results["matmul"] = run_sources(quick, min_seconds)
     info["total_minutes"] = (time.perf_counter() - started) / 60
     info["load_average_at_end"] = os.getloadavg()[0]
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -506,6 +612,46 @@ def render(results: dict) -> str:
                 f"| {_fmt(result.get('peak_rss_mb'), 0)} |"
             )
         lines.append("")
+    lines += _crf_rows(results)
+    if results.get("sources"):
+        lines += _source_rows(results)
+    return "\n".join(lines) + "\n"
+
+
+def _source_rows(results: dict) -> list[str]:
+    """The "seg-train / source" table: each pair's img/s, the ratio, GFLOP/s, matmul share."""
+    matmul = results.get("matmul", {})
+    lines = [
+        "",
+        f"| seg-train / source (synthetic batch in memory; matmul 2048² float32: "
+        f"{_fmt(matmul.get('gflops_per_s'))} GFLOP/s) | crop x batch | source img/s "
+        "| ours img/s | seg-train / source (target ≥ 1.0) | holds | train GFLOP/image "
+        "| ours GFLOP/s | share of matmul |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, pair in results["sources"].items():
+        source, mine = pair["source"], pair["ours"]
+        crop = mine.get("crop") or source.get("crop")
+        size = f"{crop[0]}x{crop[1]} x {mine.get('batch') or source.get('batch')}" if crop else "—"
+        errors = "; ".join(
+            f"{v}: {r['error'][:80]}"
+            for v, r in (("source", source), ("ours", mine))
+            if "error" in r
+        )
+        holds = {True: "yes", False: "no", None: "—"}[pair["holds"]]
+        lines.append(
+            f"| {name} | {size} | {_fmt(source.get('images_per_s'), 2)} | "
+            f"{_fmt(mine.get('images_per_s'), 2)} | {_fmt(pair['ratio'], 2)}x | {holds} | "
+            f"{_fmt(pair['train_gflops_per_image'], 2)} | {_fmt(pair['gflops_per_s'], 1)} | "
+            f"{_fmt(None if pair['share_of_matmul'] is None else 100 * pair['share_of_matmul'])}%"
+            " |" + (f" {errors}" if errors else "")
+        )
+    return lines
+
+
+def _crf_rows(results: dict) -> list[str]:
+    """The dense-CRF table."""
+    lines = []
     one = results["crf"].get("workers=1", {}).get("ms_per_image")
     lines += [
         "| dense CRF, 500x375, 21 classes, 10 iterations | ms/image | speed-up "
@@ -518,7 +664,7 @@ def render(results: dict) -> str:
             f"| {key} ({result.get('workers', '?')}) | {_fmt(ms, 0)} | "
             f"{_fmt(_ratio(one, ms), 2)}x | {_fmt(result.get('peak_rss_mb'), 0)} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -535,6 +681,12 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         help="run `seg-train benchmark RECIPE` (quoted overrides) instead; may repeat",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (may repeat); inference runs with train",
+    )
     args = parser.parse_args(argv)
     if args.recipe:
         for recipe, report in run_recipes(args.recipe, args.out).items():
@@ -549,7 +701,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"{report['memory']['peak_host_mb']:.0f} MiB"
             )
         return
-    results = run(args.quick, args.out)
+    results = (
+        run(args.quick, args.out, tuple(args.only)) if args.only else run(args.quick, args.out)
+    )
     print(render(results))
 
 

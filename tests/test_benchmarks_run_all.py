@@ -155,3 +155,120 @@ def test_find_library_and_the_allocator_rows():
     table = run_all.render(results)
     assert "| unet: tcmalloc | 0.400 | 1.50x | 900 |" in table
     assert "| unet: jemalloc | not installed (libjemalloc.so.2) |||" in table
+
+
+def test_sources_section_fields_and_ratio(tmp_path):
+    """The source's own loop and ours on one tiny pair, alternated once, then the matmul: every
+    field of the "sources" section, the ratio recomputed from the two entries."""
+    pairs = {
+        "unet_mobilenetv2 vs TF tutorial": (
+            "tf_tutorial",
+            ["experiment=pets_unet_mobilenetv2"],
+            ["data.crop_size=[32,32]", "data.batch_size=1"],
+        )
+    }
+    section, matmul = run_all.run_sources(True, 0, pairs=pairs, repeats=1)
+    assert "error" not in matmul, matmul
+    assert matmul["n"] == 2048 and matmul["gflops_per_s"] > 0
+    pair = section["unet_mobilenetv2 vs TF tutorial"]
+    source, ours = pair["source"], pair["ours"]
+    for entry in (source, ours):
+        assert "error" not in entry, entry
+        assert entry["crop"] == [32, 32] and entry["batch"] == 1
+        assert isinstance(entry["images_per_s"], float) and entry["images_per_s"] > 0
+        assert isinstance(entry["train_gflops_per_image"], float)
+        assert entry["train_gflops_per_image"] > 0
+        assert entry["gflops_per_s"] == pytest.approx(
+            entry["train_gflops_per_image"] * entry["images_per_s"]
+        )
+    assert source["source"] == "tf_tutorial"
+    # The same network on both sides: the same parameters and (nearly) the same graph count.
+    assert source["params"] == ours["params"] == 6_504_227
+    assert ours["train_gflops_per_image"] == pytest.approx(
+        source["train_gflops_per_image"], rel=0.05
+    )
+    # Independent recomputation: batch / median s/step of each side.
+    expected = (ours["batch"] / ours["seconds_per_step"]) / (
+        source["batch"] / source["seconds_per_step"]
+    )
+    assert isinstance(pair["ratio"], float)
+    assert pair["ratio"] == pytest.approx(expected)
+    assert pair["holds"] is (expected >= 1.0)
+    assert pair["train_gflops_per_image"] == ours["train_gflops_per_image"]
+    assert pair["gflops_per_s"] == ours["gflops_per_s"]
+    assert pair["share_of_matmul"] == pytest.approx(ours["gflops_per_s"] / matmul["gflops_per_s"])
+
+    results = run_all.empty_results(run_all.machine_info() | {"mode": "test"})
+    results["sources"], results["matmul"] = section, matmul
+    table = run_all.render(results)
+    assert "| seg-train / source" in table
+    assert "| unet_mobilenetv2 vs TF tutorial | 32x32 x 1 |" in table
+    json.loads(json.dumps(results))
+
+
+def test_source_pair_with_an_error_has_no_ratio():
+    pair = run_all.source_pair({"error": "killed"}, {"images_per_s": 2.0, "gflops_per_s": 3.0}, 6.0)
+    assert pair["ratio"] is None and pair["holds"] is None
+    assert pair["share_of_matmul"] == 0.5
+    pair = run_all.source_pair({"images_per_s": 4.0}, {"images_per_s": 3.0}, None)
+    assert pair["ratio"] == 0.75 and pair["holds"] is False and pair["share_of_matmul"] is None
+
+
+def test_baselines_have_the_sources_parameter_counts():
+    """keras-io's DeepLabV3+ prints 11,857,236 parameters (11,824,500 trainable) for 20 classes
+    at 512. The seed's edition of the TF tutorial prints no summary; its frozen split follows
+    from the text: MobileNetV2 up to block_16_project (alpha 1.0) is frozen, so the trainable
+    weights are the four pix2pix upsample blocks (Conv2DTranspose without bias, BatchNorm
+    gamma/beta) and the last Conv2DTranspose (kernel and bias), computed below; the total
+    6,504,227 is the tutorial's English edition's model.summary (and the recipe's comment)."""
+    import numpy as np
+
+    from benchmarks import baselines
+
+    def trainable(model):
+        return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+    deeplab = baselines.build_keras_io_deeplabv3plus(num_classes=20, size=512)
+    assert deeplab.count_params() == 11_857_236
+    assert trainable(deeplab) == 11_824_500
+
+    unet = baselines.build_tf_tutorial_unet(num_classes=3, size=128)
+    # Input channels of each upsample: block_16_project (320), then upsample + skip concat:
+    # 512 + 576 (block_13_expand_relu), 256 + 192 (block_6), 128 + 144 (block_3).
+    decoder = sum(
+        3 * 3 * c_in * c_out + 2 * c_out
+        for c_in, c_out in ((320, 512), (1088, 256), (448, 128), (272, 64))
+    )
+    # The last layer reads 64 + 96 (block_1_expand_relu) channels.
+    last = 3 * 3 * 160 * 3 + 3
+    assert trainable(unet) == decoder + last == 4_660_323
+    assert unet.count_params() == 6_504_227
+    assert unet.output_shape == (None, 128, 128, 3)
+    encoder = unet.layers[1]
+    assert not encoder.trainable and [o.shape[1] for o in encoder.outputs] == [64, 32, 16, 8, 4]
+
+    import keras
+
+    for model, source in ((unet, "tf_tutorial"), (deeplab, "keras_io")):
+        baselines.compile_like_source(model, source)
+        assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
+        assert model.loss.get_config()["from_logits"] is True
+        assert isinstance(model.optimizer, keras.optimizers.Adam)
+        assert float(model.optimizer.learning_rate) == pytest.approx(0.001)
+    with pytest.raises(ValueError):
+        baselines.compile_like_source(unet, "nowhere")
+
+
+def test_train_gflops_counts_each_convolution_three_times():
+    """Forward, input gradient and kernel gradient of each convolution, 2 FLOP per
+    multiply-add, plus a little element-wise loss arithmetic."""
+    import keras
+
+    from benchmarks import worker
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.Conv2D(3, 1, use_bias=False)(x)
+    forward = 2 * 16 * 16 * (3 * 3 * 3 * 8 + 8 * 3)
+    gflops = worker.train_gflops_per_image(keras.Model(inputs, x), [16, 16])
+    assert 3 * forward <= gflops * 1e9 <= 1.05 * 3 * forward
