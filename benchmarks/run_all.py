@@ -320,8 +320,19 @@ def source_pair(source: dict, ours: dict, matmul_gflops_per_s: float | None) -> 
     }
 
 
+# What the "ours" step has that the sources' does not, each taken out in turn in the ablation
+# (benchmarks/worker.py `without`): the mean IoU metric, our loss (ignore-label mask), the
+# parameter-group optimizer, the callbacks (checkpoint, CSV, TensorBoard, images, data stall,
+# NaN guard, backups).
+ABLATION_PIECES = ("metrics", "loss", "param_groups", "callbacks")
+
+
 def run_sources(
-    quick: bool, min_seconds: float, pairs: dict | None = None, repeats: int = 2
+    quick: bool,
+    min_seconds: float,
+    pairs: dict | None = None,
+    repeats: int = 2,
+    ablation: tuple[str, ...] = ABLATION_PIECES,
 ) -> tuple[dict, dict]:
     """Each pair: the source's own loop and ours, alternated `repeats` times (the fastest of
     each kept, as in the training table), then one 2048x2048 matmul.
@@ -331,6 +342,8 @@ def run_sources(
         min_seconds: Least timed seconds per measurement.
         pairs: name -> (source, recipe overrides, quick overrides); SOURCE_PAIRS by default.
         repeats: Alternations of source and ours.
+        ablation: Pieces of ours (from `ABLATION_PIECES`) to take out one at a time, each
+            run once: img/s and speed-up over ours, under "ablation".
 
     Returns:
         (the "sources" section, name -> `source_pair`; the matmul result).
@@ -356,6 +369,10 @@ def run_sources(
             }
             key = (name, variant)
             runs[key] = fastest(runs.get(key), run_worker("train", spec))
+        # Where a step's time goes beyond the source's: ours without one piece at a time.
+        for piece in ablation:
+            spec = {**spec, "variant": "ours", "without": [piece]}
+            runs[(name, f"without_{piece}")] = run_worker("train", spec)
     matmul = run_worker(
         "matmul",
         {
@@ -370,6 +387,15 @@ def run_sources(
     section = {
         name: source_pair(runs[(name, "source")], runs[(name, "ours")], rate) for name in pairs
     }
+    for name in pairs:
+        ours = section[name]["ours"].get("images_per_s")
+        section[name]["ablation"] = {
+            piece: {
+                "images_per_s": runs[(name, f"without_{piece}")].get("images_per_s"),
+                "speedup": _ratio(runs[(name, f"without_{piece}")].get("images_per_s"), ours),
+            }
+            for piece in ablation
+        }
     return section, matmul
 
 

@@ -274,31 +274,47 @@ def bench_train(spec: dict) -> dict:
         from seg_train.tasks import instantiate as builders
         from seg_train.training.multiscale import TrainingView
 
+        # `without` takes pieces out one at a time, to find what a step pays for (an
+        # ablation; the product always runs with all of them).
+        without = set(spec.get("without", []))
         view = TrainingView.of(model)
         run_steps = warmup + spec["max_steps"]
-        fit.compile_model(
-            view,
-            instantiate(
+        if "param_groups" in without:  # the recipe's Keras optimizer alone
+            optimizer = instantiate(cfg.optimizer.inner, learning_rate=cfg.optimizer.learning_rate)
+        else:
+            optimizer = instantiate(
                 cfg.optimizer,
                 total_steps=cfg.trainer.epochs * run_steps,
                 steps_per_epoch=run_steps,
-            ),
-            instantiate(
+            )
+        if "loss" in without:  # Keras' cross-entropy: no ignore-label mask, no weights
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        else:
+            loss = instantiate(
                 builders.resolve_class_weights(cfg.loss, lambda: [1.0] * cfg.data.num_classes)
-            ),
-            builders.fit_metrics(cfg),
+            )
+        fit.compile_model(
+            view,
+            optimizer,
+            loss,
+            [] if "metrics" in without else builders.fit_metrics(cfg),
             jit_compile=cfg.trainer.jit_compile,
             steps_per_execution=cfg.trainer.steps_per_execution,
         )
         train_model = view.train_model
         callbacks = [NaNGuard("bench")]
         callbacks += builders.build_callbacks(cfg, (images[:2], labels[:2]), view)
+        if "callbacks" in without:
+            callbacks = []
         checkpoint = next(
             (c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint)), None
         )
-        callbacks.append(
-            BackupCallback(out, cfg.trainer.backup_every_steps, checkpoint, backup.TrainingState())
-        )
+        if "callbacks" not in without:
+            callbacks.append(
+                BackupCallback(
+                    out, cfg.trainer.backup_every_steps, checkpoint, backup.TrainingState()
+                )
+            )
         callbacks += [timer.callback, timer.stop_when(steps, min_seconds)]
         stall_monitor = next((c for c in callbacks if isinstance(c, DataStallMonitor)), None)
         tensors = view.wrap_dataset(tensors)

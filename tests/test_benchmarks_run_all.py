@@ -167,7 +167,7 @@ def test_sources_section_fields_and_ratio(tmp_path):
             ["data.crop_size=[32,32]", "data.batch_size=1"],
         )
     }
-    section, matmul = run_all.run_sources(True, 0, pairs=pairs, repeats=1)
+    section, matmul = run_all.run_sources(True, 0, pairs=pairs, repeats=1, ablation=("metrics",))
     assert "error" not in matmul, matmul
     assert matmul["n"] == 2048 and matmul["gflops_per_s"] > 0
     pair = section["unet_mobilenetv2 vs TF tutorial"]
@@ -197,6 +197,11 @@ def test_sources_section_fields_and_ratio(tmp_path):
     assert pair["train_gflops_per_image"] == ours["train_gflops_per_image"]
     assert pair["gflops_per_s"] == ours["gflops_per_s"]
     assert pair["share_of_matmul"] == pytest.approx(ours["gflops_per_s"] / matmul["gflops_per_s"])
+    # The ablation: ours without its mean IoU metric, its speed-up over ours recomputed.
+    (piece,) = pair["ablation"]
+    without = pair["ablation"][piece]
+    assert piece == "metrics" and without["images_per_s"] > 0
+    assert without["speedup"] == pytest.approx(without["images_per_s"] / ours["images_per_s"])
 
     results = run_all.empty_results(run_all.machine_info() | {"mode": "test"})
     results["sources"], results["matmul"] = section, matmul
