@@ -178,7 +178,7 @@ def measure_training(
     Returns:
         (the single-output model, for evaluation; the training figures).
     """
-    strategy = instantiate.strategy(cfg)
+    strategy = instantiate.distribution_strategy(cfg)
     batch_size = cfg.data.batch_size
     distribute.per_replica_batch(batch_size, strategy)  # refuses a batch that does not split
     num_train = source.num_examples("train")

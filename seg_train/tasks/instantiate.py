@@ -41,7 +41,7 @@ def plain(node: DictConfig | ListConfig | None) -> Any:
 
 
 # ----- training --------------------------------------------------------------------------------
-def strategy(cfg: DictConfig) -> tf.distribute.Strategy:
+def distribution_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
     """The distribution strategy `cfg.hardware` asks for."""
     return distribute.make_strategy(plain(cfg.hardware))
 

@@ -65,7 +65,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> float | None:
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
     distribute.set_precision(cfg.trainer.precision)
-    strategy = instantiate.strategy(cfg)
+    strategy = instantiate.distribution_strategy(cfg)
     devices.record(run_dir)
     chief = distribute.is_chief(strategy)
     batch_per_replica = _log_strategy(cfg, strategy)
