@@ -85,7 +85,25 @@ SOURCE_PAIRS = {
         ["data.crop_size=[128,128]", "data.batch_size=2"],
     ),
 }
-SECTIONS = ("input", "train", "allocator", "crf", "sources")
+# The "memory" section: recipe -> (the generated layout it reads, overrides of every run, overrides
+# of the default run). Each recipe runs as a user runs it, `seg-train experiment=R debug=fast`
+# (2 training steps, eval of 2 images, checkpoint), against a bare Keras fit of the same model
+# at the same crop and batch. The default run caps the largest batches (the table shows the
+# batch); --quick uses QUICK's crop and batch for both.
+MEMORY_RECIPES = {
+    "voc_fcn32s": ("voc", [], []),
+    "voc_fcn8s": ("voc", [], []),
+    # Frozen BatchNorm from random init can turn NaN in two steps: BatchNorm trains here.
+    "voc_deeplabv2": ("voc", ["model.freeze_bn=false"], ["data.batch_size=2"]),
+    "voc_deeplabv2_msc": ("voc", ["model.freeze_bn=false"], ["data.batch_size=2"]),
+    "voc_deeplabv3plus": ("voc", [], ["data.batch_size=4"]),
+    "cihp_deeplabv3plus": ("voc", [], []),
+    "pets_unet_mobilenetv2": ("folder", ["data.num_classes=3"], []),
+    "portrait_unet": ("portrait", [], []),
+    "portrait_matting": ("portrait", [], []),
+    "synthetic_unet_classic": (None, [], []),
+}
+SECTIONS = ("input", "train", "allocator", "crf", "sources", "memory")
 # --quick: tiny inputs so the whole run takes a few minutes; the table says so.
 QUICK = ["data.crop_size=[64,64]", "data.batch_size=2"]
 QUICK_MODELS = {
@@ -96,7 +114,8 @@ QUICK_MODELS = {
 
 
 def generate_voc_like(root: Path, count: int, seed: int = 0) -> None:
-    """Writes `count` 500x375 JPEGs with palette-PNG masks in the VOC and folder layouts.
+    """Writes `count` 500x375 JPEGs with palette-PNG masks in the VOC and folder layouts, and
+    the same scenes as PNG portraits with alpha mattes in the portrait layout.
 
     Images are smooth random fields with noise (they compress like photos, not like flat
     colour); masks are ellipses of classes 1-2 on background 0 with a 255 border band, so they
@@ -105,7 +124,7 @@ def generate_voc_like(root: Path, count: int, seed: int = 0) -> None:
     # seg_train.viz, not seg_train.data.voc: the parent process stays free of TensorFlow.
     from seg_train.viz import voc_palette
 
-    if (root / "done").is_file():
+    if (root / "done-v2").is_file():
         return
     rng = np.random.default_rng(seed)
     voc = root / "voc"
@@ -114,6 +133,9 @@ def generate_voc_like(root: Path, count: int, seed: int = 0) -> None:
     folder = root / "folder"
     for sub in ("images", "masks", "splits"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
+    portrait = root / "portrait"
+    for sub in ("training", "testing"):
+        (portrait / sub).mkdir(parents=True, exist_ok=True)
     palette = voc_palette(256).ravel().tolist()
     yy, xx = np.mgrid[0:375, 0:500]
     ids = []
@@ -135,6 +157,11 @@ def generate_voc_like(root: Path, count: int, seed: int = 0) -> None:
         png = Image.fromarray(mask, mode="P")
         png.putpalette(palette)
         png.save(voc / "SegmentationClass" / f"{image_id}.png")
+        # The portrait set: person = class 1, its border band half transparent.
+        matte = np.where(mask == 1, 255, np.where(mask == 255, 128, 0)).astype(np.uint8)
+        for sub in ("training", "testing"):
+            Image.fromarray(image).save(portrait / sub / f"{index + 1:05d}.png")
+            Image.fromarray(matte).save(portrait / sub / f"{index + 1:05d}_matte.png")
         for src, dst in (
             (voc / "JPEGImages" / f"{image_id}.jpg", folder / "images" / f"{image_id}.jpg"),
             (voc / "SegmentationClass" / f"{image_id}.png", folder / "masks" / f"{image_id}.png"),
@@ -145,7 +172,7 @@ def generate_voc_like(root: Path, count: int, seed: int = 0) -> None:
         (voc / "ImageSets/Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     for split in ("train", "val"):
         (folder / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-    (root / "done").write_text("ok\n")
+    (root / "done-v2").write_text("ok\n")
 
 
 def find_library(names: tuple[str, ...]) -> str | None:
@@ -246,6 +273,7 @@ def empty_results(machine: dict) -> dict:
         "allocator": {},
         "crf": {},
         "sources": {},
+        "memory": {},
     }
 
 
@@ -297,6 +325,25 @@ def _ratio(a, b) -> float | None:
     if a is None or b in (None, 0):
         return None
     return a / b
+
+
+def _size(shape) -> str:
+    return f"{shape[0]}x{shape[1]}" if shape else "—"
+
+
+def with_infer_ratios(result: dict) -> dict:
+    """An infer worker's result with its ratios over bare `model.predict` on the same images.
+
+    Returns:
+        `result` plus predictor_vs_bare (ours, the `mode=infer` path; target ≥ 0.95) and
+        savedmodel_vs_bare (the exported SavedModel), both img/s over img/s; None where a
+        figure is missing (an error).
+    """
+    bare = result.get("bare_predict")
+    return result | {
+        "predictor_vs_bare": _ratio(result.get("predictor"), bare),
+        "savedmodel_vs_bare": _ratio(result.get("savedmodel"), bare),
+    }
 
 
 def source_pair(source: dict, ours: dict, matmul_gflops_per_s: float | None) -> dict:
@@ -399,6 +446,53 @@ def run_sources(
     return section, matmul
 
 
+def memory_overrides(recipe: str, quick: bool, data_root: Path) -> list[str]:
+    """The overrides both runs of a "memory" row share: the recipe, the generated data in its
+    layout, no downloads, and the crop and batch (QUICK's, or the recipe's with the default
+    run's cap)."""
+    layout, always, default_run = MEMORY_RECIPES[recipe]
+    overrides = [f"experiment={recipe}", "model.backbone_weights=null", *always]
+    if layout is not None:
+        overrides += [f"data={layout}", f"data.root={data_root / layout}"]
+    return overrides + (QUICK if quick else default_run)
+
+
+def run_memory(quick: bool, data_root: Path) -> dict:
+    """Peak host memory of each recipe's `debug=fast` run against a bare fit of its model.
+
+    Returns:
+        recipe -> {"job": the run's exit code, seconds and peak RSS; "bare": the bare fit's
+        result; "ratio": job / bare peak RSS (target <= 2); "crop", "batch"}.
+    """
+    section = {}
+    for recipe in MEMORY_RECIPES:
+        overrides = memory_overrides(recipe, quick, data_root)
+        job = run_worker("job", {"name": recipe, "overrides": overrides + ["debug=fast"]})
+        spec = {
+            "name": recipe,
+            "variant": "bare",
+            "overrides": overrides,
+            "jit": False,
+            "warmup": 1,
+            "steps": 1,
+            "min_seconds": 0,
+            "max_steps": 1,
+        }
+        bare = run_worker("train", spec)
+        ratio = None
+        if "error" not in job and not job.get("exit_code"):
+            ratio = _ratio(job.get("peak_rss_mb"), bare.get("peak_rss_mb"))
+        section[recipe] = {
+            "job": job,
+            "bare": bare,
+            "ratio": ratio,
+            "holds": None if ratio is None else ratio <= 2.0,
+            "crop": bare.get("crop"),
+            "batch": bare.get("batch"),
+        }
+    return section
+
+
 def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
     """Measures everything (or the sections in `only`); returns the results dict (also
     written to out/results.json)."""
@@ -474,17 +568,20 @@ def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
             key = f"{name}/{variant}"
             results["train"][key] = fastest(results["train"].get(key), result)
 
+        # Inference: the same images through bare model.predict, our Predictor (mode=infer),
+        # with TTA, in slide mode on larger images, and through the exported SavedModel.
         spec = {
             "name": name,
             "variant": "infer",
             "overrides": overrides,
-            "batches": [1, 8] if not quick else [1, 2],
+            "images": 2 if quick else 4,
             "warmup": 1,
-            "steps": 2 if quick else 3,
+            # Passes over the images; slow models' TTA passes take tens of seconds each.
+            "steps": 1 if quick else 2,
             "min_seconds": min_seconds,
             "tta_scales": [0.75, 1.0, 1.25],
         }
-        results["infer"][name] = run_worker("infer", spec)
+        results["infer"][name] = with_infer_ratios(run_worker("infer", spec))
 
     # Allocators: our training path under tcmalloc / jemalloc (LD_PRELOAD) where installed,
     # against the same path under this process's allocator (the training table's "ours").
@@ -527,6 +624,8 @@ def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
     # The sources' own loops against ours, same recipe, same batch in memory.
     if "sources" in only:
         results["sources"], results["matmul"] = run_sources(quick, min_seconds)
+    if "memory" in only:
+        results["memory"] = run_memory(quick, data_root)
     info["total_minutes"] = (time.perf_counter() - started) / 60
     info["load_average_at_end"] = os.getloadavg()[0]
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -603,21 +702,26 @@ def render(results: dict) -> str:
         )
     lines.append("")
     lines += [
-        "| inference (images/s) | crop | batch 1 | batch 8 | Predictor, batch 1 | "
-        "Predictor + TTA (3 scales x flip), batch 1 | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| inference (images/s, one image at a time) | crop | bare model.predict | ours "
+        "(mode=infer path) | ours / bare (target ≥ 0.95) | ours + TTA (3 scales x flip) "
+        "| large image | bare model.predict, large | ours slide (crop windows), large "
+        "| SavedModel (mode=export) | SavedModel / bare | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results["infer"].items():
         if "error" in result:
-            lines.append(f"| {name} | error: {result['error'][:120]} ||||||")
+            lines.append(f"| {name} | error: {result['error'][:120]} |||||||||||")
             continue
-        crop = result["crop"]
-        big = result.get("b8", result.get("b2"))
+        crop, large = result.get("crop"), result.get("large")
+        note = result.get("bare_predict_large_note")
         lines.append(
-            f"| {name} | {crop[0]}x{crop[1]} | {_fmt(result.get('b1'), 2)} | "
-            f"{_fmt(big, 2)}{'' if 'b8' in result else ' (batch 2)'} | "
-            f"{_fmt(result.get('b1_predictor'), 2)} | {_fmt(result.get('b1_tta'), 2)} "
-            f"| {_fmt(result.get('peak_rss_mb'), 0)} |"
+            f"| {name} | {_size(crop)} | {_fmt(result.get('bare_predict'), 2)} | "
+            f"{_fmt(result.get('predictor'), 2)} | {_fmt(result.get('predictor_vs_bare'), 2)}x | "
+            f"{_fmt(result.get('predictor_tta'), 2)} | {_size(large)} | "
+            f"{_fmt(result.get('bare_predict_large'), 2)} | "
+            f"{_fmt(result.get('predictor_slide'), 2)} | {_fmt(result.get('savedmodel'), 2)} | "
+            f"{_fmt(result.get('savedmodel_vs_bare'), 2)}x | "
+            f"{_fmt(result.get('peak_rss_mb'), 0)} |" + (f" {note}" if note else "")
         )
     lines.append("")
     if results.get("allocator"):
@@ -641,7 +745,39 @@ def render(results: dict) -> str:
     lines += _crf_rows(results)
     if results.get("sources"):
         lines += _source_rows(results)
+    if results.get("memory"):
+        lines += _memory_rows(results)
     return "\n".join(lines) + "\n"
+
+
+def _memory_rows(results: dict) -> list[str]:
+    """The "memory" table: each recipe's debug=fast peak RSS against a bare fit's."""
+    lines = [
+        "",
+        "| peak host memory: `seg-train experiment=R debug=fast` vs a bare Keras fit of the same "
+        "model | crop x batch | bare fit MB | debug=fast MB | debug=fast / bare (target ≤ 2) "
+        "| holds | debug=fast s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for recipe, row in results["memory"].items():
+        job, bare = row["job"], row["bare"]
+        crop = row.get("crop")
+        size = f"{crop[0]}x{crop[1]} x {row.get('batch')}" if crop else "—"
+        problems = "; ".join(
+            f"{name}: {text[:80]}"
+            for name, text in (
+                ("bare", bare.get("error")),
+                ("debug=fast", job.get("error") or job.get("output_tail")),
+            )
+            if text
+        )
+        holds = {True: "yes", False: "no", None: "—"}[row["holds"]]
+        lines.append(
+            f"| {recipe} | {size} | {_fmt(bare.get('peak_rss_mb'), 0)} | "
+            f"{_fmt(job.get('peak_rss_mb'), 0)} | {_fmt(row['ratio'], 2)}x | {holds} | "
+            f"{_fmt(job.get('seconds'), 0)} |" + (f" {problems}" if problems else "")
+        )
+    return lines
 
 
 def _source_rows(results: dict) -> list[str]:

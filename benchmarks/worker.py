@@ -259,13 +259,14 @@ def bench_train(spec: dict) -> dict:
         train_model, callbacks = model, [timer.callback, timer.stop_when(steps, min_seconds)]
     elif spec["variant"] == "bare":
         # The recipe's own Keras optimizer (same class and settings) without our parameter
-        # groups, schedule and decay; plain cross-entropy; no metrics, no callbacks.
+        # groups, schedule and decay; plain cross-entropy (L1 on a matting recipe's alpha); no
+        # metrics, no callbacks.
         optimizer = instantiate(cfg.optimizer.inner, learning_rate=cfg.optimizer.learning_rate)
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=spec["jit"],
-        )
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if cfg.data.get("task") == "matting":
+            loss = keras.losses.MeanAbsoluteError()
+            tensors = tensors.map(lambda x, y: (x, tf.cast(y, tf.float32)[..., None] / 2.0))
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=spec["jit"])
         train_model, callbacks = model, [timer.callback, timer.stop_when(steps, min_seconds)]
     else:
         # Our path, as train.py runs it: parameter groups, loss, mean IoU, every default
@@ -468,38 +469,116 @@ def bench_matmul(spec: dict) -> dict:
 
 # ----- inference -----------------------------------------------------------------------------
 def bench_infer(spec: dict) -> dict:
+    """img/s of each way to predict the same images, one image at a time.
+
+    Every figure predicts class ids (argmax included) of `spec["images"]` uint8 images from a
+    fixed-seed rng, at the crop size or, for the `_large` pair and slide, at `large` (1.5x the
+    crop, rounded to a multiple of `eval.size_divisor`, so that slide runs several windows and
+    a fully convolutional network takes the size as it is). Each is warmed up on the first
+    image, then timed over whole passes of the images (at least `steps` passes and
+    `min_seconds`). Ratios are left to run_all.py.
+
+    Args:
+        spec: overrides (the recipe), images, warmup, steps, min_seconds, tta_scales.
+
+    Returns:
+        crop, large, images, and img/s of: bare_predict (Keras' `model.predict`, batch 1,
+        what a user would write), predictor (`predictor_from_config`, the `mode=infer` path,
+        whole mode), predictor_tta (tta_scales x flip), bare_predict_large (`model.predict` of
+        the network rebuilt at the large size; None and bare_predict_large_note if it cannot
+        be), predictor_slide (eval.mode=slide, crop windows, on the large images) and
+        savedmodel (the `mode=export` SavedModel's serving signature, loaded back).
+    """
+    import keras
     import numpy as np
     import tensorflow as tf
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    from seg_train.inference.predictor import Predictor
+    from seg_train.inference.serving import IDS_NAME, INPUT_NAME, SIGNATURE, write_saved_model
+    from seg_train.tasks.export import _export_predictor
+    from seg_train.tasks.instantiate import predictor_from_config
 
     out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
     cfg = compose(spec["overrides"] + [f"paths.output_dir={out}"])
     crop = list(cfg.data.crop_size)
+    divisor = cfg.eval.size_divisor
+    large = [max(1, round(1.5 * side / divisor)) * divisor for side in crop]
     model = instantiate(cfg.model, _convert_="all")
     rng = np.random.default_rng(0)
-    net = tf.function(lambda x: model(x, training=False))
-    result = {"crop": crop}
-    for batch in spec["batches"]:
-        images = tf.constant(rng.uniform(0, 255, (batch, *crop, 3)).astype(np.float32))
+    count = spec["images"]
+    images = [rng.integers(0, 256, (*crop, 3), dtype=np.uint8) for _ in range(count)]
+    large_images = [rng.integers(0, 256, (*large, 3), dtype=np.uint8) for _ in range(count)]
+
+    def images_per_s(predict, batch) -> float:
+        """img/s of predict(batch): warm-up on batch[:1] (tracing), then whole passes."""
         for _ in range(spec["warmup"]):
-            net(images).numpy()
-        calls, seconds = timed(lambda x=images: net(x).numpy(), spec["steps"], spec["min_seconds"])
-        result[f"b{batch}"] = batch * calls / seconds
-    # Predictor (one image at a time, at its own size, padded to 32), without and with TTA
-    # (scales and flip).
-    image = rng.integers(0, 256, (*crop, 3), dtype=np.uint8)
-    for key, predictor in (
-        ("b1_predictor", Predictor(model)),
-        ("b1_tta", Predictor(model, scales=spec["tta_scales"], flip=True)),
-    ):
-        for _ in range(spec["warmup"]):
-            predictor.labels(image)
-        calls, seconds = timed(
-            lambda p=predictor: p.labels(image), spec["steps"], spec["min_seconds"]
-        )
-        result[key] = calls / seconds
+            predict(batch[:1])
+        calls, seconds = timed(lambda: predict(batch), spec["steps"], spec["min_seconds"])
+        return len(batch) * calls / seconds
+
+    def bare(net):
+        return lambda batch: net.predict(np.stack(batch), batch_size=1, verbose=0).argmax(-1)
+
+    def ours(predictor):
+        return lambda batch: [predictor.labels(image) for image in batch]
+
+    def predictor(**eval_options):
+        # The eval.* overrides a user would pass on the command line, through the same code.
+        return predictor_from_config(model, OmegaConf.merge(cfg, {"eval": eval_options}))
+
+    result = {"crop": crop, "large": large, "images": count}
+    result["bare_predict"] = images_per_s(bare(model), images)
+    result["predictor"] = images_per_s(ours(predictor()), images)
+    tta = {"scales": list(spec["tta_scales"]), "flip": True}
+    result["predictor_tta"] = images_per_s(ours(predictor(tta=tta)), images)
+
+    # Every model here is built for a fixed input size, which Keras' predict refuses at another
+    # size; a user of a fully convolutional network rebuilds it at the size (same weights).
+    try:
+        at_large = keras.models.clone_model(model, input_tensors=keras.Input((*large, 3)))
+        at_large.set_weights(model.get_weights())
+        result["bare_predict_large"] = images_per_s(bare(at_large), large_images)
+    except Exception as exc:  # noqa: BLE001 - which layer refuses the size is model-specific
+        result["bare_predict_large"] = None
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        result["bare_predict_large_note"] = f"not fully convolutional: {first_line}"[:200]
+    result["predictor_slide"] = images_per_s(ours(predictor(mode="slide")), large_images)
+
+    # The SavedModel exactly as mode=export writes it (its Predictor, no probabilities: the
+    # export.with_probabilities default), loaded back and called one image at a time.
+    with tempfile.TemporaryDirectory(prefix="seg-bench-export-") as export_dir:
+        path = Path(export_dir) / "saved_model"
+        write_saved_model(_export_predictor(cfg, model), path, with_probabilities=False)
+        serve = tf.saved_model.load(str(path)).signatures[SIGNATURE]
+
+        def serving(batch):
+            return [serve(**{INPUT_NAME: image[None]})[IDS_NAME].numpy() for image in batch]
+
+        result["savedmodel"] = images_per_s(serving, images)
+    return result
+
+
+# ----- a whole seg-train run -----------------------------------------------------------------
+def bench_job(spec: dict) -> dict:
+    """`seg-train OVERRIDES` as a user runs it (e.g. a recipe with debug=fast), in a child
+    process whose peak resident memory `main` reports (RUSAGE_CHILDREN: this worker only waits).
+
+    Returns:
+        exit_code, seconds, and the last lines of its output when it failed.
+    """
+    import subprocess
+
+    run_dir = Path(tempfile.mkdtemp(prefix="seg-bench-job-")) / "run"
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "seg_train", *spec["overrides"], f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+    )
+    result = {"exit_code": proc.returncode, "seconds": time.perf_counter() - started}
+    if proc.returncode:
+        result["output_tail"] = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
     return result
 
 
@@ -537,6 +616,7 @@ def main() -> None:
         "infer": bench_infer,
         "crf": bench_crf,
         "matmul": bench_matmul,
+        "job": bench_job,
     }[kind](spec)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)

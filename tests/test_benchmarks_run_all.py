@@ -28,6 +28,11 @@ def test_generated_files_are_voc_and_folder_layouts(tmp_path):
         "2007_000000",
         "2007_000001",
     ]
+    # The portrait layout: NNNNN.png + NNNNN_matte.png (one 0..255 channel) in both splits.
+    for split in ("training", "testing"):
+        portrait = Image.open(tmp_path / "portrait" / split / "00002.png")
+        matte = Image.open(tmp_path / "portrait" / split / "00002_matte.png")
+        assert portrait.size == matte.size == (500, 375) and matte.mode == "L"
 
 
 def test_one_of_each_then_table(tmp_path):
@@ -81,17 +86,7 @@ def test_one_of_each_then_table(tmp_path):
                 "stall_steps": 2,
             },
         )
-    results["infer"]["unet"] = run_all.run_worker(
-        "infer",
-        {
-            "overrides": overrides,
-            "batches": [1, 2],
-            "warmup": 1,
-            "steps": 1,
-            "min_seconds": 0,
-            "tta_scales": [1.0],
-        },
-    )
+    # Inference: test_infer_fields_and_ratios.
     results["crf"]["workers=1"] = run_all.run_worker(
         "crf", {"workers": 1, "height": 30, "width": 40, "classes": 3, "images": 1}
     )
@@ -111,6 +106,72 @@ def test_one_of_each_then_table(tmp_path):
         assert header in table
     assert f"| voc: {run_all.INPUT_VARIANTS['naive']} |" in table
     assert "| unet | 32x32 x 1 |" in table
+    json.loads(json.dumps(results))  # what run() writes to results.json
+
+
+def test_infer_fields_and_ratios():
+    """The inference worker on a tiny U-Net: every img/s field present and positive, the
+    ratios over bare model.predict recomputed from the two entries, the table's columns."""
+    spec = {
+        "name": "unet",
+        "variant": "infer",
+        "overrides": [
+            "model=unet",
+            "model.base_filters=4",
+            "model.depth=2",
+            *run_all.COMMON,
+            "data.crop_size=[32,32]",
+        ],
+        "images": 2,
+        "warmup": 1,
+        "steps": 1,
+        "min_seconds": 0,
+        "tta_scales": [0.75, 1.0],
+    }
+    result = run_all.with_infer_ratios(run_all.run_worker("infer", spec))
+    assert "error" not in result, result
+    # 1.5x the crop rounded to a multiple of eval.size_divisor (32): 3x3 slide windows.
+    assert result["crop"] == [32, 32] and result["large"] == [64, 64] and result["images"] == 2
+    assert "bare_predict_large_note" not in result  # the U-Net is fully convolutional
+    fields = (
+        "bare_predict",
+        "predictor",
+        "predictor_tta",
+        "bare_predict_large",
+        "predictor_slide",
+        "savedmodel",
+        "peak_rss_mb",
+    )
+    for field in fields:
+        assert isinstance(result[field], float) and result[field] > 0, field
+    assert result["predictor_vs_bare"] == pytest.approx(
+        result["predictor"] / result["bare_predict"]
+    )
+    assert result["savedmodel_vs_bare"] == pytest.approx(
+        result["savedmodel"] / result["bare_predict"]
+    )
+
+    results = run_all.empty_results(run_all.machine_info() | {"mode": "test"})
+    results["infer"]["unet"] = result
+    table = run_all.render(results)
+    header = next(line for line in table.splitlines() if line.startswith("| inference"))
+    for column in (
+        "| crop |",
+        "| bare model.predict |",
+        "(mode=infer path)",
+        "| ours / bare (target ≥ 0.95) |",
+        "| ours + TTA",
+        "| bare model.predict, large |",
+        "| ours slide (crop windows), large |",
+        "| SavedModel (mode=export) |",
+        "| SavedModel / bare |",
+        "| peak RSS MB |",
+    ):
+        assert column in header, column
+    row = next(line for line in table.splitlines() if line.startswith("| unet |"))
+    assert row.startswith("| unet | 32x32 | ")
+    assert f"| {result['predictor_vs_bare']:.2f}x |" in row and "| 64x64 |" in row
+    assert len(row.split("|")) == len(header.split("|"))
     json.loads(json.dumps(results))  # what run() writes to results.json
 
 
@@ -277,3 +338,39 @@ def test_train_gflops_counts_each_convolution_three_times():
     forward = 2 * 16 * 16 * (3 * 3 * 3 * 8 + 8 * 3)
     gflops = worker.train_gflops_per_image(keras.Model(inputs, x), [16, 16])
     assert 3 * forward <= gflops * 1e9 <= 1.05 * 3 * forward
+
+
+def test_memory_section_fields_and_ratio(tmp_path, monkeypatch):
+    # One tiny recipe on the generated portrait files: a real debug=fast run and a bare fit.
+    run_all.generate_voc_like(tmp_path, 2)
+    tiny = ["model.base_filters=4", "model.depth=2", "data.crop_size=[32,32]"]
+    monkeypatch.setattr(run_all, "MEMORY_RECIPES", {"portrait_unet": ("portrait", tiny, [])})
+    monkeypatch.setattr(run_all, "QUICK", ["data.batch_size=2"])
+    section = run_all.run_memory(quick=True, data_root=tmp_path)
+    row = section["portrait_unet"]
+    assert row["job"]["exit_code"] == 0, row["job"].get("output_tail")
+    assert (row["crop"], row["batch"]) == ([32, 32], 2)
+    job_mb, bare_mb = row["job"]["peak_rss_mb"], row["bare"]["peak_rss_mb"]
+    assert job_mb > 100 and bare_mb > 100  # a TensorFlow process is never smaller
+    assert row["ratio"] == pytest.approx(job_mb / bare_mb)
+    assert row["holds"] == (job_mb / bare_mb <= 2)
+    results = run_all.empty_results(run_all.machine_info() | {"mode": "test"})
+    results["memory"] = section
+    table = run_all.render(results)
+    assert "| peak host memory: `seg-train experiment=R debug=fast`" in table
+    line = next(ln for ln in table.splitlines() if ln.startswith("| portrait_unet |"))
+    assert "| 32x32 x 2 |" in line and f"{job_mb / bare_mb:.2f}x" in line
+
+
+def test_memory_overrides_keep_the_recipe_and_cap_only_the_default_run(tmp_path):
+    quick = run_all.memory_overrides("voc_deeplabv2", True, tmp_path)
+    default = run_all.memory_overrides("voc_deeplabv2", False, tmp_path)
+    for overrides in (quick, default):
+        assert overrides[0] == "experiment=voc_deeplabv2"
+        assert "data=voc" in overrides and f"data.root={tmp_path / 'voc'}" in overrides
+        assert "model.freeze_bn=false" in overrides
+    assert "data.batch_size=2" in default and "data.crop_size=[64,64]" in quick
+    assert not any(
+        o.startswith("data.root")
+        for o in run_all.memory_overrides("synthetic_unet_classic", True, tmp_path)
+    )
