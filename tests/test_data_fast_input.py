@@ -327,3 +327,108 @@ def test_nearest_rows_sample_what_tf_image_resize_nearest_samples():
             tf.constant(first), tf.constant(first + length), tf.constant(count)
         ).numpy()
         np.testing.assert_array_equal(column[rows], expected)
+
+
+PHOTO = np.asarray(
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (12, 16, 3)).astype(np.uint8)).resize(
+        (160, 120), Image.BICUBIC
+    )
+)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "progressive", "grey", "444"])
+def test_jpeg_windows_decode_the_pixels_pillow_decodes(variant):
+    # Reference: Pillow's decode of the whole file, sliced. Windows at the corners, edges and
+    # inside, of odd sizes and offsets (libjpeg aligns a cropped decode to its 8/16-pixel MCUs).
+    image = Image.fromarray(PHOTO)
+    options = {"format": "JPEG", "quality": 90}
+    if variant == "progressive":
+        options["progressive"] = True
+    elif variant == "grey":
+        image = image.convert("L")
+    elif variant == "444":
+        options["subsampling"] = 0
+    data = encode(image, **options)
+    whole = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    jpeg = decode.JpegWindows(tf.constant(data))
+    assert jpeg.size.numpy().tolist() == [120, 160]
+    for row0, row1, col0, col1 in [
+        (0, 120, 0, 160),
+        (0, 1, 0, 1),
+        (119, 120, 159, 160),
+        (3, 50, 17, 99),
+        (33, 97, 1, 160),
+        (61, 120, 77, 131),
+    ]:
+        window = jpeg.window(row0, row1, col0, col1).numpy()
+        np.testing.assert_array_equal(window, whole[row0:row1, col0:col1])
+
+
+def test_uncached_training_decodes_windows_with_the_cached_samples(tmp_path):
+    # Decode-then-crop (the cached path) is the reference for the windowed decode: same seed,
+    # same batches, bit for bit, including the examples that fall back (a PNG image, a 4-bit
+    # palette mask) and with random scale, pad colour, flip and jitter.
+    rng = np.random.default_rng(7)
+    examples = {}
+    for index in range(5):
+        ids = rng.integers(0, 21, (15, 20)).astype(np.uint8)
+        big_ids = np.kron(ids, np.ones((8, 8), np.uint8))
+        big_ids[:4] = 255
+        photo = PHOTO if index % 2 else PHOTO[::-1]
+        examples[f"jpeg{index}"] = (
+            encode(Image.fromarray(photo), format="JPEG", quality=85),
+            ".jpg",
+            encode(palette_image(big_ids, 256), format="PNG"),
+        )
+    examples["png_image"] = (
+        encode(Image.fromarray(PHOTO), format="PNG"),
+        ".png",
+        examples["jpeg0"][2],
+    )
+    examples["4bit_mask"] = (
+        examples["jpeg1"][0],
+        ".jpg",
+        encode(palette_image(big_ids % 16, 16), format="PNG", bits=4),
+    )
+    source = write_folder(tmp_path, examples)
+    settings = {
+        "batch_size": 7,
+        "crop_size": [64, 96],
+        "scale_range": [0.4, 1.8],
+        "hflip": True,
+        "flip_pairs": [],
+        "jitter": {"brightness": 0.2},
+        "shuffle_buffer": 8,
+        "num_parallel_calls": 2,
+        "ignore_label": 255,
+        "pad_value": [10, 20, 30],
+    }
+    batches = {}
+    for cache in (True, False):
+        options = pipeline.PipelineOptions.from_mapping(settings | {"cache": cache})
+        stream = pipeline.train_dataset(source, options, seed=11, repeat=True)
+        batches[cache] = list(stream.take(3).as_numpy_iterator())
+    for (cached_x, cached_y), (windowed_x, windowed_y) in zip(batches[True], batches[False]):
+        np.testing.assert_array_equal(windowed_x, cached_x)
+        np.testing.assert_array_equal(windowed_y, cached_y)
+
+
+def test_uncached_training_still_names_a_broken_pair(tmp_path):
+    ids = IDS.copy()
+    ids[3, 3] = 50  # out of range for 21 classes
+    source = write_folder(
+        tmp_path,
+        {
+            "good": (encode(Image.fromarray(RGB), format="JPEG"), ".jpg", MASKS["grey 8-bit"]),
+            "bad": (
+                encode(Image.fromarray(RGB), format="JPEG"),
+                ".jpg",
+                encode(palette_image(ids, 256), format="PNG"),
+            ),
+        },
+    )
+    options = pipeline.PipelineOptions.from_mapping(
+        {"batch_size": 2, "crop_size": [16, 16], "cache": False, "shuffle_buffer": 2}
+    )
+    with pytest.raises(UserError, match="masks/bad.png"), decode.data_errors_as_user_errors():
+        list(pipeline.train_dataset(source, options, seed=0).as_numpy_iterator())

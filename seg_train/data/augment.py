@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from seg_train.data.decode import JpegWindows
 from seg_train.data.options import PipelineOptions
 
 
@@ -76,7 +77,7 @@ def pad_image(image: tf.Tensor, padding: Sequence[Sequence], colour: Sequence[fl
 
 
 def random_scaled_crop(
-    image: tf.Tensor,
+    image: tf.Tensor | JpegWindows,
     mask: tf.Tensor,
     scale_range: Sequence[float],
     size: Sequence[int],
@@ -93,14 +94,15 @@ def random_scaled_crop(
     image. The window's source rows and columns are rounded outwards to whole pixels, which
     changes the drawn scale by under one source pixel across the window; image (bilinear) and
     mask (nearest) are resized from the same source window, so they stay aligned. At scale 1 the
-    crop is an exact copy.
+    crop is an exact copy. A `JpegWindows` image decodes only that source window.
 
     Returns:
         float32 image [size, size, 3] in 0..255 and a mask of the input dtype.
     """
     low, high = float(scale_range[0]), float(scale_range[1])
     scale_seed, top_seed, left_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    hw = tf.shape(image)[:2]
+    lazy = isinstance(image, JpegWindows)  # decodes only the window below
+    hw = image.size if lazy else tf.shape(image)[:2]
     scale = tf.random.stateless_uniform([], scale_seed, low, high)
     scaled = (
         hw
@@ -115,8 +117,9 @@ def random_scaled_crop(
     width = tf.minimum(size[1], scaled[1] - left)
     row0, row1 = _source_span(hw[0], scaled[0], top, height)
     col0, col1 = _source_span(hw[1], scaled[1], left, width)
+    window = image.window(row0, row1, col0, col1) if lazy else image[row0:row1, col0:col1]
     image = tf.image.resize(
-        tf.cast(image[row0:row1, col0:col1], tf.float32),
+        tf.cast(window, tf.float32),
         tf.stack([height, width]),
         method="bilinear",
     )
@@ -203,9 +206,11 @@ def color_jitter(
 
 
 def augment(
-    image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, options: PipelineOptions
+    image: tf.Tensor | JpegWindows, mask: tf.Tensor, seed: tf.Tensor, options: PipelineOptions
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The training transform to `options.crop_size`, then flip and jitter.
+
+    The image may be a `JpegWindows` (not decoded yet) under `transform="crop"` only.
 
     `transform="crop"` (default): random scale, pad (`pad_value`), random crop.
     `transform="resize"`: the whole image resized to the crop size (image bilinear, mask

@@ -30,7 +30,7 @@ import logging
 import re
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -228,6 +228,43 @@ def decode_image_jpeg(contents: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
 
 
+# libjpeg's pixels near the edge of a window decoded alone can differ by a few levels from the
+# whole image's (chroma upsampling and block alignment reach up to one 16-pixel MCU): a window
+# decoded this much larger on every side, then sliced, is bit-identical to the whole decode.
+JPEG_WINDOW_MARGIN = 16
+
+
+class JpegWindows:
+    """A plain JPEG (see `is_plain_jpeg`) not decoded yet: its size from the header, and any
+    window of it decoded on its own.
+
+    `augment.random_scaled_crop` takes one in place of a decoded image, so a random crop
+    decodes only the rows and columns it keeps (`tf.image.decode_and_crop_jpeg` skips the IDCT
+    and colour conversion of the rest), with the same pixels as decoding the whole file.
+
+    Args:
+        contents: The JPEG file's bytes (a scalar string tensor).
+    """
+
+    def __init__(self, contents: tf.Tensor):
+        self._contents = contents
+        self.size = tf.image.extract_jpeg_shape(contents)[:2]
+
+    def window(self, row0: tf.Tensor, row1: tf.Tensor, col0: tf.Tensor, col1: tf.Tensor):
+        """Pixels [row0:row1, col0:col1] as uint8 RGB, as `decode_image_jpeg(...)[...]` gives."""
+        top = tf.maximum(row0 - JPEG_WINDOW_MARGIN, 0)
+        left = tf.maximum(col0 - JPEG_WINDOW_MARGIN, 0)
+        bottom = tf.minimum(row1 + JPEG_WINDOW_MARGIN, self.size[0])
+        right = tf.minimum(col1 + JPEG_WINDOW_MARGIN, self.size[1])
+        pixels = tf.image.decode_and_crop_jpeg(
+            self._contents,
+            tf.stack([top, left, bottom - top, right - left]),
+            channels=3,
+            dct_method="INTEGER_ACCURATE",  # as decode_image_jpeg
+        )
+        return pixels[row0 - top : row1 - top, col0 - left : col1 - left]
+
+
 class LabelTable:
     """Applies a source's `label_lookup` to decoded masks in the graph.
 
@@ -383,6 +420,49 @@ def decode_op(source: Source):
         )
 
     return decode
+
+
+def decode_and_crop_op(source: Source, crop: Callable) -> Callable | None:
+    """The map function of an uncached training pass: (name, image, mask, seed) -> the
+    transformed (image, mask), decoding only the part of each JPEG the crop keeps.
+
+    `crop(image, mask, seed)` is the training transform (`augment` with its options), and must
+    accept a `JpegWindows` as its image. Pairs the graph cannot read or check (see `decode_op`)
+    are decoded whole by `decode_op` first, so every example gives exactly what decode-then-
+    transform gives, errors included.
+
+    Returns:
+        The function, or None for a source it cannot serve: no label table for the graph, or
+        `data.on_error=skip` (whose skipped examples need `decoded_dataset`'s filter).
+    """
+    lookup = source.label_lookup()
+    if lookup is None or source.on_error == "skip":
+        return None
+    table = LabelTable(lookup)
+    decode_whole = decode_op(source)
+
+    def decode_and_crop(name, image, mask, seed):
+        image_bytes = tf.io.read_file(image) if source.records_are_paths else image
+        mask_bytes = tf.io.read_file(mask) if source.records_are_paths else mask
+        mask_readable, mask_png = mask_png_plan(mask_bytes)
+
+        def whole():
+            pixels, labels, _ = decode_whole(name, image, mask)
+            return crop(pixels, labels, seed)
+
+        def windowed():
+            jpeg = JpegWindows(image_bytes)
+            raw = decode_mask_png(mask_png)
+            same_size = tf.reduce_all(tf.equal(tf.shape(raw), jpeg.size))
+            return tf.cond(
+                tf.logical_and(same_size, table.accepts(raw)),
+                lambda: crop(jpeg, table.labels(raw), seed),
+                whole,
+            )
+
+        return tf.cond(tf.logical_and(is_plain_jpeg(image_bytes), mask_readable), windowed, whole)
+
+    return decode_and_crop
 
 
 @contextlib.contextmanager

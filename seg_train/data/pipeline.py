@@ -27,7 +27,7 @@ import tensorflow as tf
 from seg_train.data import matting
 from seg_train.data.augment import augment, resize_pair
 from seg_train.data.base import Source
-from seg_train.data.decode import decode_op
+from seg_train.data.decode import decode_and_crop_op, decode_op
 from seg_train.data.options import PipelineOptions
 from seg_train.data.readers import DataError
 
@@ -158,14 +158,34 @@ def train_dataset(
         # Shuffle the records (names and paths), cheaply, before decoding.
         records = source.records("train")
         ordered = passes.flat_map(lambda k: shuffled_pass(records, k)).skip(offset)
+        fused = _decode_and_crop(source, options)
+        if fused is not None:
+            # One map decodes only what each random crop keeps and transforms it: the same
+            # samples as decoding first (decode.JpegWindows), at a fraction of the decode.
+            source.check_listing("train")
+            pairs = tf.data.Dataset.zip((ordered, _seeds(seed, first)))
+            samples = pairs.map(lambda r, s: fused(*r, s), num_parallel_calls=parallel)
+            return samples.batch(options.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
         examples = decoded_dataset(source, "train", parallel, records=ordered)
-    seeds = tf.data.Dataset.range(first, _ENDLESS).map(
-        lambda i: tf.stack([tf.constant(seed, tf.int64), i])
-    )
-    pairs = tf.data.Dataset.zip((examples, seeds))
+    pairs = tf.data.Dataset.zip((examples, _seeds(seed, first)))
     transform = matting.augment if matting.is_matting(source) else augment
     batches = pairs.map(lambda pair, s: transform(*pair, s, options), num_parallel_calls=parallel)
     return batches.batch(options.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def _seeds(seed: int, first: int) -> tf.data.Dataset:
+    """The stateless seed (seed, i) of each example i of the stream from `first` on."""
+    return tf.data.Dataset.range(first, _ENDLESS).map(
+        lambda i: tf.stack([tf.constant(seed, tf.int64), i])
+    )
+
+
+def _decode_and_crop(source: Source, options: PipelineOptions):
+    """`decode.decode_and_crop_op` for a segmentation source under `transform=crop`; None
+    where decoding first is needed (matting, `transform=resize`, sources it cannot serve)."""
+    if matting.is_matting(source) or options.transform != "crop":
+        return None
+    return decode_and_crop_op(source, lambda image, mask, s: augment(image, mask, s, options))
 
 
 # The end of an endless `Dataset.range`.
