@@ -27,7 +27,7 @@ def resize_pair(
     image: tf.Tensor, mask: tf.Tensor, size: tf.Tensor | Sequence[int]
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Resizes an image bilinearly (to float32) and its mask nearest-neighbour (keeping dtype)."""
-    image = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear")
+    image = tf.image.resize(image, size, method="bilinear")  # float32, as in random_scaled_crop
     mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
     return image, mask
 
@@ -118,11 +118,9 @@ def random_scaled_crop(
     row0, row1 = _source_span(hw[0], scaled[0], top, height)
     col0, col1 = _source_span(hw[1], scaled[1], left, width)
     window = image.window(row0, row1, col0, col1) if lazy else image[row0:row1, col0:col1]
-    image = tf.image.resize(
-        tf.cast(window, tf.float32),
-        tf.stack([height, width]),
-        method="bilinear",
-    )
+    # Resized as uint8: the kernel reads each value as a float itself, so the result is the
+    # same as casting first, without a float copy of the window.
+    image = tf.image.resize(window, tf.stack([height, width]), method="bilinear")
     mask = tf.gather(
         tf.gather(mask, _nearest_rows(row0, row1, height)), _nearest_rows(col0, col1, width), axis=1
     )

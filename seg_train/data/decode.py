@@ -118,10 +118,16 @@ def _find_exif(contents: tf.Tensor) -> tf.Tensor:
             tf.where(is_exif, offset, found),
         )
 
-    _, _, found = tf.while_loop(
-        keep_looking, next_segment, (tf.constant(0), tf.constant(2), tf.constant(-1))
-    )
-    return found
+    def walk_segments():
+        _, _, found = tf.while_loop(
+            keep_looking, next_segment, (tf.constant(0), tf.constant(2), tf.constant(-1))
+        )
+        return found
+
+    # Most files hold no "Exif\0\0" at all: one substring search instead of the walk over
+    # their segments, which costs as much as a third of a JPEG decode in small ops.
+    has_exif_bytes = tf.size(tf.strings.split(contents, sep=EXIF_HEADER.decode("latin-1"))) > 1
+    return tf.cond(has_exif_bytes, walk_segments, lambda: tf.constant(-1))
 
 
 def jpeg_orientation(contents: tf.Tensor) -> tf.Tensor:
