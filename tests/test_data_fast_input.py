@@ -2,6 +2,7 @@
 augmentation against tf.image.resize, and data.cache=auto."""
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -432,3 +433,18 @@ def test_uncached_training_still_names_a_broken_pair(tmp_path):
     )
     with pytest.raises(UserError, match="masks/bad.png"), decode.data_errors_as_user_errors():
         list(pipeline.train_dataset(source, options, seed=0).as_numpy_iterator())
+
+
+def test_voc_layout_palette_masks_are_read_as_grey_indices():
+    # IHDR, PLTE, IDAT (VOC, Pillow): rewritten as an 8-bit grey PNG of the indices, whose
+    # IHDR CRC (zlib's, over type and data) holds; what Pillow reads from the original file.
+    readable, png = decode.mask_png_plan(tf.constant(MASKS["palette 8-bit (VOC)"]))
+    png = png.numpy()
+    assert bool(readable) and png[25] == 0 and b"PLTE" not in png
+    assert zlib.crc32(png[12:29]) == int.from_bytes(png[29:33], "big")
+    original = np.asarray(Image.open(io.BytesIO(MASKS["palette 8-bit (VOC)"])))
+    np.testing.assert_array_equal(decode.decode_mask_png(tf.constant(png)).numpy(), original)
+    # A tRNS (after PLTE) or fewer bits would mean something else in a grey PNG: the ramp stays.
+    for kind in ("palette with transparency", "palette 4-bit"):
+        _, other = decode.mask_png_plan(tf.constant(MASKS[kind]))
+        assert other.numpy()[25] == 3, kind

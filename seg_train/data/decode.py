@@ -67,6 +67,12 @@ def _ramp_palette_chunk() -> bytes:
 
 
 RAMP_PLTE_CHUNK = _ramp_palette_chunk()
+# IHDR's colour type byte and CRC (file offsets); CRC-32 is linear, so setting the colour type
+# from 3 (palette) to 0 (grey) changes any IHDR's CRC by this constant XOR.
+_COLOUR_TYPE_BYTE, _IHDR_CRC_AT = 25, 29
+_PALETTE_TO_GREY_CRC = (
+    zlib.crc32(b"IHDR" + bytes(9) + b"\x03" + bytes(3)) ^ zlib.crc32(b"IHDR" + bytes(13))
+).to_bytes(4, "big")
 
 
 def _tail(contents: tf.Tensor, size: int) -> tf.Tensor:
@@ -180,12 +186,23 @@ def _find_palette(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             tf.where(is_plte, chunk_size, size),
         )
 
-    _, _, found, size = tf.while_loop(
-        keep_looking,
-        next_chunk,
-        (tf.constant(0), tf.constant(_FIRST_CHUNK_AFTER_IHDR), tf.constant(-1), tf.constant(0)),
+    def walk_chunks():
+        _, _, found, size = tf.while_loop(
+            keep_looking,
+            next_chunk,
+            (tf.constant(0), tf.constant(_FIRST_CHUNK_AFTER_IHDR), tf.constant(-1), tf.constant(0)),
+        )
+        return found, size
+
+    # Most palette PNGs put PLTE right after IHDR: read it there without the loop's small ops.
+    first = _bytes_at(contents, _FIRST_CHUNK_AFTER_IHDR, 8)
+    first_is_plte = tf.reduce_all(tf.equal(first[4:], list(b"PLTE")))
+    first_size = first[0] * 16777216 + first[1] * 65536 + first[2] * 256 + first[3]
+    return tf.cond(
+        first_is_plte,
+        lambda: (tf.constant(_FIRST_CHUNK_AFTER_IHDR), first_size),
+        walk_chunks,
     )
-    return found, size
 
 
 def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -219,7 +236,29 @@ def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         ]
     )
     readable = tf.logical_and(is_png, tf.logical_or(grey, tf.logical_and(palette, offset >= 0)))
-    return readable, tf.where(palette, ramped, contents)
+    # The common layout (IHDR, PLTE, IDAT...: VOC's masks, what Pillow writes) of an 8-bit
+    # palette PNG becomes the grey PNG of its indices instead: colour type 0, PLTE dropped.
+    # libpng then copies the indices rather than expanding them to RGB and back to grey
+    # through the ramp, a mask decode ~2.5x cheaper. Any other chunk order (a tRNS or bKGD
+    # would mean something else in a grey PNG) keeps the ramp.
+    plain_layout = tf.logical_and(
+        tf.equal(offset, _FIRST_CHUNK_AFTER_IHDR),
+        tf.reduce_all(tf.equal(_bytes_at(contents, rest + 4, 4), list(b"IDAT"))),
+    )
+    as_grey = tf.logical_and(tf.logical_and(palette, tf.equal(depth, 8)), plain_layout)
+    crc = tf.bitwise.bitwise_xor(_bytes_at(contents, _IHDR_CRC_AT, 4), list(_PALETTE_TO_GREY_CRC))
+    single_bytes = tf.constant([bytes([value]) for value in range(256)])
+    header = tf.strings.join([contents, b"\0" * _IHDR_CRC_AT])  # never out of range
+    grey_png = tf.strings.join(
+        [
+            tf.strings.substr(header, 0, _COLOUR_TYPE_BYTE),
+            b"\x00",
+            tf.strings.substr(header, _COLOUR_TYPE_BYTE + 1, 3),
+            tf.strings.reduce_join(tf.gather(single_bytes, crc)),
+            tf.strings.substr(contents, rest, tf.strings.length(contents) - rest),
+        ]
+    )
+    return readable, tf.where(as_grey, grey_png, tf.where(palette, ramped, contents))
 
 
 def decode_mask_png(png: tf.Tensor) -> tf.Tensor:
