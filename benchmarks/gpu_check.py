@@ -4,7 +4,8 @@
 2. Training steps of each model family at its recipe's crop and batch, in float32,
    mixed_float16 and float32 under XLA (each in a fresh process, through seg-train's own
    training path as `benchmarks/worker.py` measures it): img/s and peak GPU memory per row,
-   and the mixed/float32 and XLA/no-XLA ratios.
+   and the mixed/float32 and XLA/no-XLA ratios; beside each, what the uncached input pipeline
+   delivers per CPU core at that recipe and how many cores the GPU's img/s needs.
 3. The CLI on the GPUs: a short training with `MirroredStrategy` on every visible GPU, eval of
    its checkpoint with multi-scale + flip TTA, and export with its parity check (run on the
    GPU in a fresh process).
@@ -74,6 +75,43 @@ def train_rows(quick: bool) -> dict:
     return rows
 
 
+def pipeline_rows(quick: bool, out: Path) -> dict:
+    """What the input pipeline alone delivers per CPU core for each model's recipe (crop,
+    batch, augmentation), uncached (a real dataset of 10k+ images is not cached), on generated
+    500x375 VOC files: the GPU rows divide by it to say how many cores keep the GPU fed."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.worker import compose
+
+    root = out / "pipeline_data"
+    run_all.generate_voc_like(root, 16 if quick else 64)
+    rows = {}
+    for name, recipe in MODELS.items():
+        cfg = compose(recipe + (run_all.QUICK if quick else []))
+        data = OmegaConf.to_container(cfg.data, resolve=True) | {"cache": False}
+        spec = {
+            "name": name,
+            "layout": "voc",
+            "variant": "ours_no_cache",
+            "data": data,
+            "root": str(root / "voc"),
+            "steps": 4 if quick else 10,
+            "warmup": 2 if quick else 4,
+            "min_seconds": 1.0 if quick else 5.0,
+        }
+        row = run_all.run_worker("input", spec)
+        if "error" not in row:
+            row["images_per_s_per_core"] = row["images_per_s"] / os.cpu_count()
+        rows[name] = row
+    return rows
+
+
+def cores_to_feed(gpu_images_per_s: float | None, pipeline: dict) -> float | None:
+    """CPU cores the uncached pipeline needs to keep up with the GPU's training img/s."""
+    per_core = pipeline.get("images_per_s_per_core")
+    return gpu_images_per_s / per_core if gpu_images_per_s and per_core else None
+
+
 def cli_rows(out: Path, gpus: int) -> dict:
     """The CLI on the GPUs: train (MirroredStrategy over all of them), eval with TTA, export."""
     run_dir = out / "cli_run"
@@ -132,21 +170,26 @@ def render(results: dict) -> str:
         f"{info['tensorflow']} (CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}); "
         f"run: {info['mode']}.",
         "",
-        "| model | crop x batch | variant | img/s | peak GPU MB | vs float32 |",
-        "|---|---|---|---|---|---|",
+        "| model | crop x batch | variant | img/s | peak GPU MB | vs float32 | input pipeline "
+        "img/s per CPU core (uncached) | CPU cores to feed the GPU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows = results["train"]
+    pipelines = results.get("pipeline", {})
     for key, row in rows.items():
         name, variant = key.split("/", 1)
         if "error" in row:
-            lines.append(f"| {name} | | {variant} | {row['error'][:80]} |||")
+            lines.append(f"| {name} | | {variant} | {row['error'][:80]} |||||")
             continue
         crop = "x".join(map(str, row["crop"]))
         ratio = _ratio(rows, name, variant)
+        pipeline = pipelines.get(name, {})
         lines.append(
             f"| {name} | {crop} x {row['batch']} | {variant} | {row['images_per_s']:.1f} | "
             f"{run_all._fmt(row.get('peak_gpu_mb'), 0)} | "
-            f"{'' if variant == 'float32' else run_all._fmt(ratio, 2) + 'x'} |"
+            f"{'' if variant == 'float32' else run_all._fmt(ratio, 2) + 'x'} | "
+            f"{run_all._fmt(pipeline.get('images_per_s_per_core'))} | "
+            f"{run_all._fmt(cores_to_feed(row['images_per_s'], pipeline))} |"
         )
     lines += ["", "| CLI on the GPU | exit | seconds |", "|---|---|---|"]
     for name, row in results["cli"].items():
@@ -175,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         "gpus": described["gpus"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"machine": info, "train": train_rows(args.quick), "cli": cli_rows(args.out, gpus)}
+    results = {
+        "machine": info,
+        "train": train_rows(args.quick),
+        "pipeline": pipeline_rows(args.quick, args.out),
+        "cli": cli_rows(args.out, gpus),
+    }
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
     table = render(results)
     (args.out / "gpu_check.md").write_text(table)

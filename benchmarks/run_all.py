@@ -14,8 +14,12 @@ identical oneDNN/allocator settings and its peak RSS belongs to that measurement
 Ratios are computed against baselines measured in the same run. The "sources" section times
 each source's own model, compile and fit (benchmarks/baselines.py, written from the source's
 text) against seg-train's path on the same recipe, with a float32 matmul as the machine's
-ceiling. The default run takes about
-40 minutes on 2 cores; --quick (tiny sizes, a few steps) a few minutes.
+ceiling. The "precision" section times seg-train's path in float32 and in
+trainer.precision=mixed_bfloat16 (the bf16 / float32 img/s ratio; machine_info says whether the
+CPU has bf16 units) and trains a small U-Net briefly in both (val mIoU). The default run takes
+about 40 minutes on 2 cores without the precision section, which adds tens of minutes on a CPU
+without bf16 units (emulated bf16 steps: 4-5x a float32 step in --quick); --quick (tiny sizes,
+a few steps) a few minutes, and about 8 more with the precision section.
 """
 
 from __future__ import annotations
@@ -103,7 +107,41 @@ MEMORY_RECIPES = {
     "portrait_matting": ("portrait", [], []),
     "synthetic_unet_classic": (None, [], []),
 }
-SECTIONS = ("input", "train", "allocator", "crf", "sources", "memory")
+# The "precision" section: seg-train's training path ("ours", synthetic tensors) in float32 and
+# in trainer.precision=mixed_bfloat16, name -> (recipe overrides, default-run overrides), with
+# COMMON, and QUICK under --quick. bfloat16 pays only where the CPU has bf16 units (AMX:
+# Intel Xeon 4th generation on; AVX512_BF16); elsewhere oneDNN emulates it and the ratio is
+# below 1 (machine_info's bf16_hardware says which). Every model at its recipe's crop and
+# batch, except that the default run caps at 1 the batches whose emulated bfloat16 steps would
+# take minutes on 2 cores without bf16 units: --quick measured bf16 at 0.21-0.25x float32 and
+# ~5 GFLOP/s there, and a training image of the classic portrait U-Net at 256x256 or of
+# DeepLabV3+ at 512x512 costs ~300 / ~340 GFLOP (the worker's count at 64x64, times the area),
+# so one bf16 step of the recipes' batch 8 / batch 4 would take several minutes. The table
+# shows crop x batch.
+PRECISION_MODELS = {
+    "unet_mobilenetv2": (["experiment=pets_unet_mobilenetv2"], []),
+    "unet (portrait)": (["experiment=portrait_unet"], ["data.batch_size=1"]),
+    "deeplabv3plus (keras-io)": (["experiment=cihp_deeplabv3plus"], ["data.batch_size=1"]),
+}
+PRECISIONS = ("float32", "mixed_bfloat16")
+# bf16 / float32 training img/s the issue asks of CPUs with AMX.
+BF16_TARGET = 1.8
+# The accuracy rows: a short fixed-seed `seg-train` training on the embedded synthetic set
+# (320 train / 64 val images) in each precision, its final val mIoU from metrics.json. A small
+# U-Net, so that both runs take a few minutes here; trainer.epochs is added by run_precision
+# (3, or 1 under --quick). TensorBoard, prediction images and backups are off: they do not
+# change the numbers.
+PRECISION_ACCURACY = [
+    "model=unet",
+    "model.base_filters=8",
+    "data.crop_size=[64,64]",
+    "data.batch_size=8",
+    "seed=0",
+    "trainer.backups=false",
+    "callbacks.tensorboard=null",
+    "callbacks.prediction_images=null",
+]
+SECTIONS = ("input", "train", "allocator", "crf", "sources", "memory", "precision")
 # --quick: tiny inputs so the whole run takes a few minutes; the table says so.
 QUICK = ["data.crop_size=[64,64]", "data.batch_size=2"]
 QUICK_MODELS = {
@@ -274,6 +312,7 @@ def empty_results(machine: dict) -> dict:
         "crf": {},
         "sources": {},
         "memory": {},
+        "precision": {},
     }
 
 
@@ -290,12 +329,37 @@ def fastest(previous: dict | None, result: dict) -> dict:
     return best | {"runs_seconds_per_step": runs}
 
 
+def bf16_hardware(cpuinfo: str) -> str:
+    """Which bfloat16 units the CPU has, from the text of /proc/cpuinfo (its first "flags" line;
+    "Features" on ARM).
+
+    Returns:
+        "AMX" (amx_bf16 and amx_tile: oneDNN's bf16 matrix tiles), "AVX512_BF16" (bf16 dot
+        products), "ARM BF16" (the bf16 feature of Armv8.6) or "none (bfloat16 is emulated:
+        expect < 1x)".
+    """
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            break
+    if {"amx_bf16", "amx_tile"} <= flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512_BF16"
+    if "bf16" in flags:
+        return "ARM BF16"
+    return "none (bfloat16 is emulated: expect < 1x)"
+
+
 def machine_info() -> dict:
     """The machine and the settings every measurement ran under."""
     import importlib.metadata as md
 
+    cpuinfo = Path("/proc/cpuinfo").read_text()
     cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    for line in cpuinfo.splitlines():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
@@ -308,7 +372,8 @@ def machine_info() -> dict:
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1"),
         "ld_preload": os.environ.get("LD_PRELOAD", "") or "none (glibc malloc)",
         "threads": "TF defaults: intra-op = inter-op = all cores; tf.data AUTOTUNE",
-        "precision": "float32",
+        "precision": "float32 (the precision tables: also mixed_bfloat16)",
+        "bf16_hardware": bf16_hardware(cpuinfo),
         "load_average_at_start": os.getloadavg()[0],
     }
 
@@ -493,6 +558,93 @@ def run_memory(quick: bool, data_root: Path) -> dict:
     return section
 
 
+def precision_pair(float32: dict, bfloat16: dict) -> dict:
+    """One row of the "precision" section from the fastest float32 and mixed_bfloat16 runs.
+
+    Returns:
+        {float32, mixed_bfloat16: the worker results; ratio: bf16 img/s / float32 img/s;
+        holds: ratio >= BF16_TARGET; crop, batch}; None where a figure is missing (an error).
+    """
+    ratio = _ratio(bfloat16.get("images_per_s"), float32.get("images_per_s"))
+    return {
+        "float32": float32,
+        "mixed_bfloat16": bfloat16,
+        "ratio": ratio,
+        "holds": None if ratio is None else ratio >= BF16_TARGET,
+        "crop": float32.get("crop") or bfloat16.get("crop"),
+        "batch": float32.get("batch") or bfloat16.get("batch"),
+    }
+
+
+def run_precision(
+    quick: bool,
+    min_seconds: float,
+    models: dict | None = None,
+    repeats: int | None = None,
+    accuracy: list[str] | None = None,
+) -> dict:
+    """float32 against trainer.precision=mixed_bfloat16: training speed and val mIoU.
+
+    Args:
+        quick: QUICK's crop and batch, one alternation, a 1-epoch training.
+        min_seconds: Least timed seconds per speed measurement.
+        models: name -> (recipe overrides, default-run overrides); PRECISION_MODELS by default.
+        repeats: Alternations of float32 and bf16 per model (each keeps its fastest run);
+            2, or 1 under --quick, by default.
+        accuracy: The overrides of the training run in both precisions; PRECISION_ACCURACY
+            with trainer.epochs=3 (1 under --quick) by default.
+
+    Returns:
+        {"speed": name -> `precision_pair`; "accuracy": {overrides, float32, mixed_bfloat16:
+        the `job` worker results (exit_code, seconds, val_mean_iou, peak_rss_mb), difference:
+        bf16 - float32 val mIoU (None if either is missing)}}.
+    """
+    models = PRECISION_MODELS if models is None else models
+    repeats = (1 if quick else 2) if repeats is None else repeats
+    if accuracy is None:
+        accuracy = PRECISION_ACCURACY + [f"trainer.epochs={1 if quick else 3}"]
+    # One warm-up step (the trace) and at least 2 timed steps and min_seconds, in both modes:
+    # an emulated bf16 step of the capped models takes about a minute here, while on a CPU
+    # with bf16 units min_seconds decides how many steps are timed.
+    warmup, steps = 1, 2
+    speed = {}
+    for name, (recipe, shrink) in models.items():
+        overrides = recipe + COMMON + (QUICK if quick else shrink)
+        runs: dict = {}
+        # Alternated, each keeping its fastest run, as in the training table: another process
+        # slowing one run down does not decide the ratio.
+        for precision in PRECISIONS * repeats:
+            spec = {
+                "name": name,
+                "variant": "ours",
+                "overrides": overrides + [f"trainer.precision={precision}"],
+                "jit": False,
+                "warmup": warmup,
+                "steps": steps,
+                "min_seconds": min_seconds,
+                "max_steps": 500,
+            }
+            runs[precision] = fastest(runs.get(precision), run_worker("train", spec))
+        speed[name] = precision_pair(runs["float32"], runs["mixed_bfloat16"])
+    jobs = {}
+    for precision in PRECISIONS:
+        spec = {
+            "name": "accuracy",
+            "variant": precision,
+            "overrides": accuracy + [f"trainer.precision={precision}"],
+        }
+        jobs[precision] = run_worker("job", spec)
+    ious = [jobs[precision].get("val_mean_iou") for precision in PRECISIONS]
+    return {
+        "speed": speed,
+        "accuracy": {
+            "overrides": accuracy,
+            **jobs,
+            "difference": None if None in ious else ious[1] - ious[0],
+        },
+    }
+
+
 def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
     """Measures everything (or the sections in `only`); returns the results dict (also
     written to out/results.json)."""
@@ -626,6 +778,8 @@ def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
         results["sources"], results["matmul"] = run_sources(quick, min_seconds)
     if "memory" in only:
         results["memory"] = run_memory(quick, data_root)
+    if "precision" in only:
+        results["precision"] = run_precision(quick, min_seconds)
     info["total_minutes"] = (time.perf_counter() - started) / 60
     info["load_average_at_end"] = os.getloadavg()[0]
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -642,6 +796,7 @@ def render(results: dict) -> str:
         f"TensorFlow {info['tensorflow']}, Keras {info['keras']}; "
         f"TF_ENABLE_ONEDNN_OPTS={info['tf_enable_onednn_opts']}; "
         f"LD_PRELOAD={info['ld_preload']}; threads: {info['threads']}; "
+        f"bf16 hardware: {info.get('bf16_hardware', 'unknown')}; "
         f"precision {info['precision']}; run: {info['mode']}, "
         f"{info.get('total_minutes', 0):.1f} min, load average "
         f"{info['load_average_at_start']:.1f} at start / "
@@ -654,18 +809,19 @@ def render(results: dict) -> str:
     decode = inp.get("voc/decode_only", {}).get("images_per_s")
     lines += [
         "| input pipeline (500x375 JPEG + palette PNG, crop 321, batch 10) | images/s | "
-        "vs naive as written (target ≥ 3x) | vs naive sequential | vs decode-only "
-        "(target ≥ 0.70) | peak RSS MB |",
-        "|---|---|---|---|---|---|",
+        f"images/s per CPU core ({info['cores']} cores) | vs naive as written (target ≥ 3x) | "
+        "vs naive sequential | vs decode-only (target ≥ 0.90 uncached) | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, result in inp.items():
         ips = result.get("images_per_s")
         layout, variant = key.split("/")
         if "error" in result:
-            lines.append(f"| {key} | error: {result['error']} |||||")
+            lines.append(f"| {key} | error: {result['error']} ||||||")
             continue
         lines.append(
             f"| {layout}: {INPUT_VARIANTS.get(variant, variant)} | {_fmt(ips)} | "
+            f"{_fmt(_ratio(ips, info['cores']))} | "
             f"{_fmt(_ratio(ips, naive), 2)}x | {_fmt(_ratio(ips, sequential), 2)}x | "
             f"{_fmt(_ratio(ips, decode), 2)} | {_fmt(result.get('peak_rss_mb'), 0)} |"
         )
@@ -747,7 +903,60 @@ def render(results: dict) -> str:
         lines += _source_rows(results)
     if results.get("memory"):
         lines += _memory_rows(results)
+    if results.get("precision"):
+        lines += _precision_rows(results)
     return "\n".join(lines) + "\n"
+
+
+def _precision_rows(results: dict) -> list[str]:
+    """The "precision" tables: training img/s in float32 and mixed_bfloat16 per model, then
+    the val mIoU of the same short training in both."""
+    section = results["precision"]
+    hardware = results["machine"].get("bf16_hardware", "unknown")
+    lines = [
+        "",
+        f"| precision: training, ours (synthetic tensors; bf16 hardware: {hardware}) "
+        "| crop x batch | float32 img/s | bf16 img/s "
+        f"| bf16 / float32 (target ≥ {BF16_TARGET}x on AMX) | holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in section.get("speed", {}).items():
+        float32, bfloat16 = row["float32"], row["mixed_bfloat16"]
+        crop = row.get("crop")
+        size = f"{crop[0]}x{crop[1]} x {row.get('batch')}" if crop else "—"
+        errors = "; ".join(
+            f"{v}: {r['error'][:80]}"
+            for v, r in (("float32", float32), ("bf16", bfloat16))
+            if "error" in r
+        )
+        holds = {True: "yes", False: "no", None: "—"}[row["holds"]]
+        lines.append(
+            f"| {name} | {size} | {_fmt(float32.get('images_per_s'), 2)} | "
+            f"{_fmt(bfloat16.get('images_per_s'), 2)} | {_fmt(row['ratio'], 2)}x | {holds} |"
+            + (f" {errors}" if errors else "")
+        )
+    accuracy = section.get("accuracy")
+    if accuracy:
+        float32, bfloat16 = accuracy["float32"], accuracy["mixed_bfloat16"]
+        difference = accuracy["difference"]
+        problems = "; ".join(
+            f"{name}: {text[:80]}"
+            for name, job in (("float32", float32), ("bf16", bfloat16))
+            for text in (job.get("error"), job.get("output_tail"), job.get("val_mean_iou_note"))
+            if text
+        )
+        lines += [
+            "",
+            "| precision: val mIoU of a short fixed-seed training (synthetic set) | val mIoU "
+            "float32 | val mIoU bf16 | bf16 − float32 | seconds float32 / bf16 |",
+            "|---|---|---|---|---|",
+            f"| `seg-train {' '.join(accuracy['overrides'])}` | "
+            f"{_fmt(float32.get('val_mean_iou'), 4)} | {_fmt(bfloat16.get('val_mean_iou'), 4)} | "
+            f"{'—' if difference is None else f'{difference:+.4f}'} | "
+            f"{_fmt(float32.get('seconds'), 0)} / {_fmt(bfloat16.get('seconds'), 0)} |"
+            + (f" {problems}" if problems else ""),
+        ]
+    return lines
 
 
 def _memory_rows(results: dict) -> list[str]:

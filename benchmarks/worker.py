@@ -8,7 +8,9 @@ Train variants: "bare" (the recipe's model, its Keras optimizer, plain cross-ent
 metrics or callbacks), "ours" (seg-train's compile path and callbacks) and "source" (the
 source's own model and `compile`, from benchmarks/baselines.py, spec["source"]). All three
 run `model.fit` on the same in-memory batch and report `train_gflops_per_image` (see
-`train_gflops_per_image`) and `gflops_per_s`.
+`train_gflops_per_image`) and `gflops_per_s`. The model is built under the config's
+`trainer.precision` (Keras' global dtype policy, as `seg-train` sets it), e.g.
+`trainer.precision=mixed_bfloat16` in the overrides.
 """
 
 from __future__ import annotations
@@ -221,7 +223,7 @@ def bench_train(spec: dict) -> dict:
 
     from seg_train.data import pipeline
     from seg_train.tasks.sources import pipeline_options
-    from seg_train.training import backup, fit
+    from seg_train.training import backup, distribute, fit
     from seg_train.training.callbacks import BackupCallback, DataStallMonitor, NaNGuard
 
     out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
@@ -233,6 +235,8 @@ def bench_train(spec: dict) -> dict:
             f"trainer.jit_compile={spec['jit']}",
         ]
     )
+    # Before any layer is built, as train.py does: float32, mixed_float16 or mixed_bfloat16.
+    distribute.set_precision(cfg.trainer.precision)
     keras.utils.set_random_seed(0)
     crop, batch = list(cfg.data.crop_size), cfg.data.batch_size
     images, labels = _synthetic_batch(crop, batch, min(cfg.data.num_classes, 3))
@@ -250,7 +254,7 @@ def bench_train(spec: dict) -> dict:
         model = baselines.BUILDERS[spec["source"]](num_classes=cfg.data.num_classes, size=crop[0])
     else:
         model = instantiate(cfg.model, _convert_="all")
-    result = {"params": model.count_params()}
+    result = {"params": model.count_params(), "precision": cfg.trainer.precision}
     stall_monitor = None
     if spec["variant"] == "source":
         # The source's compile, word for word; its fit has no callbacks but our timer's.
@@ -565,7 +569,9 @@ def bench_job(spec: dict) -> dict:
     process whose peak resident memory `main` reports (RUSAGE_CHILDREN: this worker only waits).
 
     Returns:
-        exit_code, seconds, and the last lines of its output when it failed.
+        exit_code, seconds, val_mean_iou (the run's final report: "mean_iou" of the
+        metrics.json a training run writes into its run dir; None, with val_mean_iou_note
+        saying why, where there is none), and the last lines of its output when it failed.
     """
     import subprocess
 
@@ -579,6 +585,19 @@ def bench_job(spec: dict) -> dict:
     result = {"exit_code": proc.returncode, "seconds": time.perf_counter() - started}
     if proc.returncode:
         result["output_tail"] = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    metrics = run_dir / "metrics.json"
+    result["val_mean_iou"] = None
+    if metrics.is_file():
+        report = json.loads(metrics.read_text())
+        result["val_mean_iou"] = report.get("mean_iou")
+        if report.get("split") != "val" or result["val_mean_iou"] is None:
+            result["val_mean_iou_note"] = (
+                f"metrics.json of split {report.get('split')!r}, mean_iou "
+                f"{report.get('mean_iou')!r}"
+            )
+            result["val_mean_iou"] = None
+    else:
+        result["val_mean_iou_note"] = f"no metrics.json in the run dir {run_dir}"
     return result
 
 

@@ -105,6 +105,10 @@ def test_one_of_each_then_table(tmp_path):
     for header in ("| input pipeline", "| training", "| inference", "| dense CRF"):
         assert header in table
     assert f"| voc: {run_all.INPUT_VARIANTS['naive']} |" in table
+    # The per-core column: images/s over the machine's cores, computed here.
+    row = next(ln for ln in table.splitlines() if ln.startswith("| voc: decode-only"))
+    per_core = results["input"]["voc/decode_only"]["images_per_s"] / results["machine"]["cores"]
+    assert row.split(" | ")[2] == run_all._fmt(per_core)
     assert "| unet | 32x32 x 1 |" in table
     json.loads(json.dumps(results))  # what run() writes to results.json
 
@@ -374,3 +378,126 @@ def test_memory_overrides_keep_the_recipe_and_cap_only_the_default_run(tmp_path)
         o.startswith("data.root")
         for o in run_all.memory_overrides("synthetic_unet_classic", True, tmp_path)
     )
+
+
+def test_gpu_check_prints_the_pipeline_per_core_beside_each_gpu_row(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "MODELS", {"unet": ["model=unet", "data.crop_size=[32,32]"]})
+    pipeline = gpu_check.pipeline_rows(quick=True, out=tmp_path)
+    row = pipeline["unet"]
+    assert "error" not in row, row
+    import os
+
+    assert row["images_per_s_per_core"] == pytest.approx(row["images_per_s"] / os.cpu_count())
+    train = {"unet/float32": {"crop": [32, 32], "batch": 2, "images_per_s": 500.0}}
+    results = {
+        "machine": {
+            "gpu_models": ["X"],
+            "tensorflow": "2",
+            "cuda_version": "12",
+            "cudnn_version": "9",
+            "mode": "quick",
+        },
+        "train": train,
+        "pipeline": pipeline,
+        "cli": {},
+    }
+    table = gpu_check.render(results)
+    assert "CPU cores to feed the GPU" in table
+    line = next(ln for ln in table.splitlines() if ln.startswith("| unet |"))
+    assert line.split(" | ")[-1].rstrip(" |") == run_all._fmt(500.0 / row["images_per_s_per_core"])
+
+
+def test_precision_section_fields_and_ratio(monkeypatch):
+    """float32 and mixed_bfloat16 on one tiny U-Net (alternated once) and a 1-epoch training in
+    both: every field of the "precision" section, the ratio recomputed from its two entries,
+    the val mIoU difference, the tables."""
+    tiny = [
+        "model=unet",
+        "model.base_filters=4",
+        "model.depth=2",
+        "data.crop_size=[32,32]",
+        "data.batch_size=2",
+    ]
+    monkeypatch.setattr(run_all, "PRECISION_MODELS", {"unet (tiny)": (tiny, [])})
+    monkeypatch.setattr(run_all, "QUICK", [])
+    accuracy = tiny + ["seed=0", "trainer.epochs=1", "trainer.steps_per_epoch=4", "debug=fast"]
+    section = run_all.run_precision(quick=True, min_seconds=0, repeats=1, accuracy=accuracy)
+
+    row = section["speed"]["unet (tiny)"]
+    float32, bfloat16 = row["float32"], row["mixed_bfloat16"]
+    for entry, precision in ((float32, "float32"), (bfloat16, "mixed_bfloat16")):
+        assert "error" not in entry, entry
+        assert entry["precision"] == precision
+        assert entry["crop"] == [32, 32] and entry["batch"] == 2
+        assert isinstance(entry["images_per_s"], float) and entry["images_per_s"] > 0
+        assert entry["peak_rss_mb"] > 0
+    assert (row["crop"], row["batch"]) == ([32, 32], 2)
+    expected = (bfloat16["batch"] / bfloat16["seconds_per_step"]) / (
+        float32["batch"] / float32["seconds_per_step"]
+    )
+    assert isinstance(row["ratio"], float) and row["ratio"] == pytest.approx(expected)
+    assert row["holds"] is (expected >= 1.8)
+
+    result = section["accuracy"]
+    assert result["overrides"] == accuracy
+    ious = []
+    for precision in ("float32", "mixed_bfloat16"):
+        job = result[precision]
+        assert job["exit_code"] == 0, job.get("output_tail")
+        assert "val_mean_iou_note" not in job, job["val_mean_iou_note"]
+        assert isinstance(job["val_mean_iou"], float) and 0 <= job["val_mean_iou"] <= 1
+        ious.append(job["val_mean_iou"])
+    assert result["difference"] == pytest.approx(ious[1] - ious[0])
+
+    results = run_all.empty_results(run_all.machine_info() | {"mode": "test"})
+    results["precision"] = section
+    table = run_all.render(results)
+    lines = table.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| precision: training"))
+    for column in (
+        "| crop x batch |",
+        "| float32 img/s |",
+        "| bf16 img/s |",
+        "| bf16 / float32 (target ≥ 1.8x on AMX) |",
+        "| holds |",
+    ):
+        assert column in header, column
+    assert results["machine"]["bf16_hardware"] in header
+    line = next(ln for ln in lines if ln.startswith("| unet (tiny) |"))
+    assert line.startswith("| unet (tiny) | 32x32 x 2 | ")
+    assert f"| {expected:.2f}x | {'yes' if expected >= 1.8 else 'no'} |" in line
+    assert len(line.split("|")) == len(header.split("|"))
+    assert "| precision: val mIoU of a short fixed-seed training" in table
+    line = next(ln for ln in lines if ln.startswith("| `seg-train model=unet"))
+    assert f"| {ious[0]:.4f} | {ious[1]:.4f} | {ious[1] - ious[0]:+.4f} |" in line
+    assert f"bf16 hardware: {results['machine']['bf16_hardware']}" in table.splitlines()[0]
+    json.loads(json.dumps(results))
+
+
+def test_precision_pair_with_an_error_has_no_ratio():
+    row = run_all.precision_pair({"error": "killed"}, {"images_per_s": 2.0})
+    assert row["ratio"] is None and row["holds"] is None
+    row = run_all.precision_pair(
+        {"images_per_s": 4.0, "crop": [8, 8], "batch": 2}, {"images_per_s": 8.0}
+    )
+    assert row["ratio"] == 2.0 and row["holds"] is True and row["batch"] == 2
+
+
+def test_bf16_hardware_from_cpuinfo_flags():
+    def cpuinfo(flags: str) -> str:
+        return f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+
+    base = "fpu vme sse sse2 avx avx2 fma"
+    assert run_all.bf16_hardware(cpuinfo(base)) == "none (bfloat16 is emulated: expect < 1x)"
+    assert run_all.bf16_hardware(cpuinfo(base + " avx512f avx512_bf16")) == "AVX512_BF16"
+    sapphire = base + " avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
+    assert run_all.bf16_hardware(cpuinfo(sapphire)) == "AMX"
+    # A flag's name inside another one's does not count (avx512_bf16 is not amx_bf16).
+    assert run_all.bf16_hardware(cpuinfo(base + " avx512_bf16x")) == run_all.bf16_hardware(
+        cpuinfo(base)
+    )
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve bf16 i8mm\n"
+    assert run_all.bf16_hardware(arm) == "ARM BF16"
+    assert run_all.bf16_hardware("") == "none (bfloat16 is emulated: expect < 1x)"
