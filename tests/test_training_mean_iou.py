@@ -19,9 +19,7 @@ def test_hand_computed_example():
     predictions = np.array([[0, 1, 1, 1, 2, 2]])
     metric = MeanIoU(num_classes=3, ignore_class=255, sparse_y_pred=True)
     metric.update_state(labels, predictions)
-    np.testing.assert_array_equal(
-        np.asarray(metric.total_cm), [[1, 1, 0], [0, 1, 0], [0, 1, 1]]
-    )
+    np.testing.assert_array_equal(np.asarray(metric.total_cm), [[1, 1, 0], [0, 1, 0], [0, 1, 1]])
     assert float(metric.result()) == pytest.approx(4 / 9)
 
 
