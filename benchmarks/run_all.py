@@ -396,6 +396,20 @@ def _size(shape) -> str:
     return f"{shape[0]}x{shape[1]}" if shape else "—"
 
 
+def _crop_x_batch(crop, batch) -> str:
+    """A table's "crop x batch" cell, e.g. "512x512 x 4"."""
+    return f"{_size(crop)} x {batch}" if crop else "—"
+
+
+def _holds(value: bool | None) -> str:
+    return {True: "yes", False: "no", None: "—"}[value]
+
+
+def _errors(runs: dict[str, dict]) -> str:
+    """The first 80 characters of each named run's error, joined: "" when none failed."""
+    return "; ".join(f"{name}: {r['error'][:80]}" for name, r in runs.items() if "error" in r)
+
+
 def with_infer_ratios(result: dict) -> dict:
     """An infer worker's result with its ratios over bare `model.predict` on the same images.
 
@@ -922,14 +936,9 @@ def _precision_rows(results: dict) -> list[str]:
     ]
     for name, row in section.get("speed", {}).items():
         float32, bfloat16 = row["float32"], row["mixed_bfloat16"]
-        crop = row.get("crop")
-        size = f"{crop[0]}x{crop[1]} x {row.get('batch')}" if crop else "—"
-        errors = "; ".join(
-            f"{v}: {r['error'][:80]}"
-            for v, r in (("float32", float32), ("bf16", bfloat16))
-            if "error" in r
-        )
-        holds = {True: "yes", False: "no", None: "—"}[row["holds"]]
+        size = _crop_x_batch(row.get("crop"), row.get("batch"))
+        errors = _errors({"float32": float32, "bf16": bfloat16})
+        holds = _holds(row["holds"])
         lines.append(
             f"| {name} | {size} | {_fmt(float32.get('images_per_s'), 2)} | "
             f"{_fmt(bfloat16.get('images_per_s'), 2)} | {_fmt(row['ratio'], 2)}x | {holds} |"
@@ -970,17 +979,10 @@ def _memory_rows(results: dict) -> list[str]:
     ]
     for recipe, row in results["memory"].items():
         job, bare = row["job"], row["bare"]
-        crop = row.get("crop")
-        size = f"{crop[0]}x{crop[1]} x {row.get('batch')}" if crop else "—"
-        problems = "; ".join(
-            f"{name}: {text[:80]}"
-            for name, text in (
-                ("bare", bare.get("error")),
-                ("debug=fast", job.get("error") or job.get("output_tail")),
-            )
-            if text
-        )
-        holds = {True: "yes", False: "no", None: "—"}[row["holds"]]
+        size = _crop_x_batch(row.get("crop"), row.get("batch"))
+        failed_job = {"error": job.get("error") or job.get("output_tail")}
+        problems = _errors({"bare": bare, "debug=fast": failed_job if failed_job["error"] else {}})
+        holds = _holds(row["holds"])
         lines.append(
             f"| {recipe} | {size} | {_fmt(bare.get('peak_rss_mb'), 0)} | "
             f"{_fmt(job.get('peak_rss_mb'), 0)} | {_fmt(row['ratio'], 2)}x | {holds} | "
@@ -1002,14 +1004,11 @@ def _source_rows(results: dict) -> list[str]:
     ]
     for name, pair in results["sources"].items():
         source, mine = pair["source"], pair["ours"]
-        crop = mine.get("crop") or source.get("crop")
-        size = f"{crop[0]}x{crop[1]} x {mine.get('batch') or source.get('batch')}" if crop else "—"
-        errors = "; ".join(
-            f"{v}: {r['error'][:80]}"
-            for v, r in (("source", source), ("ours", mine))
-            if "error" in r
+        size = _crop_x_batch(
+            mine.get("crop") or source.get("crop"), mine.get("batch") or source.get("batch")
         )
-        holds = {True: "yes", False: "no", None: "—"}[pair["holds"]]
+        errors = _errors({"source": source, "ours": mine})
+        holds = _holds(pair["holds"])
         lines.append(
             f"| {name} | {size} | {_fmt(source.get('images_per_s'), 2)} | "
             f"{_fmt(mine.get('images_per_s'), 2)} | {_fmt(pair['ratio'], 2)}x | {holds} | "
