@@ -3,7 +3,9 @@
 Every dataset goes through the same steps: parallel decode (in the graph for plain JPEGs and
 PNG masks, see `decode.py`; `data.on_error` decides what a broken file does), a cache of the
 decoded examples when they fit in memory (`cache`, see `should_cache`), shuffle, the training
-transform of `augment.py` (or `matting.py` for alpha targets), batching and prefetch. Images
+transform of `augment.py` (or `matting.py` for alpha targets), batching and prefetch. A
+training pass that is not cached fuses decode and transform in one map that decodes only the
+part of each JPEG its random crop keeps (`decode.decode_and_crop_op`): the same samples. Images
 leave as float32 in 0..255; each model normalises them in its own first layer, so train, eval,
 infer and export cannot disagree about preprocessing. Evaluation reads `decoded_dataset`
 directly: no augmentation, and labels at their original resolution. A matting source
