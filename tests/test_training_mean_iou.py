@@ -47,3 +47,27 @@ def test_round_trips_through_keras_serialization():
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(metric))
     assert type(restored) is MeanIoU
     assert (restored.num_classes, restored.ignore_class, restored.name) == (4, 255, "mean_iou")
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_counts_the_same_in_a_keras_fit_compiled_by_xla_or_not(jit_compile):
+    # Keras compiles the train step with XLA under trainer.jit_compile: the update must trace
+    # and count there too (XLA has no bincount kernel). Zero learning rate: the logits fit
+    # sees are the model's predictions afterwards.
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(4, 6, 5, 3)).astype("float32")
+    labels = rng.integers(0, 4, size=(4, 6, 5, 1))
+    labels[0, 0] = 255
+    inputs = keras.Input((6, 5, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 1)(inputs))
+    ours = MeanIoU(num_classes=4, ignore_class=255, sparse_y_pred=False)
+    model.compile(
+        keras.optimizers.SGD(0.0),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255),
+        metrics=[ours],
+        jit_compile=jit_compile,
+    )
+    model.fit(images, labels, batch_size=4, epochs=1, verbose=0)
+    keras_metric = keras.metrics.MeanIoU(num_classes=4, ignore_class=255, sparse_y_pred=False)
+    keras_metric.update_state(labels, model.predict(images, verbose=0))
+    np.testing.assert_array_equal(np.asarray(ours.total_cm), np.asarray(keras_metric.total_cm))

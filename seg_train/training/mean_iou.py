@@ -6,13 +6,24 @@ of the batch, after separate bounds and ignore masks. On a 64x128x128 batch of t
 tutorial's recipe that is ~4% of a CPU training step (benchmarks/run_all.py, "sources"
 ablation). Counting `label * C + prediction` with `tf.math.bincount` gives the same matrix
 (exact integer counts) at a third of the cost, so the training-set mIoU costs the user almost
-nothing. Everything else (variables, `result`, `reset_state`, config) is Keras'.
+nothing. Under XLA (`trainer.jit_compile`), which has no bincount kernel, a segment sum counts
+instead. Everything else (variables, `result`, `reset_state`, config) is Keras'.
 """
 
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+
+def _in_xla_function() -> bool:
+    """True while tracing a function that XLA compiles (`trainer.jit_compile`)."""
+    try:
+        # TensorFlow's own test for this (its public API has none); private, hence the guard.
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:
+        return True  # unknown: take the op that compiles everywhere
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 @keras.saving.register_keras_serializable(package="seg_train")
@@ -50,12 +61,14 @@ class MeanIoU(keras.metrics.MeanIoU):
                 tf.cast(sample_weight, self.dtype), tf.shape(tf.cast(y_true, self.dtype))
             )
             weights = tf.reshape(weights, [-1])
-        counts = tf.math.bincount(
-            cells,
-            weights=weights,
-            minlength=classes * classes + 1,
-            maxlength=classes * classes + 1,
-            dtype=self.dtype,
-        )
+        bins = classes * classes + 1
+        if _in_xla_function():  # XLA has no bincount kernel; it compiles a segment sum well
+            counts = tf.math.unsorted_segment_sum(
+                tf.ones_like(cells, self.dtype) if weights is None else weights, cells, bins
+            )
+        else:
+            counts = tf.math.bincount(
+                cells, weights=weights, minlength=bins, maxlength=bins, dtype=self.dtype
+            )
         batch_matrix = tf.reshape(counts[: classes * classes], [classes, classes])
         return self.total_cm.assign_add(tf.cast(batch_matrix, self.total_cm.dtype))
