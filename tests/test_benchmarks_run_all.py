@@ -373,6 +373,8 @@ def test_memory_overrides_keep_the_recipe_and_cap_only_the_default_run(tmp_path)
         assert overrides[0] == "experiment=voc_deeplabv2"
         assert "data=voc" in overrides and f"data.root={tmp_path / 'voc'}" in overrides
         assert "model.freeze_bn=false" in overrides
+        # The generated VOC files have no SBD lists or SegmentationClassAug masks.
+        assert {"data.aug=false", "data.train_list=null"} <= set(overrides)
     assert "data.batch_size=2" in default and "data.crop_size=[64,64]" in quick
     assert not any(
         o.startswith("data.root")
