@@ -689,6 +689,7 @@ def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
     }
     if quick:
         data.update(batch_size=2, crop_size=[64, 64])
+    info["input_crop_batch"] = [data["crop_size"][0], data["batch_size"]]
     # Every timing lasts at least min_seconds (and min steps) after warm-up.
     min_seconds = 1.0 if quick else 5.0
     input_steps, input_warmup = (4, 2) if quick else (10, 4)
@@ -826,8 +827,9 @@ def render(results: dict) -> str:
     naive = inp.get("voc/naive", {}).get("images_per_s")
     sequential = inp.get("voc/naive_sequential", {}).get("images_per_s")
     decode = inp.get("voc/decode_only", {}).get("images_per_s")
+    crop, batch = info.get("input_crop_batch", [321, 10])
     lines += [
-        "| input pipeline (500x375 JPEG + palette PNG, crop 321, batch 10) | images/s | "
+        f"| input pipeline (500x375 JPEG + palette PNG, crop {crop}, batch {batch}) | images/s | "
         f"images/s per CPU core ({info['cores']} cores) | vs naive as written (target ≥ 3x) | "
         "vs naive sequential | vs decode-only (target ≥ 0.90 uncached) | peak RSS MB |",
         "|---|---|---|---|---|---|---|",
