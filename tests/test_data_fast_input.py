@@ -71,19 +71,27 @@ def test_other_files_are_left_to_pillow(kind):
 RGB = np.random.default_rng(1).integers(0, 256, (37, 50, 3)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("variant", ["baseline", "progressive", "grey", "cmyk", "444"])
-def test_plain_jpegs_decode_bit_identical_to_pillow(variant):
-    source = Image.fromarray(RGB)
+JPEG_VARIANTS = ["baseline", "progressive", "grey", "cmyk", "444"]
+
+
+def jpeg_variant(pixels: np.ndarray, variant: str) -> bytes:
+    """`pixels` as a JPEG of one of JPEG_VARIANTS (quality 90)."""
+    image = Image.fromarray(pixels)
     options = {"format": "JPEG", "quality": 90}
     if variant == "progressive":
         options["progressive"] = True
     elif variant == "grey":
-        source = source.convert("L")
+        image = image.convert("L")
     elif variant == "cmyk":
-        source = source.convert("CMYK")
+        image = image.convert("CMYK")
     elif variant == "444":
         options["subsampling"] = 0
-    data = encode(source, **options)
+    return encode(image, **options)
+
+
+@pytest.mark.parametrize("variant", JPEG_VARIANTS)
+def test_plain_jpegs_decode_bit_identical_to_pillow(variant):
+    data = jpeg_variant(RGB, variant)
     assert bool(decode.is_plain_jpeg(tf.constant(data)))
     expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     np.testing.assert_array_equal(decode.decode_image_jpeg(tf.constant(data)).numpy(), expected)
@@ -337,19 +345,11 @@ PHOTO = np.asarray(
 )
 
 
-@pytest.mark.parametrize("variant", ["baseline", "progressive", "grey", "444"])
+@pytest.mark.parametrize("variant", JPEG_VARIANTS)
 def test_jpeg_windows_decode_the_pixels_pillow_decodes(variant):
     # Reference: Pillow's decode of the whole file, sliced. Windows at the corners, edges and
     # inside, of odd sizes and offsets (libjpeg aligns a cropped decode to its 8/16-pixel MCUs).
-    image = Image.fromarray(PHOTO)
-    options = {"format": "JPEG", "quality": 90}
-    if variant == "progressive":
-        options["progressive"] = True
-    elif variant == "grey":
-        image = image.convert("L")
-    elif variant == "444":
-        options["subsampling"] = 0
-    data = encode(image, **options)
+    data = jpeg_variant(PHOTO, variant)
     whole = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     jpeg = decode.JpegWindows(tf.constant(data))
     assert jpeg.size.numpy().tolist() == [120, 160]
