@@ -166,6 +166,11 @@ def jpeg_orientation(contents: tf.Tensor) -> tf.Tensor:
     return tf.where(exif < 0, 1, tf.where(doubtful, 0, orientation))
 
 
+def _chunk_length(header: tf.Tensor) -> tf.Tensor:
+    """A PNG chunk's data length: its first 4 bytes (int32 values), big-endian."""
+    return header[0] * 16777216 + header[1] * 65536 + header[2] * 256 + header[3]
+
+
 def _find_palette(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """(offset, data length) of the PLTE chunk, or offset -1 when it is not found early."""
     length = tf.strings.length(contents)
@@ -177,7 +182,7 @@ def _find_palette(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
     def next_chunk(step, offset, found, size):
         header = _bytes_at(contents, offset, 8)
-        chunk_size = header[0] * 16777216 + header[1] * 65536 + header[2] * 256 + header[3]
+        chunk_size = _chunk_length(header)
         is_plte = tf.reduce_all(tf.equal(header[4:], list(b"PLTE")))
         return (
             step + 1,
@@ -197,7 +202,7 @@ def _find_palette(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     # Most palette PNGs put PLTE right after IHDR: read it there without the loop's small ops.
     first = _bytes_at(contents, _FIRST_CHUNK_AFTER_IHDR, 8)
     first_is_plte = tf.reduce_all(tf.equal(first[4:], list(b"PLTE")))
-    first_size = first[0] * 16777216 + first[1] * 65536 + first[2] * 256 + first[3]
+    first_size = _chunk_length(first)
     return tf.cond(
         first_is_plte,
         lambda: (tf.constant(_FIRST_CHUNK_AFTER_IHDR), first_size),
@@ -426,6 +431,13 @@ def _python_decode_op(source: Source):
     return decode
 
 
+def _record_bytes(source: Source, image: tf.Tensor, mask: tf.Tensor) -> tuple:
+    """The image and mask files' bytes of a record (read here when it holds paths)."""
+    if source.records_are_paths:
+        return tf.io.read_file(image), tf.io.read_file(mask)
+    return image, mask
+
+
 def decode_op(source: Source):
     """The map function: (name, image, mask) record -> (image, mask, ok).
 
@@ -441,8 +453,7 @@ def decode_op(source: Source):
     table = LabelTable(lookup)
 
     def decode(name, image, mask):
-        image_bytes = tf.io.read_file(image) if source.records_are_paths else image
-        mask_bytes = tf.io.read_file(mask) if source.records_are_paths else mask
+        image_bytes, mask_bytes = _record_bytes(source, image, mask)
         mask_readable, mask_png = mask_png_plan(mask_bytes)
 
         def in_python():
@@ -487,8 +498,7 @@ def decode_and_crop_op(source: Source, crop: Callable) -> Callable | None:
     decode_whole = decode_op(source)
 
     def decode_and_crop(name, image, mask, seed):
-        image_bytes = tf.io.read_file(image) if source.records_are_paths else image
-        mask_bytes = tf.io.read_file(mask) if source.records_are_paths else mask
+        image_bytes, mask_bytes = _record_bytes(source, image, mask)
         mask_readable, mask_png = mask_png_plan(mask_bytes)
 
         def whole():
