@@ -1,5 +1,9 @@
 """The dense CRF: seed 002's defaults and its dense_crf (on pydensecrf), serial vs parallel."""
 
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
@@ -105,3 +109,48 @@ def test_parallel_equals_serial_and_keeps_order():
     assert [tag for _, tag in parallel] == list(range(5))
     for (a, _), (b, _) in zip(serial, parallel):
         np.testing.assert_array_equal(a, b)
+
+
+# A parent that maps three images over two CRF workers and, while the first worker is still
+# starting (re-importing this script, made slow here as on a loaded machine), sends Ctrl-C to
+# its whole process group, as a terminal does.
+CTRL_C_AT_WORKER_START_UP = """
+import os, signal, sys, time
+import numpy as np
+from seg_train.inference.crf import CRFParams, CRFRunner
+
+if __name__ == "__mp_main__":
+    time.sleep(3)  # a worker re-imports this file before it runs anything of ours
+
+def items():
+    image = np.zeros((8, 8, 3), np.uint8)
+    probs = np.full((8, 8, 2), 0.5, np.float32)
+    for index in range(3):
+        if index == 1:
+            time.sleep(1)
+            os.killpg(0, signal.SIGINT)
+        yield image, probs, index
+
+if __name__ == "__main__":
+    try:
+        for _ in CRFRunner(CRFParams(iterations=1), workers=2).map(items()):
+            pass
+    except KeyboardInterrupt:
+        sys.exit("parent: interrupted")
+"""
+
+
+def test_ctrl_c_while_a_worker_starts_reaches_only_the_parent(tmp_path):
+    script = tmp_path / "crf_ctrl_c.py"
+    script.write_text(CTRL_C_AT_WORKER_START_UP)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # its own process group, so the Ctrl-C reaches only its tree
+        # A shell's background jobs ignore SIGINT; a terminal's foreground job does not.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == ["parent: interrupted"], result.stderr

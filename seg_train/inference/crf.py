@@ -13,6 +13,7 @@ import signal
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
@@ -103,7 +104,9 @@ class CRFRunner:
         pending: deque[tuple[Future, Any]] = deque()
         try:
             for image, probabilities, tag in items:
-                pending.append((pool.submit(dense_crf, image, probabilities, self.params), tag))
+                with _workers_born_deaf_to_ctrl_c():  # submit may start a worker process
+                    future = pool.submit(dense_crf, image, probabilities, self.params)
+                pending.append((future, tag))
                 if len(pending) >= 2 * self.workers:
                     future, done_tag = pending.popleft()
                     yield future.result(), done_tag
@@ -123,6 +126,26 @@ def _leave_ctrl_c_to_parent() -> None:
     traceback.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def _workers_born_deaf_to_ctrl_c() -> Iterator[None]:
+    """Blocks SIGINT in this thread while a pool worker may be spawned.
+
+    The initializer runs only after a spawned worker has re-imported the parent's main module
+    (seconds under load); a Ctrl-C in that window printed the worker's KeyboardInterrupt
+    traceback. A child inherits the signal mask across fork and exec, so a worker started here
+    never sees SIGINT; a Ctrl-C that reaches this process meanwhile stays pending and is
+    delivered when the block ends, so the parent still stops at once.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, no process groups
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def build_runner(
