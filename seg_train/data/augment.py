@@ -52,6 +52,16 @@ def _nearest_rows(first: tf.Tensor, end: tf.Tensor, count: tf.Tensor) -> tf.Tens
     return first + tf.minimum(offsets, end - first - 1)
 
 
+def _nearest_window(mask, row0, row1, height, col0, col1, width) -> tf.Tensor:
+    """Rows [row0, row1) and columns [col0, col1) of a mask resized nearest to height x width.
+
+    The columns are gathered as rows of the transposed mask: a gather along the inner axis
+    copies one byte at a time and costs ~5x more than two transposes of the small window.
+    """
+    rows = tf.gather(mask, _nearest_rows(row0, row1, height))
+    return tf.transpose(tf.gather(tf.transpose(rows), _nearest_rows(col0, col1, width)))
+
+
 def pad_colour(pad_value: float | Sequence[float] | None) -> list[float]:
     """`data.pad_value` (0 or [r, g, b] in 0..255) as one float per channel."""
     if pad_value is None:
@@ -118,12 +128,10 @@ def random_scaled_crop(
     row0, row1 = _source_span(hw[0], scaled[0], top, height)
     col0, col1 = _source_span(hw[1], scaled[1], left, width)
     window = image.window(row0, row1, col0, col1) if lazy else image[row0:row1, col0:col1]
-    # Resized as uint8: the kernel reads each value as a float itself, so the result is the
-    # same as casting first, without a float copy of the window.
-    image = tf.image.resize(window, tf.stack([height, width]), method="bilinear")
-    mask = tf.gather(
-        tf.gather(mask, _nearest_rows(row0, row1, height)), _nearest_rows(col0, col1, width), axis=1
-    )
+    # Cast first: TensorFlow's bilinear kernel is ~1.5x slower on uint8 than on float32 input,
+    # more than the cast costs; the result is the same.
+    image = tf.image.resize(tf.cast(window, tf.float32), tf.stack([height, width]), "bilinear")
+    mask = _nearest_window(mask, row0, row1, height, col0, col1, width)
     padding = [[0, size[0] - height], [0, size[1] - width]]
     image = pad_image(image, padding, pad_colour(pad_value))
     mask = tf.pad(mask, padding, constant_values=ignore_label)

@@ -143,6 +143,12 @@ def jpeg_orientation(contents: tf.Tensor) -> tf.Tensor:
     more entries than are looked at gives 0 (doubtful: not 1, so Pillow decides).
     """
     exif = _find_exif(contents)
+    # Most files hold no EXIF: skip the IFD parse's few dozen small ops for them.
+    return tf.cond(exif < 0, lambda: tf.constant(1), lambda: _exif_orientation(contents, exif))
+
+
+def _exif_orientation(contents: tf.Tensor, exif: tf.Tensor) -> tf.Tensor:
+    """`jpeg_orientation` of a JPEG whose APP1 Exif segment starts at `exif`."""
     tiff = exif + 10
     order = _bytes_at(contents, tiff, 8)
     little = tf.logical_and(tf.equal(order[0], ord("I")), tf.equal(order[1], ord("I")))
@@ -163,7 +169,7 @@ def jpeg_orientation(contents: tf.Tensor) -> tf.Tensor:
     valid = tf.logical_and(tf.reduce_any(is_tag), tf.logical_and(value >= 1, value <= 8))
     orientation = tf.where(valid, value, 1)
     doubtful = tf.logical_and(count > _MAX_IFD_ENTRIES, tf.logical_not(tf.reduce_any(is_tag)))
-    return tf.where(exif < 0, 1, tf.where(doubtful, 0, orientation))
+    return tf.where(doubtful, 0, orientation)
 
 
 def _chunk_length(header: tf.Tensor) -> tf.Tensor:
@@ -231,15 +237,6 @@ def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     offset, size = _find_palette(contents)
     start = tf.maximum(offset, 0)
     rest = tf.minimum(start + 12 + size, tf.strings.length(contents))
-    # The ramp always has 256 entries, so an index beyond the file's own palette (which
-    # Pillow reads as is) still decodes to itself.
-    ramped = tf.strings.join(
-        [
-            tf.strings.substr(contents, 0, start),
-            RAMP_PLTE_CHUNK,
-            tf.strings.substr(contents, rest, tf.strings.length(contents) - rest),
-        ]
-    )
     readable = tf.logical_and(is_png, tf.logical_or(grey, tf.logical_and(palette, offset >= 0)))
     # The common layout (IHDR, PLTE, IDAT...: VOC's masks, what Pillow writes) of an 8-bit
     # palette PNG becomes the grey PNG of its indices instead: colour type 0, PLTE dropped.
@@ -251,10 +248,36 @@ def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         tf.reduce_all(tf.equal(_bytes_at(contents, rest + 4, 4), list(b"IDAT"))),
     )
     as_grey = tf.logical_and(tf.logical_and(palette, tf.equal(depth, 8)), plain_layout)
+    # Conditions, not selects: only the rewrite a file needs is built (each copies the file).
+    png = tf.cond(
+        as_grey,
+        lambda: _palette_as_grey(contents, rest),
+        lambda: tf.cond(palette, lambda: _with_ramp(contents, start, rest), lambda: contents),
+    )
+    return readable, png
+
+
+def _with_ramp(contents: tf.Tensor, start: tf.Tensor, rest: tf.Tensor) -> tf.Tensor:
+    """The PNG with its palette chunk [start, rest) replaced by the grey ramp."""
+    # The ramp always has 256 entries, so an index beyond the file's own palette (which
+    # Pillow reads as is) still decodes to itself.
+    return tf.strings.join(
+        [
+            tf.strings.substr(contents, 0, start),
+            RAMP_PLTE_CHUNK,
+            tf.strings.substr(contents, rest, tf.strings.length(contents) - rest),
+        ]
+    )
+
+
+def _palette_as_grey(contents: tf.Tensor, rest: tf.Tensor) -> tf.Tensor:
+    """An 8-bit palette PNG laid out IHDR, PLTE, IDAT... as the grey PNG of its indices: IHDR
+    with colour type 0 (its CRC updated by the constant XOR), the PLTE chunk before `rest`
+    dropped."""
     crc = tf.bitwise.bitwise_xor(_bytes_at(contents, _IHDR_CRC_AT, 4), list(_PALETTE_TO_GREY_CRC))
     single_bytes = tf.constant([bytes([value]) for value in range(256)])
     header = tf.strings.join([contents, b"\0" * _IHDR_CRC_AT])  # never out of range
-    grey_png = tf.strings.join(
+    return tf.strings.join(
         [
             tf.strings.substr(header, 0, _COLOUR_TYPE_BYTE),
             b"\x00",
@@ -263,7 +286,6 @@ def mask_png_plan(contents: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             tf.strings.substr(contents, rest, tf.strings.length(contents) - rest),
         ]
     )
-    return readable, tf.where(as_grey, grey_png, tf.where(palette, ramped, contents))
 
 
 def decode_mask_png(png: tf.Tensor) -> tf.Tensor:
