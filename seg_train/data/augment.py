@@ -52,7 +52,15 @@ def _nearest_rows(first: tf.Tensor, end: tf.Tensor, count: tf.Tensor) -> tf.Tens
     return first + tf.minimum(offsets, end - first - 1)
 
 
-def _nearest_window(mask, row0, row1, height, col0, col1, width) -> tf.Tensor:
+def _nearest_window(
+    mask: tf.Tensor,
+    row0: tf.Tensor,
+    row1: tf.Tensor,
+    height: tf.Tensor,
+    col0: tf.Tensor,
+    col1: tf.Tensor,
+    width: tf.Tensor,
+) -> tf.Tensor:
     """Rows [row0, row1) and columns [col0, col1) of a mask resized nearest to height x width.
 
     The columns are gathered as rows of the transposed mask: a gather along the inner axis
