@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -182,6 +183,12 @@ def test_a_resume_that_changes_the_model_is_refused_and_changes_nothing(cache_di
     assert sorted(p.name for p in run_dir.rglob("*")) == before
 
 
+def _finished_yaml(path: Path) -> bytes:
+    """A YAML file's bytes once its writer is done (YAML dumps end with a newline), else b""."""
+    content = path.read_bytes() if path.is_file() else b""
+    return content if content.endswith(b"\n") else b""
+
+
 def test_a_second_run_into_a_busy_run_dir_exits_2_naming_the_holder(cache_dir, tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen(
@@ -194,9 +201,10 @@ def test_a_second_run_into_a_busy_run_dir_exits_2_naming_the_holder(cache_dir, t
     )
     try:
         deadline = time.time() + 120
-        while not (run_dir / ".hydra" / "overrides.yaml").is_file() and time.time() < deadline:
+        # Once written: the file exists a moment before Hydra has written its YAML into it.
+        while not (overrides := _finished_yaml(run_dir / ".hydra" / "overrides.yaml")):
+            assert time.time() < deadline, "the first run never wrote .hydra/overrides.yaml"
             time.sleep(0.1)
-        overrides = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
         second = run_cli(
             [*RUN, "model.base_filters=8", f"hydra.run.dir={run_dir}"],
             cache_dir,
