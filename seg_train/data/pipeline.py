@@ -165,21 +165,22 @@ def train_dataset(
             # One map decodes only what each random crop keeps and transforms it: the same
             # samples as decoding first (decode.JpegWindows), at a fraction of the decode.
             source.check_listing("train")
-            pairs = tf.data.Dataset.zip((ordered, _seeds(seed, first)))
-            samples = pairs.map(lambda r, s: fused(*r, s), num_parallel_calls=parallel)
+            samples = ordered.enumerate(first).map(
+                lambda i, record: fused(*record, _seed(seed, i)), num_parallel_calls=parallel
+            )
             return samples.batch(options.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
         examples = decoded_dataset(source, "train", parallel, records=ordered)
-    pairs = tf.data.Dataset.zip((examples, _seeds(seed, first)))
     transform = matting.augment if matting.is_matting(source) else augment
-    batches = pairs.map(lambda pair, s: transform(*pair, s, options), num_parallel_calls=parallel)
+    batches = examples.enumerate(first).map(
+        lambda i, pair: transform(*pair, _seed(seed, i), options), num_parallel_calls=parallel
+    )
     return batches.batch(options.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 
 
-def _seeds(seed: int, first: int) -> tf.data.Dataset:
-    """The stateless seed (seed, i) of each example i of the stream from `first` on."""
-    return tf.data.Dataset.range(first, _ENDLESS).map(
-        lambda i: tf.stack([tf.constant(seed, tf.int64), i])
-    )
+def _seed(seed: int, index: tf.Tensor) -> tf.Tensor:
+    """The stateless seed (seed, i) of example i of the stream (built inside the example's own
+    map: a separate dataset of seeds zipped in costs a map stage per example)."""
+    return tf.stack([tf.constant(seed, tf.int64), index])
 
 
 def _decode_and_crop(source: Source, options: PipelineOptions):
