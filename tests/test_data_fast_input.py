@@ -279,6 +279,64 @@ def test_scaled_crop_equals_a_window_of_the_whole_rescaled_pair(scale, size):
         ), (scale, seed)
 
 
+def test_a_mirrored_crop_is_the_same_crop_mirrored():
+    """mirror=True gives numpy's left-right flip of the mirror=False crop, padding included
+    (which then lies on the left): the mask exactly, the image up to float rounding."""
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 256, (30, 41, 3)).astype(np.uint8)
+    mask = rng.integers(0, 21, (30, 41)).astype(np.uint8)
+    padded = 0
+    for seed in range(12):
+        crops = [
+            augment.random_scaled_crop(
+                tf.constant(image),
+                tf.constant(mask),
+                [0.5, 1.7],
+                [24, 24],
+                255,
+                tf.constant([seed, 3]),
+                pad_value=[10, 20, 30],
+                mirror=tf.constant(mirror),
+            )
+            for mirror in (False, True)
+        ]
+        (plain_image, plain_mask), (mirrored_image, mirrored_mask) = [
+            (i.numpy(), m.numpy()) for i, m in crops
+        ]
+        np.testing.assert_array_equal(mirrored_mask, plain_mask[:, ::-1])
+        np.testing.assert_allclose(mirrored_image, plain_image[:, ::-1], atol=1e-3)
+        padded += int((plain_mask == 255).any())
+    assert padded > 0  # some crops were padded, so the padding's side was checked
+
+
+def test_the_crop_transform_flips_both_ways_and_swaps_flip_pairs():
+    """transform=crop with hflip: each sample is the pair as is or mirrored with the ids of each
+    flip pair swapped, and both happen."""
+    from tests.helpers import small_pipeline_options
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, :5], mask[:, 11:] = 1, 2  # left-side class 1, right-side class 2
+    image = np.stack([mask * 100] * 3, -1).astype(np.uint8)
+    options = small_pipeline_options(
+        crop_size=[16, 16], scale_range=[1.0, 1.0], flip_pairs=[[1, 2]]
+    )
+    swapped = np.array([0, 2, 1], np.uint8)
+    outcomes = set()
+    for seed in range(16):
+        out_image, out_mask = augment.augment(
+            tf.constant(image), tf.constant(mask), tf.constant([seed, 5]), options
+        )
+        out_image, out_mask = out_image.numpy(), out_mask.numpy()
+        flipped = not np.array_equal(out_image, image)
+        outcomes.add(flipped)
+        if flipped:
+            np.testing.assert_array_equal(out_image, image[:, ::-1])
+            np.testing.assert_array_equal(out_mask, swapped[mask[:, ::-1]])
+        else:
+            np.testing.assert_array_equal(out_mask, mask)
+    assert outcomes == {True, False}
+
+
 def test_scaled_crop_pads_with_zero_and_ignore_and_keeps_labels_aligned():
     """Image value = 10 * label. Aligned, every image pixel lies between the values of the labels
     around its own mask pixel (bilinear blends neighbours only); a shift of one pixel breaks it."""

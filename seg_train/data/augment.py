@@ -60,14 +60,18 @@ def _nearest_window(
     col0: tf.Tensor,
     col1: tf.Tensor,
     width: tf.Tensor,
+    mirror: tf.Tensor | bool = False,
 ) -> tf.Tensor:
-    """Rows [row0, row1) and columns [col0, col1) of a mask resized nearest to height x width.
+    """Rows [row0, row1) and columns [col0, col1) of a mask resized nearest to height x width,
+    mirrored left to right where `mirror` (the same gather, its columns in reverse order).
 
     The columns are gathered as rows of the transposed mask: a gather along the inner axis
     copies one byte at a time and costs ~5x more than two transposes of the small window.
     """
     rows = tf.gather(mask, _nearest_rows(row0, row1, height))
-    return tf.transpose(tf.gather(tf.transpose(rows), _nearest_rows(col0, col1, width)))
+    columns = _nearest_rows(col0, col1, width)
+    columns = tf.where(mirror, tf.reverse(columns, [0]), columns)
+    return tf.transpose(tf.gather(tf.transpose(rows), columns))
 
 
 def pad_colour(pad_value: float | Sequence[float] | None) -> list[float]:
@@ -102,8 +106,10 @@ def random_scaled_crop(
     ignore_label: int,
     seed: tf.Tensor,
     pad_value: float | Sequence[float] = 0,
+    mirror: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Random scale, then a random `size` crop (padded where the scaled image is smaller).
+    """Random scale, then a random `size` crop (padded where the scaled image is smaller),
+    mirrored left to right where `mirror` (a bool tensor) is true.
 
     Equivalent to rescaling the whole pair by a factor drawn from `scale_range`, padding it
     bottom/right to `size` (image `pad_value`, a value or an RGB colour in 0..255; mask
@@ -113,6 +119,11 @@ def random_scaled_crop(
     changes the drawn scale by under one source pixel across the window; image (bilinear) and
     mask (nearest) are resized from the same source window, so they stay aligned. At scale 1 the
     crop is an exact copy. A `JpegWindows` image decodes only that source window.
+
+    The mirror is taken on the uint8 source window before the resize (bilinear resizing commutes
+    with it) and by gathering the mask's columns in reverse: TensorFlow reverses a uint8 RGB
+    image along its width with a dedicated kernel, a float32 one ~2x slower per pixel, and the
+    window is no larger than the crop for scales >= 1. The padding then lies on the left.
 
     Returns:
         float32 image [size, size, 3] in 0..255 and a mask of the input dtype.
@@ -136,11 +147,18 @@ def random_scaled_crop(
     row0, row1 = _source_span(hw[0], scaled[0], top, height)
     col0, col1 = _source_span(hw[1], scaled[1], left, width)
     window = image.window(row0, row1, col0, col1) if lazy else image[row0:row1, col0:col1]
+    mirrored = tf.constant(False) if mirror is None else mirror
+    if mirror is not None:
+        window = tf.cond(mirror, lambda: tf.reverse(window, [1]), lambda: window)
     # Cast first: TensorFlow's bilinear kernel is ~1.5x slower on uint8 than on float32 input,
     # more than the cast costs; the result is the same.
     image = tf.image.resize(tf.cast(window, tf.float32), tf.stack([height, width]), "bilinear")
-    mask = _nearest_window(mask, row0, row1, height, col0, col1, width)
-    padding = [[0, size[0] - height], [0, size[1] - width]]
+    mask = _nearest_window(mask, row0, row1, height, col0, col1, width, mirrored)
+    width_padding = size[1] - width
+    padding = [
+        [0, size[0] - height],
+        tf.where(mirrored, tf.stack([width_padding, 0]), tf.stack([0, width_padding])),
+    ]
     image = pad_image(image, padding, pad_colour(pad_value))
     mask = tf.pad(mask, padding, constant_values=ignore_label)
     return image, mask
@@ -175,16 +193,24 @@ def random_hflip(
     A mirrored person's left arm is on the right: with `flip_pairs` (e.g. CIHP's
     [[14, 15], ...]) the mirrored mask also swaps the ids of each pair.
     """
+    return tf.cond(
+        flip_draw(seed),
+        lambda: (tf.reverse(image, [1]), swap_sides(tf.reverse(mask, [1]), flip_pairs)),
+        lambda: (image, mask),
+    )
+
+
+def flip_draw(seed: tf.Tensor) -> tf.Tensor:
+    """The horizontal flip's coin (a bool tensor): true with probability 0.5."""
+    return tf.random.stateless_uniform([], seed) < 0.5
+
+
+def swap_sides(mask: tf.Tensor, flip_pairs: Sequence[Sequence[int]] | None) -> tf.Tensor:
+    """A mirrored mask with the ids of each (left, right) pair swapped (see `flip_table`)."""
     table = flip_table(flip_pairs)
-    flip = tf.random.stateless_uniform([], seed) < 0.5
-
-    def mirrored():
-        flipped = tf.reverse(mask, [1])
-        if table is not None:
-            flipped = tf.gather(tf.constant(table), tf.cast(flipped, tf.int32))
-        return tf.reverse(image, [1]), flipped
-
-    return tf.cond(flip, mirrored, lambda: (image, mask))
+    if table is None:
+        return mask
+    return tf.gather(tf.constant(table), tf.cast(mask, tf.int32))
 
 
 def color_jitter(
@@ -234,7 +260,11 @@ def augment(
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     if options.transform == "resize":
         image, mask = resize_pair(image, mask, crop)
+        if options.hflip:
+            image, mask = random_hflip(image, mask, flip_seed, options.flip_pairs)
     else:
+        # The flip rides in the crop (see random_scaled_crop): the same coin as random_hflip.
+        mirror = flip_draw(flip_seed) if options.hflip else None
         image, mask = random_scaled_crop(
             image,
             mask,
@@ -243,9 +273,10 @@ def augment(
             options.ignore_label,
             crop_seed,
             options.pad_value,
+            mirror,
         )
-    if options.hflip:
-        image, mask = random_hflip(image, mask, flip_seed, options.flip_pairs)
+        if mirror is not None and options.flip_pairs:
+            mask = tf.cond(mirror, lambda: swap_sides(mask, options.flip_pairs), lambda: mask)
     image = color_jitter(image, jitter_seed, options.jitter)
     image = tf.ensure_shape(image, [crop[0], crop[1], 3])
     mask = tf.ensure_shape(mask, [crop[0], crop[1]])
