@@ -260,6 +260,7 @@ RULES: dict[str, Rule] = {
     "trainer.steps_per_execution": positive_int,
     "eval.num_samples": lambda k, v: v == 0 or positive_int(k, v),
     "eval.report_worst": lambda k, v: v == 0 or positive_int(k, v),
+    "eval.max_images": optional_positive_int,
     "infer.overwrite": boolean,
     "infer.resume": boolean,
     "infer.recursive": boolean,

@@ -154,6 +154,7 @@ def test_default_components_instantiate(tmp_path, monkeypatch):
         ("hardware.devices=gpu0", "hardware.devices"),
         ("data.num_classes=5", "data.class_names"),
         ("infer.overwrite=maybe", "infer.overwrite"),
+        ("eval.max_images=0", "eval.max_images"),
     ],
 )
 def test_bad_values_name_their_key(override, key):

@@ -90,6 +90,27 @@ def test_eval_of_keras_file_with_data_override(trained_run, cache_dir, tmp_path)
     assert evaluated["num_images"] == 8
 
 
+def test_eval_max_images_evaluates_only_the_first_images(trained_run, cache_dir, tmp_path):
+    """eval.max_images=3 on the run's 8 validation images: 3 evaluated, and metrics.json and
+    report.html say the result is partial."""
+    run_dir, _ = trained_run
+    result = run_cli(
+        [
+            "mode=eval",
+            f"ckpt_path={run_dir}",
+            "eval.max_images=3",
+            f"hydra.run.dir={tmp_path / 'e'}",
+        ],
+        cache_dir,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert evaluated["num_images"] == 3 and evaluated["protocol"]["max_images"] == 3
+    report = (tmp_path / "e" / "report.html").read_text()
+    assert "first 3 images were evaluated" in report
+
+
 def test_infer_writes_id_pngs_at_original_size(trained_run, cache_dir, tmp_path):
     run_dir, _ = trained_run
     inputs = tmp_path / "photos"

@@ -47,6 +47,7 @@ def decoded_dataset(
     shuffle_buffer: int | None = None,
     seed: int | None = None,
     records: tf.data.Dataset | None = None,
+    max_images: int | None = None,
 ) -> tf.data.Dataset:
     """Decodes a split: (uint8 image [H, W, 3], uint8 mask [H, W]) per element.
 
@@ -62,9 +63,12 @@ def decoded_dataset(
         seed: Shuffle seed.
         records: The split's records in the order to decode them (e.g. already shuffled and
             repeated); None = `source.records(split)`.
+        max_images: Only the first this many records (`eval.max_images`); None = all.
     """
     source.check_listing(split)
     records = source.records(split) if records is None else records
+    if max_images:
+        records = records.take(max_images)  # before decoding: the rest is never read
     if shuffle_buffer:
         records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     decoded = records.map(decode_op(source), num_parallel_calls=num_parallel_calls or AUTOTUNE)
@@ -203,15 +207,17 @@ def _split_size(source: Source, split: str) -> int:
     return max(size, 1)
 
 
-def val_dataset(source: Source, options: PipelineOptions, split: str = "val") -> tf.data.Dataset:
+def val_dataset(
+    source: Source, options: PipelineOptions, split: str = "val", max_images: int | None = None
+) -> tf.data.Dataset:
     """Validation data for `fit` (`trainer.val_protocol=resized`): resized to
-    `options.crop_size`, batched, in split order.
+    `options.crop_size`, batched, in split order; the first `max_images` only where set.
 
     Labels are resized nearest-neighbour. The final report, and in-training validation under
     `trainer.val_protocol=original`, use `decoded_dataset` at original size instead.
     """
     parallel = options.num_parallel_calls or AUTOTUNE
-    examples = decoded_dataset(source, split, parallel)
+    examples = decoded_dataset(source, split, parallel, max_images=max_images)
     if should_cache(source, split, options.cache):
         examples = examples.cache()
     crop = options.crop

@@ -72,7 +72,9 @@ class SplitEvaluator:
         self.cfg = cfg
         self.split = split
         self.source = build_source(cfg.data)
-        examples = decoded_dataset(self.source, split, cfg.data.num_parallel_calls)
+        examples = decoded_dataset(
+            self.source, split, cfg.data.num_parallel_calls, max_images=cfg.eval.max_images
+        )
         self.examples = examples.cache() if cache else examples
         self.predictor = predictor_from_config(model, cfg)
         self.crf = crf_runner(cfg)
@@ -119,6 +121,8 @@ class SplitEvaluator:
             "postprocess": self.cfg.postprocess.name,
             "resolution": "original",
         }
+        if self.cfg.eval.max_images:
+            protocol["max_images"] = self.cfg.eval.max_images  # the split's first N only
         if self.predictor.resize_change:
             protocol["resolution"] = f"resized to {list(self.predictor.fixed_size)}"
         if self.predictor.slide_switches:

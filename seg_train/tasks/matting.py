@@ -60,7 +60,12 @@ class MattingEvaluator:
         self.model = model
         self.cfg = cfg
         self.split = split
-        examples = decoded_dataset(build_source(cfg.data), split, cfg.data.num_parallel_calls)
+        examples = decoded_dataset(
+            build_source(cfg.data),
+            split,
+            cfg.data.num_parallel_calls,
+            max_images=cfg.eval.max_images,
+        )
         self.examples = examples.cache() if cache else examples
         # eval.mode=resize feeds the training size (as the segmentation evaluation does);
         # otherwise the image as it is (fully convolutional models).
@@ -84,7 +89,9 @@ class MattingEvaluator:
     def protocol(self) -> dict:
         """How the predictions are made and scored, as metrics.json records it."""
         fed = f"resized to {self.size}" if self.size else "as it is"
+        limit = {"max_images": self.cfg.eval.max_images} if self.cfg.eval.max_images else {}
         return {
+            **limit,  # the split's first N only (eval.max_images)
             "mode": self.cfg.eval.mode,
             "resolution": "original",
             "input": f"each image {fed}; alpha resized bilinearly back to the image's size",

@@ -214,6 +214,11 @@ def _result_section(metrics: dict, recipe: dict | None) -> str:
         f", {_e(metrics.get('num_pixels'))} labelled pixels; prediction: "
         f"<code>{_e(json.dumps(protocol))}</code>.</p>",
     ]
+    if protocol.get("max_images"):
+        parts.append(
+            f'<p class="note">Only the split\'s first {_e(protocol["max_images"])} images were '
+            "evaluated (eval.max_images): a quick look, not a result to compare.</p>"
+        )
     if recipe is None:
         parts.append('<p class="note">No experiment recipe (experiment=null): no target.</p>')
     else:
