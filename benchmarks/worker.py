@@ -15,10 +15,12 @@ run `model.fit` on the same in-memory batch and report `train_gflops_per_image` 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +43,13 @@ def peak_rss_mb() -> float:
         )
         / 1024
     )
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory removed when this worker process exits (one per measurement)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def compose(overrides: list[str]):
@@ -226,7 +235,7 @@ def bench_train(spec: dict) -> dict:
     from seg_train.training import backup, distribute, fit
     from seg_train.training.callbacks import BackupCallback, DataStallMonitor, NaNGuard
 
-    out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
+    out = scratch_dir("seg-bench-")
     cfg = compose(
         spec["overrides"]
         + [
@@ -503,7 +512,7 @@ def bench_infer(spec: dict) -> dict:
     from seg_train.tasks.export import _export_predictor
     from seg_train.tasks.instantiate import predictor_from_config
 
-    out = Path(tempfile.mkdtemp(prefix="seg-bench-"))
+    out = scratch_dir("seg-bench-")
     cfg = compose(spec["overrides"] + [f"paths.output_dir={out}"])
     crop = list(cfg.data.crop_size)
     divisor = cfg.eval.size_divisor
@@ -575,7 +584,7 @@ def bench_job(spec: dict) -> dict:
     """
     import subprocess
 
-    run_dir = Path(tempfile.mkdtemp(prefix="seg-bench-job-")) / "run"
+    run_dir = scratch_dir("seg-bench-job-") / "run"
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "seg_train", *spec["overrides"], f"hydra.run.dir={run_dir}"],

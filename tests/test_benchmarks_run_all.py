@@ -35,8 +35,11 @@ def test_generated_files_are_voc_and_folder_layouts(tmp_path):
         assert portrait.size == matte.size == (500, 375) and matte.mode == "L"
 
 
-def test_one_of_each_then_table(tmp_path):
+def test_one_of_each_then_table(tmp_path, monkeypatch):
     run_all.generate_voc_like(tmp_path / "data", 4)
+    scratch = tmp_path / "scratch"  # the workers' temporary files go here
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     data = {
         "batch_size": 2,
         "crop_size": [32, 32],
@@ -96,6 +99,7 @@ def test_one_of_each_then_table(tmp_path):
             assert "error" not in result, (key, result)
             assert result["peak_rss_mb"] > 0
     assert 0 <= results["train"]["unet/ours"]["data_stall"] <= 1  # a share of step time
+    assert not list(scratch.glob("seg-bench-*"))  # each worker removed its scratch dir
     assert {"images_per_s", "seconds_per_step", "crop", "batch"} <= set(
         results["train"]["unet/bare"]
     )

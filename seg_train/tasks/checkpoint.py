@@ -22,6 +22,9 @@ SAVED_CONFIG = Path(".hydra") / "config.yaml"
 # data and model, and how it was evaluated (eval.mode=resize for the resize-trained recipes,
 # TTA, CRF), so `mode=eval ckpt_path=RUN` reproduces the run's report unless told otherwise.
 RUN_SECTIONS = ("data", "model", "eval", "postprocess")
+# Sections that config.yaml defines once (not a choice among option files): a run written
+# before one of their keys existed lacks it, and the key keeps today's default.
+_ONE_SCHEMA_SECTIONS = ("eval",)
 
 
 def resolve_checkpoint(ckpt_path: str) -> tuple[Path, Path | None]:
@@ -65,8 +68,15 @@ def adopt_run_config(cfg: DictConfig, run_dir: Path | None) -> None:
         replaced, values = _overridden(section)
         if replaced or section not in saved:
             continue
+        defaults = (
+            [OmegaConf.create(OmegaConf.to_container(cfg[section]))]  # unresolved, not struct
+            if section in _ONE_SCHEMA_SECTIONS
+            else []
+        )
         merged = OmegaConf.merge(
-            saved[section], OmegaConf.from_dotlist([v.split(".", 1)[1] for v in values])
+            *defaults,
+            saved[section],
+            OmegaConf.from_dotlist([v.split(".", 1)[1] for v in values]),
         )
         with open_dict(cfg):
             cfg[section] = merged
