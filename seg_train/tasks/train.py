@@ -191,9 +191,7 @@ class _Datasets:
         # Resized val batches: fit's validation under trainer.val_protocol=resized, and the
         # TensorBoard prediction images under either protocol.
         self.val = fit.shard_by_data(
-            pipeline.val_dataset(
-                source, pipeline_options(cfg), max_images=cfg.eval.max_images
-            )
+            pipeline.val_dataset(source, pipeline_options(cfg), max_images=cfg.eval.max_images)
         )
         if cfg.trainer.overfit_batches:  # validated on the batches it trains on
             self.val = self.train(0).take(cfg.trainer.overfit_batches)
