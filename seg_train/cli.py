@@ -231,6 +231,7 @@ def prepare_args(args: list[str]) -> list[str]:
         saved = _saved_overrides(run_path)
         given = [a for a in args if _key_value(a)[0] not in ("trainer.resume", "hydra.run.dir")]
         _resume_changes = _changes_on_resume(run_path, saved, given)
+        _refuse_extending_a_finished_run(run_path, saved, _resume_changes)
         flags = [a for a in given if not _is_override(a)]
         return [
             *flags,
@@ -298,6 +299,27 @@ def _changes_on_resume(run_dir: Path, saved: list[str], given: list[str]) -> lis
             )
         changes.append(override)
     return changes
+
+
+def _refuse_extending_a_finished_run(run_dir: Path, saved: list[str], changes: list[str]) -> None:
+    """Refuses `trainer.epochs=N` on a run that finished fewer epochs, before anything is
+    written: the run would otherwise report "complete" and train nothing. A finished run's
+    learning-rate schedule has ended and its final report is written; it is not extended."""
+    from seg_train.training import backup  # no Keras: this runs before TensorFlow loads
+
+    asked = dict(_key_value(c) for c in changes).get("trainer.epochs")
+    if asked is None or any(_key_value(o)[0] == "trainer.total_steps" for o in saved):
+        return
+    found = backup.load_state(run_dir)
+    if found is None or not found[0].finished or not asked.isdigit():
+        return
+    done = found[0].epoch
+    if int(asked) > done:
+        raise UserError(
+            f"trainer.resume={run_dir} finished after {done} epochs (its final report is "
+            f"written), so trainer.epochs={asked} cannot extend it; start a new run (a new "
+            "hydra.run.dir) to train longer"
+        )
 
 
 def _record_resume(run_dir: Path, changes: list[str]) -> None:

@@ -123,6 +123,40 @@ def test_sigterm_mid_epoch_writes_a_backup_and_resume_continues(cache_dir, tmp_p
     # Asking a finished run to resume says so and succeeds.
     again = run_cli([f"trainer.resume={run_dir}"], cache_dir, tmp_path)
     assert again.returncode == 0 and "is complete" in again.stdout + again.stderr
+    # Asking it for more epochs is refused in one line, before anything is written.
+    report, config = (run_dir / "metrics.json").read_bytes(), (run_dir / "config_resolved.yaml")
+    config = config.read_bytes()
+    longer = run_cli(
+        [f"trainer.resume={run_dir}", f"trainer.epochs={EPOCHS + 1}"], cache_dir, tmp_path
+    )
+    assert longer.returncode == 2
+    (line,) = error_lines(longer)
+    assert f"finished after {EPOCHS} epochs" in line and f"trainer.epochs={EPOCHS + 1}" in line
+    assert (run_dir / "metrics.json").read_bytes() == report
+    assert (run_dir / "config_resolved.yaml").read_bytes() == config
+
+
+def test_more_epochs_for_a_finished_run_are_refused_fewer_or_equal_are_not(tmp_path):
+    """The refusal reads the run's backup state (written here by hand: 3 epochs done)."""
+    from seg_train.cli import _refuse_extending_a_finished_run
+    from seg_train.errors import UserError
+
+    folder = tmp_path / "backup"
+    folder.mkdir()
+    (folder / "state.weights.h5").write_bytes(b"")
+    for finished in (True, False):
+        (folder / "state.json").write_text(json.dumps({"epoch": 3, "finished": finished}))
+        for asked in (2, 3):
+            _refuse_extending_a_finished_run(tmp_path, [], [f"trainer.epochs={asked}"])
+        if finished:
+            with pytest.raises(UserError, match="finished after 3 epochs"):
+                _refuse_extending_a_finished_run(tmp_path, [], ["trainer.epochs=4"])
+        else:  # an unfinished run may be given more epochs
+            _refuse_extending_a_finished_run(tmp_path, [], ["trainer.epochs=4"])
+    # A run sized by trainer.total_steps is not compared in epochs.
+    (folder / "state.json").write_text(json.dumps({"epoch": 3, "finished": True}))
+    saved = ["trainer.total_steps=100"]
+    _refuse_extending_a_finished_run(tmp_path, saved, ["trainer.epochs=4"])
 
 
 def test_resume_without_a_backup_is_a_clear_error(cache_dir, tmp_path):

@@ -28,12 +28,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from seg_train.errors import UserError
 from seg_train.files import ensure_free_space, no_partial_files
+
+if TYPE_CHECKING:  # keras is imported where used: the CLI reads a run's state before TF loads
+    import keras
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,8 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 def variables_bytes(model: keras.Model, with_optimizer: bool = True) -> int:
     """Bytes of the model's variables (and its optimizer's): what a weights file holds."""
+    import keras
+
     variables = list(model.weights)
     optimizer = getattr(model, "optimizer", None)
     if with_optimizer and optimizer is not None:
