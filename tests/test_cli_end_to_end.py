@@ -23,6 +23,17 @@ def trained_run(tmp_path_factory, cache_dir):
     return run_dir, result
 
 
+def evaluate(checkpoint, cache_dir, tmp_path, *overrides) -> dict:
+    """`seg-train mode=eval ckpt_path=CHECKPOINT ...` into tmp_path/e; its metrics.json."""
+    result = run_cli(
+        ["mode=eval", f"ckpt_path={checkpoint}", *overrides, f"hydra.run.dir={tmp_path / 'e'}"],
+        cache_dir,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / "e" / "metrics.json").read_text())
+
+
 def test_training_writes_the_run_dir(trained_run):
     run_dir, result = trained_run
     for name in (
@@ -51,14 +62,8 @@ def test_training_writes_the_run_dir(trained_run):
 
 def test_eval_of_run_dir_reproduces_training_metrics(trained_run, cache_dir, tmp_path):
     run_dir, _ = trained_run
-    result = run_cli(
-        ["mode=eval", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path / 'e'}"],
-        cache_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = evaluate(run_dir, cache_dir, tmp_path)
     trained = json.loads((run_dir / "metrics.json").read_text())
-    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert abs(trained["mean_iou"] - evaluated["mean_iou"]) < 1e-4
     for key in (
         "mean_iou",
@@ -75,18 +80,8 @@ def test_eval_of_run_dir_reproduces_training_metrics(trained_run, cache_dir, tmp
 def test_eval_of_keras_file_with_data_override(trained_run, cache_dir, tmp_path):
     run_dir, _ = trained_run
     # The run's data config is reused (32 px, 8 val images) with one key overridden on top.
-    result = run_cli(
-        [
-            "mode=eval",
-            f"ckpt_path={run_dir / 'checkpoints' / 'best.keras'}",
-            "data.batch_size=2",
-            f"hydra.run.dir={tmp_path / 'e'}",
-        ],
-        cache_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    best = run_dir / "checkpoints" / "best.keras"
+    evaluated = evaluate(best, cache_dir, tmp_path, "data.batch_size=2")
     assert evaluated["num_images"] == 8
 
 
@@ -94,18 +89,7 @@ def test_eval_max_images_evaluates_only_the_first_images(trained_run, cache_dir,
     """eval.max_images=3 on the run's 8 validation images: 3 evaluated, and metrics.json and
     report.html say the result is partial."""
     run_dir, _ = trained_run
-    result = run_cli(
-        [
-            "mode=eval",
-            f"ckpt_path={run_dir}",
-            "eval.max_images=3",
-            f"hydra.run.dir={tmp_path / 'e'}",
-        ],
-        cache_dir,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    evaluated = evaluate(run_dir, cache_dir, tmp_path, "eval.max_images=3")
     assert evaluated["num_images"] == 3 and evaluated["protocol"]["max_images"] == 3
     report = (tmp_path / "e" / "report.html").read_text()
     assert "first 3 images were evaluated" in report

@@ -124,8 +124,8 @@ def test_sigterm_mid_epoch_writes_a_backup_and_resume_continues(cache_dir, tmp_p
     again = run_cli([f"trainer.resume={run_dir}"], cache_dir, tmp_path)
     assert again.returncode == 0 and "is complete" in again.stdout + again.stderr
     # Asking it for more epochs is refused in one line, before anything is written.
-    report, config = (run_dir / "metrics.json").read_bytes(), (run_dir / "config_resolved.yaml")
-    config = config.read_bytes()
+    report = (run_dir / "metrics.json").read_bytes()
+    config = (run_dir / "config_resolved.yaml").read_bytes()
     longer = run_cli(
         [f"trainer.resume={run_dir}", f"trainer.epochs={EPOCHS + 1}"], cache_dir, tmp_path
     )

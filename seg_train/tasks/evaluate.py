@@ -51,6 +51,19 @@ def predict_stream(
         yield image, mask, marginals.argmax(-1).astype(np.uint8)
 
 
+def evaluation_examples(cfg: DictConfig, split: str, cache: bool = False):
+    """The decoded (image, mask) pairs an evaluation reads, in split order: the first
+    `eval.max_images` only where set; kept in memory between passes under `cache`
+    (repeated validation). Segmentation and matting evaluations read the same."""
+    examples = decoded_dataset(
+        build_source(cfg.data),
+        split,
+        cfg.data.num_parallel_calls,
+        max_images=cfg.eval.max_images,
+    )
+    return examples.cache() if cache else examples
+
+
 class SplitEvaluator:
     """A split's original-resolution evaluation: the one code path behind every reported mIoU.
 
@@ -71,11 +84,7 @@ class SplitEvaluator:
     def __init__(self, model, cfg: DictConfig, split: str, cache: bool = False):
         self.cfg = cfg
         self.split = split
-        self.source = build_source(cfg.data)
-        examples = decoded_dataset(
-            self.source, split, cfg.data.num_parallel_calls, max_images=cfg.eval.max_images
-        )
-        self.examples = examples.cache() if cache else examples
+        self.examples = evaluation_examples(cfg, split, cache)
         self.predictor = predictor_from_config(model, cfg)
         self.crf = crf_runner(cfg)
 

@@ -26,13 +26,12 @@ from rich.progress import track
 from rich.table import Table
 
 from seg_train.data.decode import data_errors_as_user_errors
-from seg_train.data.pipeline import decoded_dataset
 from seg_train.errors import UserError
 from seg_train.inference import matting_metrics as metrics
 from seg_train.inference import matting_outputs as outputs
 from seg_train.inference.matting import MattingScores, predict_alpha
 from seg_train.inference.metrics import print_report, write_metric_files
-from seg_train.tasks.sources import build_source
+from seg_train.tasks.evaluate import evaluation_examples
 from seg_train.training.callbacks import OriginalResolutionValidation
 
 log = logging.getLogger(__name__)
@@ -60,13 +59,7 @@ class MattingEvaluator:
         self.model = model
         self.cfg = cfg
         self.split = split
-        examples = decoded_dataset(
-            build_source(cfg.data),
-            split,
-            cfg.data.num_parallel_calls,
-            max_images=cfg.eval.max_images,
-        )
-        self.examples = examples.cache() if cache else examples
+        self.examples = evaluation_examples(cfg, split, cache)
         # eval.mode=resize feeds the training size (as the segmentation evaluation does);
         # otherwise the image as it is (fully convolutional models).
         self.size = list(cfg.data.crop_size) if cfg.eval.mode == "resize" else None
