@@ -21,7 +21,6 @@ from rich.progress import track
 from seg_train import runtime
 from seg_train.config_checks import is_matting_data
 from seg_train.data.decode import data_errors_as_user_errors
-from seg_train.data.pipeline import decoded_dataset
 from seg_train.errors import UserError
 from seg_train.files import ensure_fresh_run_dir
 from seg_train.inference.crf import CRFRunner
@@ -32,7 +31,7 @@ from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_chann
 from seg_train.tasks.instantiate import predictor_from_config
 from seg_train.tasks.postprocess import crf_runner
 from seg_train.tasks.report import write_report
-from seg_train.tasks.sources import build_source
+from seg_train.tasks.sources import evaluation_examples
 from seg_train.viz import full_palette, sample_panel
 
 log = logging.getLogger(__name__)
@@ -49,19 +48,6 @@ def predict_stream(
     items = ((image, predictor.probabilities(image), (image, mask)) for image, mask in examples)
     for marginals, (image, mask) in crf.map(items):
         yield image, mask, marginals.argmax(-1).astype(np.uint8)
-
-
-def evaluation_examples(cfg: DictConfig, split: str, cache: bool = False):
-    """The decoded (image, mask) pairs an evaluation reads, in split order: the first
-    `eval.max_images` only where set; kept in memory between passes under `cache`
-    (repeated validation). Segmentation and matting evaluations read the same."""
-    examples = decoded_dataset(
-        build_source(cfg.data),
-        split,
-        cfg.data.num_parallel_calls,
-        max_images=cfg.eval.max_images,
-    )
-    return examples.cache() if cache else examples
 
 
 class SplitEvaluator:

@@ -31,7 +31,7 @@ from seg_train.inference import matting_metrics as metrics
 from seg_train.inference import matting_outputs as outputs
 from seg_train.inference.matting import MattingScores, predict_alpha
 from seg_train.inference.metrics import print_report, write_metric_files
-from seg_train.tasks.evaluate import evaluation_examples
+from seg_train.tasks.sources import evaluation_examples
 from seg_train.training.callbacks import OriginalResolutionValidation
 
 log = logging.getLogger(__name__)

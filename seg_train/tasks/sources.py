@@ -1,7 +1,8 @@
-"""Config -> data objects: the dataset source and the pipeline options of `cfg.data`.
+"""Config -> data objects: the dataset source and the pipeline options of `cfg.data`, and the
+decoded split an evaluation reads.
 
-The data layer (`seg_train.data`) takes explicit arguments; these two helpers are where the
-tasks turn the composed config's `data` node into them.
+The data layer (`seg_train.data`) takes explicit arguments; these helpers are where the
+tasks turn the composed config's `data` (and `eval`) nodes into them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seg_train.data.base import Source
 from seg_train.data.options import PipelineOptions
+from seg_train.data.pipeline import decoded_dataset
 from seg_train.errors import UserError
 
 
@@ -54,3 +56,16 @@ def pipeline_options(cfg: DictConfig) -> PipelineOptions:
                 OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
             )
     return PipelineOptions.from_mapping(mapping)
+
+
+def evaluation_examples(cfg: DictConfig, split: str, cache: bool = False):
+    """The decoded (image, mask) pairs an evaluation reads, in split order: the first
+    `eval.max_images` only where set; kept in memory between passes under `cache`
+    (repeated validation). Segmentation and matting evaluations read the same."""
+    examples = decoded_dataset(
+        build_source(cfg.data),
+        split,
+        cfg.data.num_parallel_calls,
+        max_images=cfg.eval.max_images,
+    )
+    return examples.cache() if cache else examples
