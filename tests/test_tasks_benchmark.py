@@ -14,11 +14,21 @@ import pytest
 from seg_train.cli import expand_verb
 from seg_train.config_checks import check_config
 from seg_train.errors import UserError
+from seg_train.tasks import instantiate
 from tests.helpers import REPO, compose_config, run_cli
 
 sys.path.insert(0, str(REPO))
 
 from benchmarks import run_all  # noqa: E402
+
+
+def test_run_length_takes_the_epochs_from_total_steps():
+    # DeepLab v2 on VOC aug: 10,582 images, batch 10, 20k iterations (the paper's schedule):
+    # 1,058 steps per epoch, and 19 epochs cover 20k steps (18 x 1,058 = 19,044 do not).
+    cfg = compose_config(["trainer.total_steps=20000", "data.batch_size=10"])
+    assert instantiate.run_length(cfg, 10_582) == (1058, 19)
+    cfg = compose_config(["trainer.epochs=3", "trainer.steps_per_epoch=7"])
+    assert instantiate.run_length(cfg, 10_582) == (7, 3)
 
 
 def test_the_verb_is_mode_benchmark():

@@ -181,11 +181,10 @@ def measure_training(
     strategy = instantiate.distribution_strategy(cfg)
     batch_size = cfg.data.batch_size
     distribute.per_replica_batch(batch_size, strategy)  # refuses a batch that does not split
-    num_train = source.num_examples("train")
     # The schedule's length as a training run of this config would set it; it changes the
     # learning rate, not the cost of a step.
-    steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // batch_size)
-    view = instantiate.build_and_compile(cfg, strategy, source, steps_per_epoch, cfg.trainer.epochs)
+    steps_per_epoch, epochs = instantiate.run_length(cfg, source.num_examples("train"))
+    view = instantiate.build_and_compile(cfg, strategy, source, steps_per_epoch, epochs)
     model, train_model = view.model, view.train_model
     # The stream train.py fits on (_Datasets.train there): seeded order, augmentation, batching.
     stream = pipeline.train_dataset(source, pipeline_options(cfg), cfg.seed, repeat=True)

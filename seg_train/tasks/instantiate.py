@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,6 +46,16 @@ def plain(node: DictConfig | ListConfig | None) -> Any:
 def distribution_strategy(cfg: DictConfig) -> tf.distribute.Strategy:
     """The distribution strategy `cfg.hardware` asks for."""
     return distribute.make_strategy(plain(cfg.hardware))
+
+
+def run_length(cfg: DictConfig, num_train: int) -> tuple[int, int]:
+    """(steps per epoch, epochs) of a training run: `trainer.steps_per_epoch` or one pass over
+    the `num_train` images; `trainer.total_steps`, when set, decides the epochs."""
+    steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // cfg.data.batch_size)
+    epochs = cfg.trainer.epochs
+    if cfg.trainer.total_steps:
+        epochs = math.ceil(cfg.trainer.total_steps / steps_per_epoch)
+    return steps_per_epoch, epochs
 
 
 def build_and_compile(

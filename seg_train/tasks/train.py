@@ -161,10 +161,8 @@ def _log_strategy(cfg: DictConfig, strategy: tf.distribute.Strategy) -> int:
 def _run_length(cfg: DictConfig, source) -> tuple[int, int]:
     """(steps per epoch, epochs): `trainer.total_steps`, when set, decides the epochs."""
     num_train = source.num_examples("train")
-    steps_per_epoch = cfg.trainer.steps_per_epoch or max(1, num_train // cfg.data.batch_size)
-    epochs = cfg.trainer.epochs
+    steps_per_epoch, epochs = instantiate.run_length(cfg, num_train)
     if cfg.trainer.total_steps:
-        epochs = math.ceil(cfg.trainer.total_steps / steps_per_epoch)
         log.info(
             "trainer.total_steps=%d: %d epochs of %d steps",
             cfg.trainer.total_steps,
