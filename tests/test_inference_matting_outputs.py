@@ -64,3 +64,15 @@ def test_alpha_cutout_and_overlay_files(tmp_path):
     np.testing.assert_array_equal(shown[0, 0], image[0, 0])  # alpha 0: the image as it is
     with pytest.raises(ValueError, match="must match"):
         outputs.save_alpha_outputs(image, alpha[:2], tmp_path, "x")
+
+
+def test_the_unrounded_alpha_is_saved_as_float16_beside_the_images(tmp_path):
+    image = images(1, (3, 2))[0]
+    alpha = np.array([[0.0, 1.0], [0.5, 0.25], [1.2, -0.1]])
+    paths = [tmp_path / name for name in ("o.png", "c.png", "a.png", "a.npy")]
+    outputs.write_alpha_outputs(paths, image, alpha)
+    saved = np.load(paths[3])
+    assert saved.dtype == np.float16
+    # Clipped to [0, 1]; these values are exact in float16.
+    np.testing.assert_array_equal(saved, [[0.0, 1.0], [0.5, 0.25], [1.0, 0.0]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "a.png", "c.png", "o.png"]

@@ -25,7 +25,7 @@ from PIL import Image
 from seg_train import files
 from seg_train.errors import UserError
 from seg_train.files import DiskFull
-from seg_train.tasks import infer
+from seg_train.tasks import infer, infer_files
 from seg_train.training import backup
 from seg_train.training.callbacks import AtomicModelCheckpoint
 from tests.helpers import cli_command, cli_env, error_lines, run_cli
@@ -220,25 +220,38 @@ def test_infer_outputs_out_of_space_leave_nothing_partial(tmp_path, monkeypatch)
     # The overlay and probabilities were renamed into place, the mask was not: the image does
     # not count as done.
     assert not paths[0].exists() and leftovers(tmp_path) == []
-    assert infer.pending([tmp_path / "in" / "a.jpg"], [paths]) != []
+    assert infer_files.pending([tmp_path / "in" / "a.jpg"], [paths]) != []
 
 
 def test_resume_skips_only_complete_outputs(tmp_path):
     images = [tmp_path / "in" / f"{s}.jpg" for s in ("a", "b", "c")]
     out = tmp_path / "out"
     out.mkdir()
-    plan = infer.plan_outputs(images, out, overwrite=False, resume=True)
+    suffixes = (".png", "_overlay.jpg", None)  # as mode=infer names them
+    plan = infer_files.plan_outputs(images, out, suffixes, overwrite=False, resume=True)
     for path in plan[0][:2]:  # a: done
         path.write_bytes(b"x")
     plan[1][1].write_bytes(b"x")  # b: overlay only (its mask was never renamed into place)
     (out / f".tmp-999999-{plan[2][0].name}").write_bytes(b"partial")  # c: a temporary only
-    assert [image.stem for image, _ in infer.pending(images, plan)] == ["b", "c"]
+    assert [image.stem for image, _ in infer_files.pending(images, plan)] == ["b", "c"]
     with pytest.raises(UserError, match="infer.resume"):
-        infer.plan_outputs(images, out, overwrite=False, resume=False)
+        infer_files.plan_outputs(images, out, suffixes, overwrite=False, resume=False)
     with pytest.raises(UserError, match="only one"):
-        infer.plan_outputs(images, out, overwrite=True, resume=True)
-    infer.remove_stale_temporaries(out)  # PID 999999 is not running
+        infer_files.plan_outputs(images, out, suffixes, overwrite=True, resume=True)
+    infer_files.remove_stale_temporaries(out)  # PID 999999 is not running
     assert leftovers(out) == []
+
+
+def test_infer_refuses_outputs_that_would_overwrite_each_other_or_the_inputs(tmp_path):
+    suffixes = ("_alpha.png", None)
+    clash = [tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.png"]  # two outputs named x_alpha.png
+    with pytest.raises(UserError, match="share the name 'x'"):
+        infer_files.plan_outputs(clash, tmp_path / "out", suffixes, overwrite=True)
+    inputs = [tmp_path / "a" / "x.jpg"]
+    with pytest.raises(UserError, match="is an input directory"):
+        infer_files.plan_outputs(inputs, tmp_path / "a", suffixes, overwrite=True)
+    plan = infer_files.plan_outputs(inputs, tmp_path / "out", suffixes, overwrite=False)
+    assert plan == [(tmp_path / "out" / "x_alpha.png", None)]  # nothing exists yet: allowed
 
 
 # --- the CLI: disk full and Ctrl-C ----------------------------------------------------------------

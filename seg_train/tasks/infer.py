@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from seg_train import runtime
 from seg_train.config_checks import is_matting_data
-from seg_train.errors import UserError
 from seg_train.files import write_atomic
 from seg_train.inference.crf import CRFRunner
 from seg_train.inference.images import find_images, load_rgb
 from seg_train.inference.predictor import Predictor
+from seg_train.tasks import infer_files
 from seg_train.tasks.checkpoint import load_model, open_checkpoint
 from seg_train.tasks.instantiate import predictor_from_config
 from seg_train.tasks.postprocess import crf_runner
@@ -28,95 +27,13 @@ from seg_train.viz import full_palette, overlay, save_id_png
 log = logging.getLogger(__name__)
 
 
-Outputs = tuple[Path, Path, Path | None]
-
-
-def plan_outputs(
-    images: list[Path],
-    out_dir: Path,
-    overwrite: bool,
-    with_probs: bool = False,
-    resume: bool = False,
-) -> list[Outputs]:
-    """Returns (mask PNG, overlay JPEG, probabilities .npy or None) paths per image.
-
-    Refuses name clashes, writing into an input directory and (unless `overwrite` or `resume`)
-    replacing existing files, before anything is written. With `resume`, existing outputs are
-    an interrupted run's finished work: `pending` tells which images still need predicting.
-    """
-    if resume and overwrite:
-        raise UserError(
-            "infer.resume=true keeps finished outputs and infer.overwrite=true replaces them; "
-            "pass only one of them"
-        )
-    stems = [p.stem for p in images]
-    clashes = sorted({s for s in stems if stems.count(s) > 1})
-    if clashes:
-        raise UserError(
-            f"several inputs share the name '{clashes[0]}', so their outputs would "
-            "overwrite each other; predict them in separate runs"
-        )
-    input_dirs = {p.resolve().parent for p in images}
-    if out_dir.resolve() in input_dirs:
-        raise UserError(
-            f"infer.output_dir {out_dir} is an input directory; choose another "
-            "folder so inputs are never overwritten"
-        )
-    outputs = [
-        (
-            out_dir / f"{s}.png",
-            out_dir / f"{s}_overlay.jpg",
-            out_dir / f"{s}_prob.npy" if with_probs else None,
-        )
-        for s in stems
-    ]
-    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if blocker is not None and (not blocker.is_dir() or not os.access(blocker, os.W_OK)):
-        raise UserError(
-            f"infer.output_dir {out_dir} cannot be created or written ({blocker} is "
-            "not a writable directory); choose another infer.output_dir"
-        )
-    if not (overwrite or resume):
-        existing = [p for paths in outputs for p in paths if p is not None and p.exists()]
-        if existing:
-            raise UserError(
-                f"{existing[0]} already exists ({len(existing)} outputs would be "
-                "replaced); pass infer.resume=true to continue an interrupted run, "
-                "infer.overwrite=true to replace them, or another infer.output_dir"
-            )
-    return outputs
-
-
-def pending(images: list[Path], outputs: list[Outputs]) -> list[tuple[Path, Outputs]]:
-    """The images whose outputs are not all there (outputs appear whole, by renames)."""
-    return [
-        (image, paths)
-        for image, paths in zip(images, outputs)
-        if not all(p.is_file() for p in paths if p is not None)
-    ]
-
-
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Removes the half-written outputs of killed infer processes (`.tmp-PID-NAME` files)."""
-    for path in out_dir.glob(".tmp-*-*"):
-        pid = path.name.split("-")[1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            path.unlink(missing_ok=True)
-            log.info("Removed %s, left half-written by an interrupted run", path)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# <stem>.png (class ids), <stem>_overlay.jpg, and with infer.save_probs <stem>_prob.npy.
+MASK_SUFFIXES = (".png", "_overlay.jpg")
+PROBS_SUFFIX = "_prob.npy"
 
 
 def write_outputs(
-    paths: Outputs,
+    paths: infer_files.Outputs,
     image: np.ndarray,
     ids: np.ndarray,
     probs: np.ndarray | None,
@@ -171,19 +88,9 @@ def run(cfg: DictConfig) -> None:
 
         runtime.seed_everything(cfg.seed)
         return infer_alpha(cfg, checkpoint, images, out_dir)
+    suffixes = (*MASK_SUFFIXES, PROBS_SUFFIX if cfg.infer.save_probs else None)
     resume = bool(cfg.infer.get("resume", False))
-    outputs = plan_outputs(images, out_dir, cfg.infer.overwrite, cfg.infer.save_probs, resume)
-    if out_dir.is_dir():
-        remove_stale_temporaries(out_dir)
-    todo = pending(images, outputs)
-    if resume:
-        log.info(
-            "infer.resume: %d of %d images already have their outputs in %s; predicting %d",
-            len(images) - len(todo),
-            len(images),
-            out_dir,
-            len(todo),
-        )
+    outputs, todo = infer_files.start(images, out_dir, suffixes, cfg.infer.overwrite, resume)
     runtime.seed_everything(cfg.seed)
     model = load_model(checkpoint, cfg.data.num_classes)
     stream = predictions(
@@ -198,17 +105,14 @@ def run(cfg: DictConfig) -> None:
     try:
         _write_all(stream, [paths for _, paths in todo], palette, pixel_counts, cfg)
     except KeyboardInterrupt:
-        done = len(images) - len(pending(images, outputs))
-        raise KeyboardInterrupt(
-            f"mode=infer stopped after {done} of {len(images)} images (outputs in {out_dir}, "
-            "each one whole); continue with the same command plus infer.resume=true "
-            f"infer.output_dir={out_dir}"
-        ) from None
+        raise infer_files.stopped(images, outputs, out_dir) from None
     _print_class_shares(cfg.data.class_names, pixel_counts)
     log.info("Wrote %d predictions to %s", len(todo), out_dir)
 
 
-def _write_all(stream, outputs: list[Outputs], palette, pixel_counts, cfg: DictConfig) -> None:
+def _write_all(
+    stream, outputs: list[infer_files.Outputs], palette, pixel_counts, cfg: DictConfig
+) -> None:
     """Writes each prediction of `stream` to its outputs, with a progress bar."""
     columns = (
         TextColumn("Predicting"),

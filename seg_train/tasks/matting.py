@@ -26,11 +26,11 @@ from rich.progress import track
 from rich.table import Table
 
 from seg_train.data.decode import data_errors_as_user_errors
-from seg_train.errors import UserError
 from seg_train.inference import matting_metrics as metrics
 from seg_train.inference import matting_outputs as outputs
 from seg_train.inference.matting import MattingScores, predict_alpha
 from seg_train.inference.metrics import print_report, write_metric_files
+from seg_train.tasks import infer_files
 from seg_train.tasks.sources import evaluation_examples
 from seg_train.training.callbacks import OriginalResolutionValidation
 
@@ -180,28 +180,34 @@ def print_errors(report: dict) -> None:
 
 
 def infer(cfg: DictConfig, checkpoint: Path, images: list[Path], out_dir: Path) -> None:
-    """`mode=infer` of a matting checkpoint: `<stem>_alpha.png`, `_cutout.png`, `_overlay.png`.
+    """`mode=infer` of a matting checkpoint: `<stem>_alpha.png`, `_cutout.png`, `_overlay.png`
+    and, with `infer.save_probs`, `<stem>_alpha.npy` (float16).
 
     Each image is fed as the evaluation feeds it (`eval.mode=resize`: the training size) and
-    its alpha comes back at the image's original size.
+    its alpha comes back at the image's original size. The outputs are planned, written and
+    resumed as a segmentation run's (`infer_files`): nothing existing is replaced unless
+    `infer.overwrite`, and `infer.resume` predicts only the images whose outputs are not all
+    there.
 
     Raises:
-        UserError: if an output exists and `infer.overwrite` is false.
+        UserError: if an output exists and neither `infer.overwrite` nor `infer.resume` is set
+            (and the other refusals of `infer_files.plan_outputs`).
     """
     from seg_train.inference.images import load_rgb
     from seg_train.tasks.checkpoint import load_model
 
-    if not cfg.infer.overwrite:
-        existing = [out_dir / f"{p.stem}_alpha.png" for p in images]
-        existing = [p for p in existing if p.exists()]
-        if existing:
-            raise UserError(
-                f"{existing[0]} exists ({len(existing)} outputs in all); set "
-                "infer.overwrite=true or another infer.output_dir"
-            )
+    array = outputs.ALPHA_ARRAY_SUFFIX if cfg.infer.save_probs else None
+    resume = bool(cfg.infer.get("resume", False))
+    planned, todo = infer_files.start(
+        images, out_dir, (*outputs.IMAGE_SUFFIXES, array), cfg.infer.overwrite, resume
+    )
     model = load_model(checkpoint, 1)
     size = list(cfg.data.crop_size) if cfg.eval.mode == "resize" else None
-    for path in track(images, description="Predicting alpha"):
-        image = load_rgb(path)
-        outputs.save_alpha_outputs(image, predict_alpha(model, image, size), out_dir, path.stem)
-    log.info("Wrote the alpha, cut-out and overlay of %d images to %s", len(images), out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for path, paths in track(todo, description="Predicting alpha"):
+            image = load_rgb(path)
+            outputs.write_alpha_outputs(paths, image, predict_alpha(model, image, size))
+    except KeyboardInterrupt:
+        raise infer_files.stopped(images, planned, out_dir) from None
+    log.info("Wrote the alpha, cut-out and overlay of %d images to %s", len(todo), out_dir)
