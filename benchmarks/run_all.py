@@ -675,7 +675,7 @@ def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
     started = time.perf_counter()
 
     # Input pipeline: the voc_deeplabv2 recipe's augmentation (crop 321, batch 10, scale
-    # 0.5-1.5, flip) over 500x375 JPEG + palette PNG files, per decoder.
+    # 0.5-1.5, flip, mean-colour padding) over 500x375 JPEG + palette PNG files, per decoder.
     data = {
         "batch_size": 10,
         "crop_size": [321, 321],
@@ -687,6 +687,7 @@ def run(quick: bool, out: Path, only: tuple[str, ...] = SECTIONS) -> dict:
         "shuffle_buffer": 1000,
         "num_parallel_calls": None,
         "ignore_label": 255,
+        "pad_value": [123.68, 116.779, 103.939],  # the recipe pads images with the mean colour
     }
     if quick:
         data.update(batch_size=2, crop_size=[64, 64])

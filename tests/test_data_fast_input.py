@@ -506,3 +506,27 @@ def test_voc_layout_palette_masks_are_read_as_grey_indices():
     for kind in ("palette with transparency", "palette 4-bit"):
         _, other = decode.mask_png_plan(tf.constant(MASKS[kind]))
         assert other.numpy()[25] == 3, kind
+
+
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_pad_image_fills_each_channel_with_its_colour_and_keeps_the_pixels(lead):
+    # Reference: numpy's constant pad, channel by channel. Padding on all four sides, given
+    # as Python ints and as tensors (the mirrored crop pads on the left).
+    rng = np.random.default_rng(11)
+    image = rng.uniform(0, 255, (*lead, 3, 4, 3)).astype(np.float32)
+    colour = [123.68, 116.779, 103.939]
+    (top, bottom), (left, right) = (1, 2), (3, 0)
+    lead_pad = [(0, 0)] * len(lead)
+    expected = np.stack(
+        [
+            np.pad(image[..., k], [*lead_pad, (top, bottom), (left, right)], constant_values=c)
+            for k, c in enumerate(np.float32(colour))
+        ],
+        axis=-1,
+    )
+    for padding in (
+        [[top, bottom], [left, right]],
+        [tf.constant([top, bottom]), tf.constant([left, right])],
+    ):
+        padded = augment.pad_image(tf.constant(image), padding, colour).numpy()
+        np.testing.assert_array_equal(padded, expected)

@@ -84,18 +84,26 @@ def pad_colour(pad_value: float | Sequence[float] | None) -> list[float]:
 
 
 def pad_image(image: tf.Tensor, padding: Sequence[Sequence], colour: Sequence[float]) -> tf.Tensor:
-    """Pads a float [..., H, W, 3] image with a constant RGB colour (`padding` covers H, W).
-
-    Each channel is padded with its own constant, so the image's own pixels stay bit-exact.
+    """Pads a float [..., H, W, C] image with a constant colour of C values (`padding` =
+    [[top, bottom], [left, right]]); the image's own pixels are copied bit-exact.
     """
-    lead = [[0, 0]] * (len(image.shape) - 3)
     if not any(colour):
+        lead = [[0, 0]] * (len(image.shape) - 3)
         return tf.pad(image, lead + list(padding) + [[0, 0]])
-    channels = [
-        tf.pad(image[..., k], lead + list(padding), constant_values=float(c))
-        for k, c in enumerate(colour)
-    ]
-    return tf.stack(channels, axis=-1)
+    # Blocks of the colour concatenated around the image. tf.pad takes one constant for all
+    # channels, and padding each channel alone then stacking them (the obvious way) costs
+    # ~2.3 ms per 321x321 crop in the stack (an inner-axis interleave), more than the crop's
+    # JPEG decode; the blocks cost about what a zero tf.pad does.
+    fill = tf.constant(colour, image.dtype)
+    shape = tf.shape(image)
+    (top, bottom), (left, right) = (padding[0][0], padding[0][1]), (padding[1][0], padding[1][1])
+
+    def block(rows, columns):
+        return tf.broadcast_to(fill, tf.concat([shape[:-3], [rows, columns, shape[-1]]], 0))
+
+    rows = tf.concat([block(shape[-3], left), image, block(shape[-3], right)], axis=-2)
+    width = shape[-2] + left + right
+    return tf.concat([block(top, width), rows, block(bottom, width)], axis=-3)
 
 
 def random_scaled_crop(
@@ -159,9 +167,16 @@ def random_scaled_crop(
         [0, size[0] - height],
         tf.where(mirrored, tf.stack([width_padding, 0]), tf.stack([0, width_padding])),
     ]
-    image = pad_image(image, padding, pad_colour(pad_value))
-    mask = tf.pad(mask, padding, constant_values=ignore_label)
-    return image, mask
+    colour = pad_colour(pad_value)
+    # Most crops lie wholly on the scaled image: skip the pads' copies for them.
+    return tf.cond(
+        tf.logical_and(tf.equal(height, size[0]), tf.equal(width, size[1])),
+        lambda: (image, mask),
+        lambda: (
+            pad_image(image, padding, colour),
+            tf.pad(mask, padding, constant_values=ignore_label),
+        ),
+    )
 
 
 def flip_table(flip_pairs: Sequence[Sequence[int]] | None) -> np.ndarray | None:
