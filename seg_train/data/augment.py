@@ -93,13 +93,18 @@ def pad_image(image: tf.Tensor, padding: Sequence[Sequence], colour: Sequence[fl
     # Blocks of the colour concatenated around the image. tf.pad takes one constant for all
     # channels, and padding each channel alone then stacking them (the obvious way) costs
     # ~2.3 ms per 321x321 crop in the stack (an inner-axis interleave), more than the crop's
-    # JPEG decode; the blocks cost about what a zero tf.pad does.
+    # JPEG decode. A block is one row of the colour (tiled) broadcast down its rows:
+    # broadcasting the C values straight to [rows, columns, C] costs ~2x more (measured).
     fill = tf.constant(colour, image.dtype)
     shape = tf.shape(image)
     (top, bottom), (left, right) = (padding[0][0], padding[0][1]), (padding[1][0], padding[1][1])
+    lead = shape[:-3]
 
     def block(rows, columns):
-        return tf.broadcast_to(fill, tf.concat([shape[:-3], [rows, columns, shape[-1]]], 0))
+        row = tf.reshape(
+            tf.tile(fill, [columns]), tf.concat([tf.ones_like(lead), [1, columns, -1]], 0)
+        )
+        return tf.broadcast_to(row, tf.concat([lead, [rows, columns, shape[-1]]], 0))
 
     rows = tf.concat([block(shape[-3], left), image, block(shape[-3], right)], axis=-2)
     width = shape[-2] + left + right
