@@ -2,7 +2,9 @@
 augmentation against tf.image.resize, and data.cache=auto."""
 
 import io
+import math
 import zlib
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -260,8 +262,8 @@ def test_scaled_crop_equals_a_window_of_the_whole_rescaled_pair(scale, size):
     image = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
     mask = rng.integers(0, 21, (size, size)).astype(np.uint8)
     scaled = int(round(size * scale))
-    full_image, full_mask = augment.resize_pair(image, mask, [scaled, scaled])
-    full_image, full_mask = full_image.numpy(), full_mask.numpy()
+    full_image = tf.image.resize(image, [scaled, scaled], "bilinear").numpy()
+    full_mask = tf.image.resize(mask[..., None], [scaled, scaled], "nearest").numpy()[..., 0]
     for seed in range(5):
         out_image, out_mask = augment.random_scaled_crop(
             tf.constant(image),
@@ -384,16 +386,52 @@ def test_cache_auto_compares_the_estimate_with_the_budget(tmp_path, monkeypatch)
     assert not pipeline.should_cache(source, "train", "auto")
 
 
-def test_nearest_rows_sample_what_tf_image_resize_nearest_samples():
+def test_nearest_rows_sample_the_nearest_source_rows_in_eager_and_graph():
+    # Reference: the centre of output row i lies at (i + 0.5) * length / count source rows;
+    # the row under it is the floor, in exact rational arithmetic. tf.image.resize agrees
+    # except at exact ties (a centre on a row boundary), where its float32 may pick the row
+    # below, and everywhere when count is a power of two (the scale is exact in binary).
     rng = np.random.default_rng(6)
-    for _ in range(100):
-        length, count, first = (int(v) for v in rng.integers(1, 400, 3))
-        column = rng.integers(0, 256, (first + length, 1, 1)).astype(np.uint8)
-        expected = tf.image.resize(column[first:], [count, 1], method="nearest").numpy()
-        rows = augment._nearest_rows(
-            tf.constant(first), tf.constant(first + length), tf.constant(count)
-        ).numpy()
-        np.testing.assert_array_equal(column[rows], expected)
+    in_graph = tf.function(augment._nearest_rows)
+    ties = 0
+    # 350 rows to 321: row 160's centre falls exactly on source row 175 (160.5 * 350 / 321),
+    # where a float32 form of this function gave 174 in a graph and 175 eagerly.
+    cases = [(350, 321, 50)] + [tuple(int(v) for v in rng.integers(1, 400, 3)) for _ in range(120)]
+    for trial, (length, count, first) in enumerate(cases):
+        if trial % 3 == 1:
+            count = 2 ** int(rng.integers(0, 10))
+        exact = [
+            first + min(math.floor(Fraction(2 * i + 1, 2) * length / count), length - 1)
+            for i in range(count)
+        ]
+        args = (tf.constant(first), tf.constant(first + length), tf.constant(count))
+        assert augment._nearest_rows(*args).numpy().tolist() == exact
+        assert in_graph(*args).numpy().tolist() == exact
+        assert in_graph(*args[:2], count).numpy().tolist() == exact  # a constant count
+        column = np.arange(first + length, dtype=np.float32).reshape(-1, 1, 1)
+        resized = tf.image.resize(column[first:], [count, 1], "nearest").numpy().ravel()
+        tie = np.array([(2 * i + 1) * length % (2 * count) == 0 for i in range(count)])
+        differ = resized != np.asarray(exact)
+        assert not (differ & ~tie).any()
+        if count & (count - 1) == 0:
+            assert not differ.any()
+        ties += tie.sum()
+    assert ties > 0  # the cases include ties
+
+
+@pytest.mark.parametrize("size", [[128, 128], [512, 256], [37, 50]])
+def test_resize_pair_gives_what_tf_image_resize_gives(size):
+    rng = np.random.default_rng(12)
+    image = rng.integers(0, 256, (375, 500, 3)).astype(np.uint8)
+    mask = rng.integers(0, 21, (375, 500)).astype(np.uint8)
+    resized_image, resized_mask = tf.function(augment.resize_pair)(image, mask, size)
+    expected = tf.image.resize(image, size, "bilinear").numpy()
+    np.testing.assert_array_equal(resized_image.numpy(), expected)
+    expected_mask = tf.image.resize(mask[..., None], size, "nearest").numpy()[..., 0]
+    assert resized_mask.dtype == tf.uint8 and resized_mask.shape == tuple(size)
+    # No tie here differs: 375 rows to 37 put no row centre on a boundary (375 is odd), and
+    # 500 columns to 50 put every one there but at an exact scale (10), as powers of two do.
+    np.testing.assert_array_equal(resized_mask.numpy(), expected_mask)
 
 
 PHOTO = np.asarray(

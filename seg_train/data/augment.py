@@ -26,9 +26,16 @@ from seg_train.data.options import PipelineOptions
 def resize_pair(
     image: tf.Tensor, mask: tf.Tensor, size: tf.Tensor | Sequence[int]
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Resizes an image bilinearly (to float32) and its mask nearest-neighbour (keeping dtype)."""
-    image = tf.image.resize(image, size, method="bilinear")  # float32, as in random_scaled_crop
-    mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
+    """Resizes an image bilinearly (to float32) and its mask nearest-neighbour (keeping dtype).
+
+    The mask is resized by two gathers (`_nearest_window`), the pixels tf.image.resize picks
+    (up to exact ties, see `_nearest_rows`) at ~1/10 of its cost on a uint8 mask (4.4 ms of a 500x375 pair's 6.7 at 512x512 on one
+    thread). The image stays uint8 into the resize: casting the whole image first (as the crop
+    does with its window) costs more than the float kernel saves here.
+    """
+    image = tf.image.resize(image, size, method="bilinear")  # float32
+    height, width = tf.shape(mask)[0], tf.shape(mask)[1]
+    mask = _nearest_window(mask, 0, height, size[0], 0, width, size[1])
     return image, mask
 
 
@@ -43,13 +50,21 @@ def _source_span(
     return first, tf.clip_by_value(end, first + 1, size)
 
 
-def _nearest_rows(first: tf.Tensor, end: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
-    """The rows tf.image.resize(method="nearest") samples when it resizes rows [first, end) to
-    `count` rows: floor((i + 0.5) * scale), half-pixel centres. Two gathers with these indices
-    give its exact result at a fraction of its cost on a uint8 mask."""
-    scale = tf.cast(end - first, tf.float32) / tf.cast(count, tf.float32)
-    offsets = tf.cast(tf.floor((tf.cast(tf.range(count), tf.float32) + 0.5) * scale), tf.int32)
-    return first + tf.minimum(offsets, end - first - 1)
+def _nearest_rows(first: tf.Tensor, end: tf.Tensor, count) -> tf.Tensor:
+    """The rows a nearest-neighbour resize with half-pixel centres samples when it resizes rows
+    [first, end) to `count` rows: first + floor((i + 0.5) * (end - first) / count).
+
+    Computed exactly, in integers. tf.image.resize(method="nearest") computes the same product
+    in float32: identical wherever the scale is exact in binary (counts that are powers of two,
+    e.g. 128, 256, 512), otherwise it can pick the row below where a centre falls exactly on a
+    row boundary; and in a graph with a constant `count` TensorFlow's rewrites of a float form
+    of this function moved such ties too. Two gathers with these indices resize a uint8 mask at
+    a fraction of tf.image.resize's cost.
+    """
+    length = tf.cast(end - first, tf.int64)  # int64: the products below pass 2**31 at ~46k px
+    count = tf.cast(count, tf.int64)
+    offsets = ((2 * tf.range(count) + 1) * length) // (2 * count)
+    return first + tf.cast(tf.minimum(offsets, length - 1), tf.int32)
 
 
 def _nearest_window(
