@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from seg_train.data import pipeline
+from seg_train.data import matting, pipeline
 from seg_train.data.portrait import PortraitSource
 from seg_train.errors import UserError
 from seg_train.tasks.sources import build_source, pipeline_options
@@ -76,3 +76,16 @@ def test_validation_alpha_is_resized_bilinearly(root):
     images, alphas = next(iter(pipeline.val_dataset(build_source(cfg.data), pipeline_options(cfg))))
     assert alphas.dtype == tf.float32 and alphas.shape == (2, 16, 16)
     np.testing.assert_allclose(alphas.numpy() * 255, images.numpy()[..., 0], atol=1e-3)
+
+
+def test_resize_gives_the_bilinear_resize_of_image_and_alpha_stacked():
+    # Reference: tf.image.resize of the 4-channel float stack (RGB + alpha on 0..255), the
+    # alpha then divided by 255; image and alpha are resized apart, the same values.
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (45, 70, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (45, 70)).astype(np.uint8)
+    stacked = np.concatenate([image, alpha[..., None]], -1).astype(np.float32)
+    expected = tf.image.resize(stacked, [32, 24], "bilinear").numpy()
+    resized_image, resized_alpha = matting.resize(image, alpha, [32, 24])
+    np.testing.assert_array_equal(resized_image.numpy(), expected[..., :3])
+    np.testing.assert_array_equal(resized_alpha.numpy(), np.clip(expected[..., 3] / 255, 0, 1))

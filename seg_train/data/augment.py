@@ -28,10 +28,11 @@ def resize_pair(
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Resizes an image bilinearly (to float32) and its mask nearest-neighbour (keeping dtype).
 
-    The mask is resized by two gathers (`_nearest_window`), the pixels tf.image.resize picks
-    (up to exact ties, see `_nearest_rows`) at ~1/10 of its cost on a uint8 mask (4.4 ms of a 500x375 pair's 6.7 at 512x512 on one
-    thread). The image stays uint8 into the resize: casting the whole image first (as the crop
-    does with its window) costs more than the float kernel saves here.
+    The mask is resized by two gathers (`_nearest_window`): the pixels tf.image.resize picks
+    (up to exact ties, see `_nearest_rows`) at ~1/10 of its cost on a uint8 mask (4.4 ms of a
+    500x375 pair's 6.7 at 512x512 on one thread). The image stays uint8 into the resize:
+    casting the whole image first (as the crop does with its window) costs more than the
+    float kernel saves here.
     """
     image = tf.image.resize(image, size, method="bilinear")  # float32
     height, width = tf.shape(mask)[0], tf.shape(mask)[1]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from seg_train.data.augment import color_jitter, pad_colour, random_hflip, random_scaled_crop
+from seg_train.data.augment import color_jitter, flip_draw, pad_colour, random_scaled_crop
 from seg_train.data.base import Source
 from seg_train.data.options import PipelineOptions
 
@@ -38,8 +38,15 @@ def _split(stacked: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def resize(image: tf.Tensor, alpha: tf.Tensor, size: Sequence[int]) -> tuple[tf.Tensor, tf.Tensor]:
-    """Image and uint8 alpha resized bilinearly together -> float32 image, alpha in 0..1."""
-    return _split(tf.image.resize(_stack(image, alpha), size, method="bilinear"))
+    """Image and uint8 alpha resized bilinearly -> float32 image, alpha in 0..1.
+
+    Each is resized on its own: bilinear resizing works channel by channel, so the values are
+    those of resizing them stacked, without the channel-axis concat (an interleaving copy of
+    the whole image: 3.9 ms of an 800x600 pair's 6.5 at 256x256, one thread).
+    """
+    image = tf.image.resize(image, size, method="bilinear")
+    alpha = tf.image.resize(alpha[..., None], size, method="bilinear")[..., 0]
+    return image, tf.clip_by_value(alpha / 255.0, 0.0, 1.0)
 
 
 def augment(
@@ -55,18 +62,22 @@ def augment(
     """
     crop = options.crop
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    stacked = _stack(image, alpha)
-    # The segmentation operations carry a mask; ours rides in the image, theirs is a dummy.
-    dummy = tf.zeros(tf.shape(stacked)[:2], tf.uint8)
     if options.transform == "resize":
-        stacked = tf.image.resize(stacked, crop, method="bilinear")
+        image, alpha = resize(image, alpha, crop)
     else:
+        # The segmentation crop carries a mask; ours rides in the image, theirs is a dummy.
+        stacked = _stack(image, alpha)
+        dummy = tf.zeros(tf.shape(stacked)[:2], tf.uint8)
         fill = [*pad_colour(options.pad_value), 0.0]  # alpha 0 where padded
         stacked, _ = random_scaled_crop(
             stacked, dummy, options.scale_range, crop, options.ignore_label, crop_seed, fill
         )
-    if options.hflip:
-        stacked, _ = random_hflip(stacked, tf.zeros(crop, tf.uint8), flip_seed)
-    image, alpha = _split(stacked)
+        image, alpha = _split(stacked)
+    if options.hflip:  # the coin of augment.random_hflip
+        image, alpha = tf.cond(
+            flip_draw(flip_seed),
+            lambda: (tf.reverse(image, [1]), tf.reverse(alpha, [1])),
+            lambda: (image, alpha),
+        )
     image = color_jitter(image, jitter_seed, options.jitter)
     return tf.ensure_shape(image, [*crop, 3]), tf.ensure_shape(alpha, crop)
