@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from seg_train.data.augment import color_jitter, flip_draw, pad_colour, random_scaled_crop
+from seg_train.data.augment import color_jitter, pad_colour, random_hflip, random_scaled_crop
 from seg_train.data.base import Source
 from seg_train.data.options import PipelineOptions
 
@@ -73,11 +73,7 @@ def augment(
             stacked, dummy, options.scale_range, crop, options.ignore_label, crop_seed, fill
         )
         image, alpha = _split(stacked)
-    if options.hflip:  # the coin of augment.random_hflip
-        image, alpha = tf.cond(
-            flip_draw(flip_seed),
-            lambda: (tf.reverse(image, [1]), tf.reverse(alpha, [1])),
-            lambda: (image, alpha),
-        )
+    if options.hflip:  # the alpha mirrors as a mask does (no flip pairs)
+        image, alpha = random_hflip(image, alpha, flip_seed)
     image = color_jitter(image, jitter_seed, options.jitter)
     return tf.ensure_shape(image, [*crop, 3]), tf.ensure_shape(alpha, crop)
