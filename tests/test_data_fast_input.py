@@ -2,6 +2,7 @@
 augmentation against tf.image.resize, and data.cache=auto."""
 
 import io
+import logging
 import math
 import zlib
 from fractions import Fraction
@@ -384,6 +385,23 @@ def test_cache_auto_compares_the_estimate_with_the_budget(tmp_path, monkeypatch)
     assert pipeline.should_cache(source, "train", "auto")
     monkeypatch.setattr(pipeline, "AUTO_CACHE_MAX_BYTES", 3 * per_example - 1)
     assert not pipeline.should_cache(source, "train", "auto")
+
+
+def test_cache_auto_decides_once_per_split_with_one_log_line(tmp_path, monkeypatch, caplog):
+    # Training asks for the val split twice (fit's batches, original-resolution validation):
+    # one estimate (it decodes examples) and one log line per split, not one per call.
+    source = write_folder(
+        tmp_path, {"a": (encode(Image.fromarray(RGB), format="JPEG"), ".jpg", MASKS["grey 8-bit"])}
+    )
+    loads = []
+    original_load = source.load
+    monkeypatch.setattr(source, "load", lambda *args: loads.append(args) or original_load(*args))
+    with caplog.at_level(logging.INFO, logger="seg_train.data.pipeline"):
+        decisions = [pipeline.should_cache(source, "train", "auto") for _ in range(3)]
+    assert decisions == [True, True, True]
+    assert len(loads) == 1
+    lines = [r.getMessage() for r in caplog.records if "data.cache=auto" in r.getMessage()]
+    assert len(lines) == 1 and "split 'train'" in lines[0], lines
 
 
 def test_nearest_rows_sample_the_nearest_source_rows_in_eager_and_graph():

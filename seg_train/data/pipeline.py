@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 # data.cache=auto keeps a split in memory if its decoded examples take less than this.
 AUTO_CACHE_MAX_BYTES = 4 * 2**30
+# data.cache=auto's estimate per source and split: each estimate decodes a few examples, and a
+# training run asks twice for the val split (fit's batches and original-resolution validation).
+_ESTIMATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decoded_dataset(
@@ -94,17 +98,22 @@ def estimated_decoded_bytes(source: Source, split: str, sample: int = 8) -> int 
 
 
 def should_cache(source: Source, split: str, setting: bool | str) -> bool:
-    """Resolves `data.cache` (true, false or auto) for one split, logging what auto chose.
+    """Resolves `data.cache` (true, false or auto) for one split, logging what auto chose
+    (once per source and split: the estimate is kept).
 
     auto caches a split whose decoded examples are estimated to take under
     `AUTO_CACHE_MAX_BYTES` and under a quarter of the machine's memory.
     """
     if setting != "auto":
         return bool(setting)
-    estimate = estimated_decoded_bytes(source, split)
+    estimates = _ESTIMATES.setdefault(source, {})
+    first_time = split not in estimates
+    if first_time:
+        estimates[split] = estimated_decoded_bytes(source, split)
+    estimate = estimates[split]
     budget = min(AUTO_CACHE_MAX_BYTES, _total_memory_bytes() // 4)
     cache = estimate is not None and estimate <= budget
-    if estimate is not None:
+    if estimate is not None and first_time:
         log.info(
             "data.cache=auto: split '%s' is ~%.2f GB decoded; %s (budget %.1f GB)",
             split,
