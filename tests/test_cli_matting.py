@@ -73,8 +73,8 @@ def test_portrait_matting_trains_and_evaluates(tmp_path, cache_dir):
     rounded = np.round(array.astype(np.float64) * 255)
     assert np.abs(rounded - np.asarray(alpha)).max() <= 1  # float16 steps near 1 are 1/2048
 
-    # The whole test folder now: 00005's outputs exist, so a plain run refuses in one line
-    # before writing anything; infer.resume=true predicts only the other image.
+    # Both photos now (00005 and one other): 00005's outputs exist, so a plain run refuses in one
+    # line before writing anything; infer.resume=true predicts only the other image.
     before = {p.name: p.stat().st_mtime_ns for p in predicted.iterdir()}
     result = infer(photos)
     assert result.returncode != 0
