@@ -450,6 +450,13 @@ def test_resize_pair_gives_what_tf_image_resize_gives(size):
     # No tie here differs: 375 rows to 37 put no row centre on a boundary (375 is odd), and
     # 500 columns to 50 put every one there but at an exact scale (10), as powers of two do.
     np.testing.assert_array_equal(resized_mask.numpy(), expected_mask)
+    # Mirrored: numpy's left-right flip of the same resize (the image mirrored before it, so
+    # the float sums round apart, the mask's columns gathered in reverse, so exactly).
+    mirrored_image, mirrored_mask = tf.function(augment.resize_pair)(
+        image, mask, size, tf.constant(True)
+    )
+    np.testing.assert_allclose(mirrored_image.numpy(), expected[:, ::-1], atol=1e-3)
+    np.testing.assert_array_equal(mirrored_mask.numpy(), expected_mask[:, ::-1])
 
 
 PHOTO = np.asarray(
