@@ -102,7 +102,12 @@ MEMORY_RECIPES = {
     "voc_deeplabv2_msc": ("voc", ["model.freeze_bn=false"], ["data.batch_size=2"]),
     "voc_deeplabv3plus": ("voc", [], ["data.batch_size=4"]),
     "cihp_deeplabv3plus": ("voc", [], []),
-    "pets_unet_mobilenetv2": ("folder", ["data.num_classes=3"], []),
+    # The folder layout asks for the class names the pets source knows (trimap order).
+    "pets_unet_mobilenetv2": (
+        "folder",
+        ["data.num_classes=3", "data.class_names=[pet,background,border]"],
+        [],
+    ),
     "portrait_unet": ("portrait", [], []),
     "portrait_matting": ("portrait", [], []),
     "synthetic_unet_classic": (None, [], []),

@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import run_all  # noqa: E402
+from seg_train.config_checks import check_config  # noqa: E402
+from tests.helpers import compose_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -384,6 +386,17 @@ def test_memory_overrides_keep_the_recipe_and_cap_only_the_default_run(tmp_path)
         o.startswith("data.root")
         for o in run_all.memory_overrides("synthetic_unet_classic", True, tmp_path)
     )
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_memory_recipe_composes_to_a_complete_config(tmp_path, quick):
+    # The memory section runs each recipe on generated files in another layout (data=folder
+    # for the pets recipe): its overrides must fill every value that layout requires, or the
+    # row is an error line instead of a measurement (a full --quick run found pets' missing
+    # data.class_names).
+    for recipe in run_all.MEMORY_RECIPES:
+        overrides = run_all.memory_overrides(recipe, quick, tmp_path) + ["debug=fast"]
+        check_config(compose_config(overrides))  # the CLI's first check: one line on a ???
 
 
 def test_gpu_check_prints_the_pipeline_per_core_beside_each_gpu_row(tmp_path, monkeypatch):

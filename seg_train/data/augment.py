@@ -301,7 +301,7 @@ def color_jitter(
 def augment(
     image: tf.Tensor | JpegWindows, mask: tf.Tensor, seed: tf.Tensor, options: PipelineOptions
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """The training transform to `options.crop_size`, then flip and jitter.
+    """The training transform to `options.crop_size` (flip included), then colour jitter.
 
     The image may be a `JpegWindows` (not decoded yet) under `transform="crop"` only.
 
