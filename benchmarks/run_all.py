@@ -16,10 +16,10 @@ each source's own model, compile and fit (benchmarks/baselines.py, written from 
 text) against seg-train's path on the same recipe, with a float32 matmul as the machine's
 ceiling. The "precision" section times seg-train's path in float32 and in
 trainer.precision=mixed_bfloat16 (the bf16 / float32 img/s ratio; machine_info says whether the
-CPU has bf16 units) and trains a small U-Net briefly in both (val mIoU). The default run takes
-about 40 minutes on 2 cores without the precision section, which adds tens of minutes on a CPU
-without bf16 units (emulated bf16 steps: 4-5x a float32 step in --quick); --quick (tiny sizes,
-a few steps) a few minutes, and about 8 more with the precision section.
+CPU has bf16 units) and trains a small U-Net briefly in both (val mIoU). --quick (tiny sizes,
+a few steps) took about 65 minutes on 2 cores: sources ~18, memory ~28 (ten recipes' debug=fast
+runs), precision ~8 (emulated bf16 steps: 4-5x a float32 step), the rest ~10. The default run
+(recipe sizes) takes longer; `--only SECTION` runs one section.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ PRECISION_ACCURACY = [
     "callbacks.prediction_images=null",
 ]
 SECTIONS = ("input", "train", "allocator", "crf", "sources", "memory", "precision")
-# --quick: tiny inputs so the whole run takes a few minutes; the table says so.
+# --quick: tiny inputs (the sources' pairs keep the sources' sizes); the table says so.
 QUICK = ["data.crop_size=[64,64]", "data.batch_size=2"]
 QUICK_MODELS = {
     "unet": MODELS["unet"],
@@ -1058,7 +1058,7 @@ def _crf_rows(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few minutes")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (about 65 min on 2 cores)")
     parser.add_argument(
         "--out",
         type=Path,
