@@ -147,7 +147,8 @@ PRECISION_ACCURACY = [
     "callbacks.prediction_images=null",
 ]
 SECTIONS = ("input", "train", "allocator", "crf", "sources", "memory", "precision")
-# --quick: tiny inputs (the sources' pairs keep the sources' sizes); the table says so.
+# --quick: tiny inputs (the sources' pairs take their own quick sizes from SOURCE_PAIRS); the
+# table says so.
 QUICK = ["data.crop_size=[64,64]", "data.batch_size=2"]
 QUICK_MODELS = {
     "unet": MODELS["unet"],

@@ -311,7 +311,7 @@ def augment(
     """
     crop = options.crop
     crop_seed, flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    # The flip rides in the resize or the crop (on the uint8 source): random_hflip's coin.
+    # The flip rides in the resize or the crop (see each one's docstring): random_hflip's coin.
     mirror = flip_draw(flip_seed) if options.hflip else None
     if options.transform == "resize":
         image, mask = resize_pair(image, mask, crop, mirror)
