@@ -29,6 +29,7 @@ from seg_train.inference.predictor import Predictor
 from seg_train.tasks import loggers
 from seg_train.tasks.checkpoint import load_model, open_checkpoint, output_channels
 from seg_train.tasks.instantiate import predictor_from_config
+from seg_train.tasks.interrupts import between_items
 from seg_train.tasks.postprocess import crf_runner
 from seg_train.tasks.report import write_report
 from seg_train.tasks.sources import evaluation_examples
@@ -97,7 +98,8 @@ class SplitEvaluator:
         data = self.cfg.data
         matrix = ConfusionMatrix(data.num_classes, data.ignore_label)
         count = 0
-        with data_errors_as_user_errors():  # a broken file: one line naming it
+        # A broken file: one line naming it. Ctrl-C: stops between two images.
+        with data_errors_as_user_errors(), between_items() as safe_point:
             for index, (image, mask, prediction) in enumerate(
                 self.predictions() if predictions is None else predictions
             ):
@@ -105,6 +107,7 @@ class SplitEvaluator:
                 matrix.update(mask, prediction)
                 if on_example is not None:
                     on_example(index, image, mask, prediction)
+                safe_point()
         return matrix, count
 
     def protocol(self) -> dict:

@@ -21,6 +21,7 @@ from seg_train.inference.predictor import Predictor
 from seg_train.tasks import infer_files
 from seg_train.tasks.checkpoint import load_model, open_checkpoint
 from seg_train.tasks.instantiate import predictor_from_config
+from seg_train.tasks.interrupts import between_items
 from seg_train.tasks.postprocess import crf_runner
 from seg_train.viz import full_palette, overlay, save_id_png
 
@@ -121,7 +122,8 @@ def _write_all(
         TimeElapsedColumn(),
         TextColumn("{task.fields[rate]}"),
     )
-    with Progress(*columns) as progress:
+    # Ctrl-C: stops between two images.
+    with Progress(*columns) as progress, between_items() as safe_point:
         task = progress.add_task("infer", total=len(outputs), rate="")
         for (image, ids, probs), paths in zip(stream, outputs):
             write_outputs(paths, image, ids, probs, palette, cfg.infer.overlay_alpha)
@@ -129,6 +131,7 @@ def _write_all(
             progress.advance(task)
             speed = progress.tasks[0].speed
             progress.update(task, rate=f"{speed:.1f} images/s" if speed else "")
+            safe_point()
 
 
 def _print_class_shares(class_names, pixel_counts: np.ndarray) -> None:

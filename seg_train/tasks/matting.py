@@ -31,6 +31,7 @@ from seg_train.inference import matting_outputs as outputs
 from seg_train.inference.matting import MattingScores, predict_alpha
 from seg_train.inference.metrics import print_report, write_metric_files
 from seg_train.tasks import infer_files
+from seg_train.tasks.interrupts import between_items
 from seg_train.tasks.sources import evaluation_examples
 from seg_train.training.callbacks import OriginalResolutionValidation
 
@@ -71,12 +72,14 @@ class MattingEvaluator:
     def scores(self, on_example=None) -> MattingScores:
         """Scores every image; on_example(index, image, matte, alpha) is called for each."""
         scores = MattingScores(self.cfg.data.get("matte_threshold", 0))
-        with data_errors_as_user_errors():
+        # A broken file: one line naming it. Ctrl-C: stops between two images.
+        with data_errors_as_user_errors(), between_items() as safe_point:
             for index, (image, matte) in enumerate(self.examples.as_numpy_iterator()):
                 alpha = predict_alpha(self.model, image, self.size)
                 scores.update(matte, alpha)
                 if on_example is not None:
                     on_example(index, image, matte, alpha)
+                safe_point()
         return scores
 
     def protocol(self) -> dict:
@@ -205,9 +208,11 @@ def infer(cfg: DictConfig, checkpoint: Path, images: list[Path], out_dir: Path) 
     size = list(cfg.data.crop_size) if cfg.eval.mode == "resize" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        for path, paths in track(todo, description="Predicting alpha"):
-            image = load_rgb(path)
-            outputs.write_alpha_outputs(paths, image, predict_alpha(model, image, size))
+        with between_items() as safe_point:  # Ctrl-C: stops between two images
+            for path, paths in track(todo, description="Predicting alpha"):
+                image = load_rgb(path)
+                outputs.write_alpha_outputs(paths, image, predict_alpha(model, image, size))
+                safe_point()
     except KeyboardInterrupt:
         raise infer_files.stopped(images, planned, out_dir) from None
     log.info("Wrote the alpha, cut-out and overlay of %d images to %s", len(todo), out_dir)
