@@ -4,7 +4,8 @@ A training process is preemptible at every phase. During `fit`'s batches and val
 `resume.BackupCallback` notes the signal and stops after writing a backup; everywhere else
 (start-up, between `fit` calls, the final evaluation) there is nothing newer to save than the
 last backup, so the handler installed here raises `Preempted` at once, which the CLI prints as
-one line with the resume command and exit status 75.
+one line with the resume command and exit status 75. (The final evaluation's per-image loop
+runs it between two images: `seg_train.tasks.interrupts`.)
 
 No TensorFlow import here: the CLI installs the handler before TensorFlow starts.
 """
