@@ -42,11 +42,10 @@ def _loop(signals: dict[int, list[int]], count: int = 5) -> list[int]:
 
 def test_ctrl_c_in_an_image_stops_after_that_image():
     done: list[int] = []
-    with pytest.raises(KeyboardInterrupt):
-        with between_items() as safe_point:
-            for index in range(5):
-                _image(index, done, {2: [signal.SIGINT]})
-                safe_point()
+    with pytest.raises(KeyboardInterrupt), between_items() as safe_point:
+        for index in range(5):
+            _image(index, done, {2: [signal.SIGINT]})
+            safe_point()
     assert done == [0, 1, 2]  # image 2 was finished, 3 never started
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -62,11 +61,10 @@ def test_without_the_deferral_the_same_ctrl_c_cuts_the_image():
 
 def test_a_second_ctrl_c_stops_at_once():
     done: list[int] = []
-    with pytest.raises(KeyboardInterrupt):
-        with between_items() as safe_point:
-            for index in range(5):
-                _image(index, done, {1: [signal.SIGINT, signal.SIGINT]})
-                safe_point()
+    with pytest.raises(KeyboardInterrupt), between_items() as safe_point:
+        for index in range(5):
+            _image(index, done, {1: [signal.SIGINT, signal.SIGINT]})
+            safe_point()
     assert done == [0]  # image 1 was cut short by the second signal
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
