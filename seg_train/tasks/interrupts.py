@@ -37,18 +37,21 @@ def between_items(
                 predict(image)
                 safe_point()
     """
-    pending: list[tuple[int, object]] = []
+    received: tuple[int, object] | None = None  # (signum, frame) not yet handled
     previous: dict[int, Callable] = {}
 
     def note(signum: int, frame) -> None:
-        if pending:  # the second signal: run the replaced handler now
+        nonlocal received
+        if received is not None:  # the second signal: run the replaced handler now
             previous[signum](signum, frame)
             return
-        pending.append((signum, frame))
+        received = (signum, frame)
 
     def safe_point() -> None:
-        if pending:
-            signum, frame = pending.pop()
+        nonlocal received
+        if received is not None:
+            signum, frame = received
+            received = None
             previous[signum](signum, frame)
 
     if threading.current_thread() is threading.main_thread():
@@ -62,7 +65,4 @@ def between_items(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        # A signal noted after the last safe point still counts once its handler is back.
-        if pending:
-            signum, frame = pending.pop()
-            previous[signum](signum, frame)
+        safe_point()  # a signal noted after the loop's last safe point still counts
